@@ -1,0 +1,83 @@
+"""prune: make a Hugging Face vision-language model read fewer vision tokens, without forking it.
+
+    import prune
+    model = prune.wrap(model, method="hiprune", keep=0.33)
+    model.generate(**inputs)
+    model.prune_state.last.keep_mask      # what the language model saw
+    prune.unwrap(model)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .config import PruneConfig
+from .hooks import adapter_for
+from .methods import get_method, method_names
+from .state import PruneRecord, PruneState
+
+__all__ = ["PruneConfig", "PruneRecord", "PruneState", "available_methods", "unwrap", "wrap"]
+__version__ = "0.1.0"
+
+
+def wrap(
+    model: nn.Module,
+    method: str | PruneConfig = "hiprune",
+    keep: float | int = 0.33,
+    *,
+    positions: str | None = None,
+    **options: Any,
+) -> nn.Module:
+    """Install pruning hooks on ``model`` in place and return it.
+
+    Args:
+        model: a supported Hugging Face model (see the README's table), any attention implementation.
+        method: a method name, or a :class:`PruneConfig` (then ``keep``/``positions``/options must be unset).
+        keep: fraction in (0, 1] of each image's vision tokens, or an int >= 1 tokens per image.
+        positions: "original" | "compact" | None (the method's preset for this model family).
+        **options: method options, e.g. ``alpha=0.1`` for hiprune (``prune methods`` lists them).
+
+    Wrapping a wrapped model replaces its config. ``model.prune_state.last`` records the last prefill.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(method, PruneConfig):
+        if options or positions is not None:
+            raise TypeError("pass either a PruneConfig or method/keep/options, not both")
+        config = method
+    else:
+        config = PruneConfig(method=method, keep=keep, positions=positions, options=options)
+    adapter = adapter_for(model)  # raises for unsupported classes before anything changes
+    positions_mode, method_options = config.resolved(adapter.family)
+    method_obj = get_method(config.method)(**method_options)
+    method_obj.check_encoder(adapter.encoder_info())
+    if getattr(model, "prune_state", None) is not None:
+        unwrap(model)
+    state = PruneState(config=config, family=adapter.family, positions=positions_mode)
+    try:
+        adapter.install(state, method_obj)
+    except BaseException:
+        for remove in reversed(state._removers):
+            remove()
+        raise
+    model.prune_state = state
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Remove every hook ``wrap`` installed and restore what it changed; returns the model."""
+    state = getattr(model, "prune_state", None)
+    if state is None:
+        raise ValueError("this model is not wrapped by prune")
+    for remove in reversed(state._removers):
+        remove()
+    state._removers.clear()
+    del model.prune_state
+    return model
+
+
+def available_methods() -> dict[str, str]:
+    """Method names with a one-line description."""
+    return {name: get_method(name).description for name in method_names()}

@@ -1,0 +1,76 @@
+"""PruneConfig: everything that defines a pruning run, validated in one place."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .methods import get_method
+
+POSITION_MODES = ("original", "compact")
+
+
+@functools.lru_cache(maxsize=1)
+def load_presets() -> dict[str, Any]:
+    """The shipped ``configs/presets.yaml`` (package data ``prune.configs``)."""
+    try:
+        from importlib.resources import files
+
+        text = files("prune.configs").joinpath("presets.yaml").read_text()
+    except (ModuleNotFoundError, FileNotFoundError):  # running from a source tree that is not installed
+        text = (Path(__file__).resolve().parent.parent / "configs" / "presets.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+@dataclass
+class PruneConfig:
+    """What to prune and how.
+
+    Args:
+        method: a name from ``prune.available_methods()``.
+        keep: a float in (0, 1] is the fraction of each image's vision tokens to keep
+            (T = max(1, round(keep * N))); an int >= 1 is an absolute count per image (capped at N).
+        positions: "original" keeps each kept token's position id, "compact" renumbers the kept
+            sequence contiguously; None takes the method x family preset (configs/presets.yaml).
+        options: method options (see ``prune methods``); unknown names raise TypeError.
+    """
+
+    method: str = "hiprune"
+    keep: float | int = 0.33
+    positions: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        method_cls = get_method(self.method)
+        keep = self.keep
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+            raise TypeError(f"keep must be a float in (0, 1] or an int >= 1, got {keep!r}")
+        if isinstance(keep, float) and not 0.0 < keep <= 1.0:
+            raise ValueError(f"keep={keep} as a fraction must be in (0, 1]; pass an int for a token count")
+        if isinstance(keep, int) and keep < 1:
+            raise ValueError(f"keep={keep} as a token count must be >= 1")
+        if self.positions is not None and self.positions not in POSITION_MODES:
+            raise ValueError(f"positions must be one of {POSITION_MODES} or None, got {self.positions!r}")
+        method_cls(**self.options)  # validates option names early
+
+    def resolved(self, family: str) -> tuple[str, dict[str, Any]]:
+        """(position mode, method options) for a model family, presets under user choices."""
+        presets = load_presets()
+        family_preset = presets.get("families", {}).get(family, {})
+        positions = self.positions or family_preset.get("positions") or presets["default"]["positions"]
+        method_cls = get_method(self.method)
+        preset_opts = presets.get("methods", {}).get(self.method, {}) or {}
+        preset_opts = {k: v for k, v in preset_opts.items() if k in method_cls.defaults}
+        return positions, {**preset_opts, **self.options}
+
+    def budget(self, n: int) -> int:
+        """Tokens to keep out of ``n`` for one image."""
+        if n <= 0:
+            return 0
+        if isinstance(self.keep, float):
+            return max(1, min(n, round(self.keep * n)))
+        return min(int(self.keep), n)

@@ -1,0 +1,27 @@
+"""Model-family adapters, dispatched on the model's class name."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Adapter, ImageLayout
+from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
+
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter)
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    name = type(model).__name__
+    for adapter in ADAPTERS:
+        if name in adapter.model_classes:
+            return adapter(model)
+    supported = ", ".join(c for a in ADAPTERS for c in a.model_classes)
+    raise TypeError(f"prune does not support {name}; supported model classes: {supported}")
+
+
+def supported_classes() -> dict[str, str]:
+    return {c: a.family for a in ADAPTERS for c in a.model_classes}
+
+
+__all__ = ["ADAPTERS", "Adapter", "ImageLayout", "adapter_for", "supported_classes"]

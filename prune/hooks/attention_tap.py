@@ -1,0 +1,80 @@
+"""Read a layer's post-RoPE Q and K without changing what the layer computes.
+
+transformers' attention modules call ``ALL_ATTENTION_FUNCTIONS.get_interface(
+self.config._attn_implementation, eager_attention_forward)`` with the layer's own q, k, v. We
+register one stateless function under the name ``"prune_tap"`` and point only the tapped modules
+at it through a per-module view of their config. The function calls the implementation the model
+was loaded with (eager, sdpa, flash...) and hands q and k to the module's tap callback, so the
+layer's output is bit-identical and no attention matrix is ever requested from the model.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+TAP_NAME = "prune_tap"
+_TAP_ATTR = "_prune_tap"
+
+
+class _ConfigView:
+    """The module's config with ``_attn_implementation`` read as the tap; everything else delegated."""
+
+    def __init__(self, base: Any) -> None:
+        object.__setattr__(self, "_prune_base", base)
+
+    @property
+    def _attn_implementation(self) -> str:
+        return TAP_NAME
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(object.__getattribute__(self, "_prune_base"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(object.__getattribute__(self, "_prune_base"), name, value)
+
+
+def _inner_implementation(module: torch.nn.Module) -> Callable:
+    impl = module.config._prune_base._attn_implementation
+    if impl in (None, "eager"):
+        # The eager function of the module's own modeling file (they differ per family).
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def _tap_attention(module: torch.nn.Module, query, key, value, attention_mask, **kwargs):
+    out = _inner_implementation(module)(module, query, key, value, attention_mask, **kwargs)
+    callback = getattr(module, _TAP_ATTR, None)
+    if callback is not None:
+        callback(module, query, key, attention_mask, kwargs)
+    return out
+
+
+def _ensure_registered() -> None:
+    if TAP_NAME not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(TAP_NAME, _tap_attention)
+
+
+def install_tap(module: torch.nn.Module, callback: Callable) -> Callable[[], None]:
+    """Make ``callback(module, q, k, attention_mask, kwargs)`` run after each attention call of
+    ``module``; returns a function that removes the tap and restores the module exactly."""
+    if not hasattr(module, "config"):
+        raise TypeError(f"{type(module).__name__} has no config: cannot tap its attention function")
+    if isinstance(module.config, _ConfigView):
+        raise RuntimeError(f"{type(module).__name__} is already tapped")
+    _ensure_registered()
+    original_config = module.config
+    module.config = _ConfigView(original_config)
+    setattr(module, _TAP_ATTR, callback)
+
+    def remove() -> None:
+        module.config = original_config
+        if hasattr(module, _TAP_ATTR):
+            delattr(module, _TAP_ATTR)
+
+    return remove

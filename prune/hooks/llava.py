@@ -1,0 +1,76 @@
+"""LLaVA-1.5 (LlavaForConditionalGeneration): one CLIP grid per image, features from layer -2."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..methods import EncoderInfo
+from .base import Adapter, ImageLayout
+
+
+class LlavaAdapter(Adapter):
+    family = "llava"
+    model_classes = ("LlavaForConditionalGeneration",)
+
+    def multimodal_module(self) -> nn.Module:
+        return self.model.model
+
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    def vision_model(self) -> nn.Module:
+        tower = self.model.model.vision_tower
+        return getattr(tower, "vision_model", tower)
+
+    def vision_attention_modules(self) -> list[nn.Module]:
+        encoder = self.vision_model().encoder
+        return [layer.self_attn for layer in encoder.layers]
+
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    def feature_layer_index(self) -> int:
+        """Encoder layer whose output the projector reads (hidden_states[k] is layer k-1's output)."""
+        num_layers = len(self.vision_attention_modules())
+        layer = self.model.config.vision_feature_layer
+        if isinstance(layer, (list, tuple)):
+            layer = max(li if li >= 0 else li + num_layers + 1 for li in layer)
+        hidden_index = layer if layer >= 0 else layer + num_layers + 1
+        return max(0, hidden_index - 1)
+
+    def encoder_info(self) -> EncoderInfo:
+        cfg = self.model.config.vision_config
+        has_cls = getattr(cfg, "model_type", "") in ("clip_vision_model", "clip")
+        return EncoderInfo(
+            num_layers=len(self.vision_attention_modules()),
+            feature_layer=self.feature_layer_index(),
+            has_cls=has_cls,
+            family=self.family,
+        )
+
+    def patch_grid(self) -> int:
+        cfg = self.model.config.vision_config
+        return cfg.image_size // cfg.patch_size
+
+    def _check_strategy(self) -> None:
+        if self.model.config.vision_feature_select_strategy != "default":
+            raise ValueError(
+                "prune supports vision_feature_select_strategy='default' (patch tokens only); "
+                f"this model uses {self.model.config.vision_feature_select_strategy!r}"
+            )
+
+    def image_layouts(self, call: dict[str, Any]) -> list[ImageLayout]:
+        self._check_strategy()
+        pixel_values = call["pixel_values"]
+        if call.get("image_sizes") is not None:
+            raise ValueError("LlavaForConditionalGeneration with image_sizes (variable-size vision towers) is not supported")
+        side = self.patch_grid()
+        n = side * side
+        zeros = torch.zeros(n, dtype=torch.long)
+        return [
+            ImageLayout(views=[i], grid=(side, side), token_view=zeros, token_patch=torch.arange(n))
+            for i in range(pixel_values.shape[0])
+        ]

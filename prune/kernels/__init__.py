@@ -1,0 +1,34 @@
+"""Attention statistics and token-selection kernels.
+
+Each public function dispatches to a Triton kernel for CUDA tensors (when Triton is importable and
+``PRUNE_DISABLE_TRITON`` is not set) and to its plain-torch reference elsewhere; all three variants
+(dispatcher, ``*_reference``, ``*_triton``) share one signature. Triton is imported lazily, only when
+a Triton path runs, so importing this package works without Triton (e.g. on macOS). The ``*_triton``
+functions also run on CPU tensors when Triton was imported with ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+from ._triton_support import interpret_mode, triton_importable, use_triton
+from .attention_stats import attention_stats, attention_stats_reference, attention_stats_triton
+from .topk_gather import topk_gather, topk_gather_reference, topk_gather_triton
+from .transition_variation import (
+    transition_variation,
+    transition_variation_reference,
+    transition_variation_triton,
+)
+
+__all__ = [
+    "attention_stats",
+    "attention_stats_reference",
+    "attention_stats_triton",
+    "interpret_mode",
+    "topk_gather",
+    "topk_gather_reference",
+    "topk_gather_triton",
+    "transition_variation",
+    "transition_variation_reference",
+    "transition_variation_triton",
+    "triton_importable",
+    "use_triton",
+]

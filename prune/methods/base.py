@@ -1,0 +1,140 @@
+"""What every pruning method sees and returns.
+
+A method works on one *view* at a time: one grid of vision tokens (an image, an anyres crop, a
+video frame). It knows nothing about models; adapters in ``prune.hooks`` build the views.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What a method may ask about the vision encoder of the wrapped model."""
+
+    num_layers: int
+    feature_layer: int  # index of the encoder layer whose output the LLM reads (0-based, positive)
+    has_cls: bool  # the encoder prepends a [CLS] token (column 0 of its attention)
+    family: str  # adapter family name, e.g. "llava"
+
+
+@dataclass(frozen=True)
+class SignalRequest:
+    """An attention statistic of one encoder layer.
+
+    ``query="all"``: attention each key receives, mean over heads and all query rows.
+    ``query="cls"``: attention the [CLS] row pays each key, mean over heads.
+    """
+
+    layer: int
+    query: str = "all"
+
+    @property
+    def key(self) -> str:
+        return f"{self.query}@{self.layer}"
+
+
+@dataclass
+class View:
+    """One grid of vision tokens to select from.
+
+    Attributes:
+        grid: (h, w) patches; patch p sits at row p // w, column p % w.
+        budget: number of tokens to keep (already capped at the number of valid patches).
+        valid: (h*w,) bool; False where the model's layout dropped the patch (anyres unpadding).
+        signals: SignalRequest.key -> (h*w,) fp32 score per patch (the [CLS] column removed).
+        features: (h*w, D) LLM-input embeddings of the patches (rows of invalid patches are zero).
+        index: the view's number inside its image (0 = base image), used to seed random choices.
+    """
+
+    grid: tuple[int, int]
+    budget: int
+    valid: torch.Tensor
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
+    features: torch.Tensor | None = None
+    index: int = 0
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+@dataclass
+class Selection:
+    """A method's answer for one view.
+
+    keep: (T,) ascending patch indices that the LLM will see.
+    assign: optional (h*w,) long; for merging methods, the kept patch each patch is averaged into
+        (-1: dropped). The kept token's embedding becomes the mean of the patches assigned to it.
+    score: optional (h*w,) fp32, the score the method ranked by (recorded for users and plots).
+    """
+
+    keep: torch.Tensor
+    assign: torch.Tensor | None = None
+    score: torch.Tensor | None = None
+
+
+class Method:
+    """Base class of a pruning method; subclasses register with ``@register("name")``."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    #: option name -> default. Every option must be listed here; unknown options are refused.
+    defaults: ClassVar[dict[str, Any]] = {}
+    needs_cls: ClassVar[bool] = False
+    needs_features: ClassVar[bool] = False
+
+    def __init__(self, **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            allowed = ", ".join(sorted(self.defaults)) or "none"
+            raise TypeError(f"method {self.name!r} got unknown option(s) {unknown}; its options are: {allowed}")
+        self.options = {**self.defaults, **options}
+
+    def check_encoder(self, encoder: EncoderInfo) -> None:
+        """Raise ValueError when the method cannot run on this encoder."""
+        if self.needs_cls and not encoder.has_cls:
+            raise ValueError(
+                f"method {self.name!r} needs a [CLS] token, but the {encoder.family} vision encoder has none; "
+                "use method='hiprune' (no CLS needed) instead"
+            )
+
+    def signals(self, encoder: EncoderInfo) -> list[SignalRequest]:
+        """The encoder statistics this method needs (collected during the vision forward)."""
+        return []
+
+    def bind(self, encoder: EncoderInfo) -> list[SignalRequest]:
+        """Check the encoder and fix the signal requests; called once by ``prune.wrap``."""
+        self.check_encoder(encoder)
+        self.encoder = encoder
+        self.requests = self.signals(encoder)
+        return self.requests
+
+    def select(self, view: View) -> Selection:
+        raise NotImplementedError
+
+
+def stable_topk(scores: torch.Tensor, k: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the k largest scores, ties to the lower index, returned in descending-score order.
+
+    Positions where ``allowed`` is False are never chosen (k is capped at their count).
+    """
+    scores = scores.float()
+    if allowed is not None:
+        k = min(k, int(allowed.sum()))
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    k = max(0, min(k, scores.numel()))
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return order[:k]
+
+
+def layer_index(layer: int, num_layers: int, name: str) -> int:
+    """Resolve a possibly negative layer index and check its range."""
+    resolved = layer + num_layers if layer < 0 else layer
+    if not 0 <= resolved < num_layers:
+        raise ValueError(f"{name}={layer} is outside the encoder's {num_layers} layers")
+    return resolved

@@ -1,0 +1,57 @@
+"""hiprune: anchors from an object-centric middle layer, their spatial buffers, and registers
+from a deep layer (HiPrune). Needs no [CLS] token."""
+
+from __future__ import annotations
+
+import torch
+
+from . import register
+from .base import EncoderInfo, Method, Selection, SignalRequest, View, layer_index, stable_topk
+
+
+@register("hiprune")
+class HiPrune(Method):
+    description = "hierarchical attention: object-layer anchors + neighbour buffers + deep-layer registers"
+    defaults = {
+        "alpha": 0.1,  # anchors = round(T * alpha / 5)
+        "object_layer": None,  # 0-based; None = 8 of 24 (the reference's OBJECT_LAYER=9), scaled by depth
+        "deep_layer": None,  # 0-based; None = the layer the LLM takes features from
+        "wrap_rows": True,  # reference: the +-1 buffer wraps to the neighbouring row; False stops at edges
+    }
+
+    def layers(self, encoder: EncoderInfo) -> tuple[int, int]:
+        obj, deep = self.options["object_layer"], self.options["deep_layer"]
+        obj = max(0, round(9 * encoder.num_layers / 24) - 1) if obj is None else obj
+        obj = layer_index(obj, encoder.num_layers, "object_layer")
+        deep = encoder.feature_layer if deep is None else layer_index(deep, encoder.num_layers, "deep_layer")
+        return obj, deep
+
+    def signals(self, encoder: EncoderInfo) -> list[SignalRequest]:
+        obj, deep = self.layers(encoder)
+        return [SignalRequest(obj), SignalRequest(deep)]
+
+    def select(self, view: View) -> Selection:
+        shallow, deep = (view.signals[r.key] for r in self.requests)
+        h, w = view.grid
+        n = h * w
+        budget = view.budget
+        n_anchor = round(budget * float(self.options["alpha"]) / 5)
+        anchors = stable_topk(shallow, n_anchor, view.valid)
+        # Buffers: +-1 (same row unless wrap_rows) and +-w, clamped to the grid as the reference does.
+        cand = [anchors, anchors - w, anchors + w]
+        if self.options["wrap_rows"]:
+            cand += [anchors - 1, anchors + 1]
+        else:
+            col = anchors % w
+            cand += [anchors[col > 0] - 1, anchors[col < w - 1] + 1]
+        picked = torch.zeros(n, dtype=torch.bool, device=view.valid.device)
+        picked[torch.cat(cand).clamp(0, n - 1)] = True
+        picked &= view.valid
+        if int(picked.sum()) > budget:  # only with a large alpha: keep the anchors, then buffers in order
+            keep_first = stable_topk(picked.float() + 0.5 * torch.isin(torch.arange(n, device=picked.device), anchors), budget)
+            picked = torch.zeros_like(picked)
+            picked[keep_first] = True
+        registers = stable_topk(deep, budget - int(picked.sum()), view.valid & ~picked)
+        picked[registers] = True
+        keep = torch.nonzero(picked, as_tuple=True)[0]
+        return Selection(keep=keep, score=deep)

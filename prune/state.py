@@ -1,0 +1,83 @@
+"""The per-model state that hooks share: nothing here is global."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .config import PruneConfig
+
+
+@dataclass
+class ImageRecord:
+    """What happened to one image (or video) of one prompt.
+
+    sample: batch row; positions: (n,) sequence positions of its placeholder tokens (original prefill);
+    kept: (n,) bool; scores: name -> (n,) fp32 score per token (NaN where a token was never a candidate,
+    e.g. LLaVA-NeXT's image_newline); budget: tokens the method was asked to keep (newlines excluded);
+    grid: (h, w) patches of each view (base image, crops).
+    """
+
+    sample: int
+    positions: torch.Tensor
+    kept: torch.Tensor
+    scores: dict[str, torch.Tensor]
+    budget: int
+    grids: list[tuple[int, int]]
+
+    @property
+    def tokens_before(self) -> int:
+        return int(self.positions.numel())
+
+    @property
+    def tokens_after(self) -> int:
+        return int(self.kept.sum())
+
+
+@dataclass
+class PruneRecord:
+    """The last prefill: ``keep_mask`` is (batch, original prefill length) bool, True where the
+    language model saw that position (text, padding and kept vision tokens)."""
+
+    keep_mask: torch.Tensor
+    images: list[ImageRecord]
+    positions: str
+    position_ids: torch.Tensor | None = None  # what the language model got for the kept rows
+
+    @property
+    def vision_tokens_before(self) -> int:
+        return sum(im.tokens_before for im in self.images)
+
+    @property
+    def vision_tokens_after(self) -> int:
+        return sum(im.tokens_after for im in self.images)
+
+
+@dataclass
+class Plan:
+    """How later calls map onto the shorter cache that a pruned prefill left behind."""
+
+    prefill_len: int  # logical (unpruned) prefill length
+    kept_len: int  # rows the language model actually cached
+    prefix_mask: torch.Tensor  # (B, kept_len) attention mask of the cached prefix
+    shift: torch.Tensor  # (B,) subtracted from logical positions ("compact"); zeros for "original"
+
+
+@dataclass
+class PruneState:
+    """Owned by a wrapped model as ``model.prune_state``."""
+
+    config: PruneConfig
+    family: str
+    positions: str
+    last: PruneRecord | None = None
+    # internals of one call
+    _call: dict[str, Any] = field(default_factory=dict, repr=False)
+    _signals: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _collecting: bool = field(default=False, repr=False)
+    _images: dict[str, Any] | None = field(default=None, repr=False)
+    _plan: Plan | None = field(default=None, repr=False)
+    _removers: list = field(default_factory=list, repr=False)
