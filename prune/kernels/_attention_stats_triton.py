@@ -109,7 +109,7 @@ def _lse_kernel(
         tl.store(M_OUT + out, m_i, mask=row_ok)
         tl.store(L_OUT + out, l_i, mask=row_ok)
     else:
-        tl.store(M_OUT + out, m_i + tl.log2(l_i), mask=row_ok)
+        tl.store(M_OUT + out, m_i + tl.log2(tl.maximum(l_i, 1.0e-30)), mask=row_ok)
 
 
 def _colsum_kernel(

@@ -1,0 +1,1 @@
+"""Measuring what pruning costs and saves: demo, visualizations, benchmarks."""
