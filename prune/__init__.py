@@ -1,10 +1,10 @@
 """prune: make a Hugging Face vision-language model read fewer vision tokens, without forking it.
 
-    import prune
-    model = prune.wrap(model, method="hiprune", keep=0.33)
-    model.generate(**inputs)
-    model.prune_state.last.keep_mask      # what the language model saw
-    prune.unwrap(model)
+import prune
+model = prune.wrap(model, method="hiprune", keep=0.33)
+model.generate(**inputs)
+model.prune_state.last.keep_mask      # what the language model saw
+prune.unwrap(model)
 """
 
 from __future__ import annotations

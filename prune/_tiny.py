@@ -71,7 +71,12 @@ def tiny_llava(
 
 
 def tiny_llava_next(
-    *, image_size: int = 16, patch: int = 4, vision_layers: int = 4, attn_implementation: str = "eager", seed: int = 0
+    *,
+    image_size: int = 16,
+    patch: int = 4,
+    vision_layers: int = 4,
+    attn_implementation: str = "eager",
+    seed: int = 0,
 ) -> LlavaNextForConditionalGeneration:
     """A LLaVA-NeXT-shaped model: anyres with pinpoints up to 2x2 crops, image_newline tokens."""
     torch.manual_seed(seed)
@@ -92,13 +97,17 @@ def tiny_llava_next(
     return model.eval()
 
 
-def image_token_counts(model, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> list[int]:
+def image_token_counts(
+    model, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None
+) -> list[int]:
     """Placeholder tokens each image needs (what a processor would insert)."""
     if image_sizes is None:
         side = model.config.vision_config.image_size // model.config.vision_config.patch_size
         return [side * side] * pixel_values.shape[0]
     with torch.no_grad():
-        feats = model.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes).pooler_output
+        feats = model.model.get_image_features(
+            pixel_values=pixel_values, image_sizes=image_sizes
+        ).pooler_output
     return [f.shape[0] for f in feats]
 
 

@@ -40,14 +40,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prune", description="Prune the vision tokens of Hugging Face VLMs.")
+    parser = argparse.ArgumentParser(
+        prog="prune", description="Prune the vision tokens of Hugging Face VLMs."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("methods", help="list methods, their options and defaults")
     p.set_defaults(func=_cmd_methods)
-    p = sub.add_parser("demo", help="prune a generated image with every method on a small LLaVA built in code")
+    p = sub.add_parser(
+        "demo", help="prune a generated image with every method on a small LLaVA built in code"
+    )
     p.add_argument("--out", default="prune-demo", help="folder for kept.png (default: %(default)s)")
-    p.add_argument("--keep", type=_keep, default=0.25, help="fraction or count of vision tokens (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model and the image (default: %(default)s)")
+    p.add_argument(
+        "--keep", type=_keep, default=0.25, help="fraction or count of vision tokens (default: %(default)s)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the model and the image (default: %(default)s)"
+    )
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -18,7 +18,8 @@ class ImageRecord:
     sample: batch row; positions: (n,) sequence positions of its placeholder tokens (original prefill);
     kept: (n,) bool; scores: name -> (n,) fp32 score per token (NaN where a token was never a candidate,
     e.g. LLaVA-NeXT's image_newline); budget: tokens the method was asked to keep (newlines excluded);
-    grid: (h, w) patches of each view (base image, crops).
+    grids: (h, w) patches of each view (base image, crops); merged: the LLM-input rows of the kept
+    tokens when the method merges tokens (pool), in token order.
     """
 
     sample: int
@@ -27,6 +28,7 @@ class ImageRecord:
     scores: dict[str, torch.Tensor]
     budget: int
     grids: list[tuple[int, int]]
+    merged: torch.Tensor | None = None  # (kept, D) rows a merging method produced (e.g. pool), else None
 
     @property
     def tokens_before(self) -> int:

@@ -39,8 +39,11 @@ def test_bad_arguments_name_the_problem(kwargs, error, words):
 
 
 def test_unsupported_model_class():
-    lm = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, vocab_size=32))
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=32
+        )
+    )
     with pytest.raises(TypeError, match="does not support LlamaForCausalLM"):
         prune.wrap(lm, "random", keep=0.5)
     with pytest.raises(TypeError, match="torch.nn.Module"):

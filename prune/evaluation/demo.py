@@ -37,7 +37,9 @@ def scene(seed: int = 0, size: int = SIZE) -> Image.Image:
             draw.ellipse(box, fill=colour)
         else:
             draw.rectangle(box, fill=colour)
-    draw.text((rng.randint(10, size - 30), rng.randint(10, size - 30)), str(rng.randint(0, 9)), fill=(0, 0, 0))
+    draw.text(
+        (rng.randint(10, size - 30), rng.randint(10, size - 30)), str(rng.randint(0, 9)), fill=(0, 0, 0)
+    )
     return img
 
 
@@ -50,13 +52,22 @@ def _median_ms(fn, repeats: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def run_demo(out_dir: str | Path = "prune-demo", keep: float = 0.25, seed: int = 0, new_tokens: int = 8) -> Path:
+def run_demo(
+    out_dir: str | Path = "prune-demo", keep: float = 0.25, seed: int = 0, new_tokens: int = 8
+) -> Path:
     """Run every method on one generated image; print a table and write ``kept.png``."""
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = tiny_llava(image_size=SIZE, patch=PATCH, vision_layers=6, vision_hidden=64, text_hidden=128,
-                       attn_implementation="sdpa", seed=seed)
+    model = tiny_llava(
+        image_size=SIZE,
+        patch=PATCH,
+        vision_layers=6,
+        vision_hidden=64,
+        text_hidden=128,
+        attn_implementation="sdpa",
+        seed=seed,
+    )
     processor = CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
     image = scene(seed)
     pixel_values = processor(images=image, return_tensors="pt")["pixel_values"]
@@ -82,7 +93,9 @@ def run_demo(out_dir: str | Path = "prune-demo", keep: float = 0.25, seed: int =
         last = model.prune_state.last
         rec = last.images[0]
         rows.append((method, rec.tokens_before, rec.tokens_after, prefill, total, answer))
-        tiles.append((f"{method}: {rec.tokens_after}/{rec.tokens_before}", overlay_kept(image, rec.kept, (side, side))))
+        tiles.append(
+            (f"{method}: {rec.tokens_after}/{rec.tokens_before}", overlay_kept(image, rec.kept, (side, side)))
+        )
         prune.unwrap(model)
 
     print(f"tiny random LLaVA (CLIP {SIZE}px/{PATCH}, {n} vision tokens), keep={keep}")

@@ -8,7 +8,9 @@ import torch
 from PIL import Image, ImageDraw
 
 
-def overlay_kept(image: Image.Image, kept: torch.Tensor, grid: tuple[int, int], *, dim: float = 0.25) -> Image.Image:
+def overlay_kept(
+    image: Image.Image, kept: torch.Tensor, grid: tuple[int, int], *, dim: float = 0.25
+) -> Image.Image:
     """The image with patches not in ``kept`` (bool (h*w,)) darkened and kept ones outlined."""
     h, w = grid
     image = image.convert("RGB")

@@ -133,7 +133,10 @@ class Adapter:
                 out = original(*args, **kwargs)
             finally:
                 state._collecting = False
-            state._images = {"pixel_values": bound.get("pixel_values"), "image_sizes": bound.get("image_sizes")}
+            state._images = {
+                "pixel_values": bound.get("pixel_values"),
+                "image_sizes": bound.get("image_sizes"),
+            }
             return out
 
         mm.get_image_features = get_image_features
@@ -149,7 +152,9 @@ class Adapter:
             if not self.state._collecting:
                 return
             for req in requests:
-                query_index = torch.zeros(1, dtype=torch.long, device=q.device) if req.query == "cls" else None
+                query_index = (
+                    torch.zeros(1, dtype=torch.long, device=q.device) if req.query == "cls" else None
+                )
                 stats = attention_stats(
                     q.detach(), k.detach(), query_index=query_index, scale=kwargs.get("scaling")
                 )  # (views, N_enc) fp32
@@ -163,7 +168,10 @@ class Adapter:
             kwargs = {**dict(zip(params, args)), **kwargs}
         if _past_length(kwargs.get("past_key_values")) > 0:
             return None  # a decode step: the language-model hook maps it
-        self.state._call = {"input_ids": kwargs.get("input_ids"), "inputs_embeds": kwargs.get("inputs_embeds")}
+        self.state._call = {
+            "input_ids": kwargs.get("input_ids"),
+            "inputs_embeds": kwargs.get("inputs_embeds"),
+        }
         return None
 
     def _image_token_mask(self, call: dict[str, Any], embeds: torch.Tensor) -> torch.Tensor:
@@ -202,7 +210,9 @@ class Adapter:
         kwargs = dict(kwargs, inputs_embeds=new_embeds)
         new_kwargs, plan, positions = cut_prefill(kwargs, keep_mask, state.positions)
         state._plan = plan
-        state.last = PruneRecord(keep_mask=keep_mask, images=records, positions=state.positions, position_ids=positions)
+        state.last = PruneRecord(
+            keep_mask=keep_mask, images=records, positions=state.positions, position_ids=positions
+        )
         return args, new_kwargs
 
     def _select(self, call, images, embeds: torch.Tensor, keep_mask: torch.Tensor):
@@ -212,7 +222,9 @@ class Adapter:
         rows, cols = image_mask.nonzero(as_tuple=True)  # row-major: the order features were scattered
         expected = sum(lay.num_tokens for lay in layouts)
         if rows.numel() != expected:
-            raise RuntimeError(f"found {rows.numel()} image placeholder tokens but the images give {expected}")
+            raise RuntimeError(
+                f"found {rows.numel()} image placeholder tokens but the images give {expected}"
+            )
         offset = self.patch_offset()
         config = self.state.config
         new_embeds = embeds
@@ -247,7 +259,9 @@ class Adapter:
                 if self.method.needs_features:
                     features = embeds.new_zeros(n_patch, embeds.shape[-1])
                     features[token_patch[here]] = embeds[sample, pos[here]]
-                view = View(grid=(h, w), budget=shares[v], valid=valid, signals=signals, features=features, index=v)
+                view = View(
+                    grid=(h, w), budget=shares[v], valid=valid, signals=signals, features=features, index=v
+                )
                 sel = self.method.select(view)
                 keep_patch = torch.zeros(n_patch, dtype=torch.bool, device=embeds.device)
                 keep_patch[sel.keep.to(embeds.device)] = True
@@ -255,11 +269,20 @@ class Adapter:
                 if sel.score is not None:
                     scores["score"][here] = sel.score.to(embeds.device).float()[token_patch[here]]
                 if sel.assign is not None:
-                    new_embeds = self._merge(new_embeds, sample, pos[here], token_patch[here], sel.assign, features)
+                    new_embeds = self._merge(
+                        new_embeds, sample, pos[here], token_patch[here], sel.assign, features
+                    )
             keep_mask[sample, pos] = kept
             records.append(
-                ImageRecord(sample=sample, positions=pos, kept=kept, scores=scores, budget=budget,
-                            grids=[lay.grid] * len(lay.views))
+                ImageRecord(
+                    sample=sample,
+                    positions=pos,
+                    kept=kept,
+                    scores=scores,
+                    budget=budget,
+                    grids=[lay.grid] * len(lay.views),
+                    merged=new_embeds[sample, pos[kept]].detach() if self.method.needs_features else None,
+                )
             )
         return new_embeds, records
 
@@ -271,7 +294,9 @@ class Adapter:
         target = assign.clamp(min=0)
         sums = torch.zeros(n_patch, dim, dtype=torch.float32, device=embeds.device)
         sums.index_add_(0, target[assign >= 0], features[assign >= 0].float())
-        count = torch.zeros(n_patch, device=embeds.device).index_add_(0, target[assign >= 0], torch.ones_like(target[assign >= 0], dtype=torch.float32))
+        count = torch.zeros(n_patch, device=embeds.device).index_add_(
+            0, target[assign >= 0], torch.ones_like(target[assign >= 0], dtype=torch.float32)
+        )
         reps = count[patches] > 0
         embeds = embeds.clone()
         embeds[sample, pos[reps]] = (sums[patches[reps]] / count[patches[reps], None]).to(embeds.dtype)

@@ -39,7 +39,9 @@ def cut_prefill(
     if mask is None:
         mask = torch.ones(batch, length, dtype=torch.long, device=device)
     elif mask.ndim != 2:
-        raise ValueError("prune needs a 2-D attention mask (batch, length); got one with shape " + str(tuple(mask.shape)))
+        raise ValueError(
+            "prune needs a 2-D attention mask (batch, length); got one with shape " + str(tuple(mask.shape))
+        )
     logical = _logical_positions(kwargs.get("position_ids"), batch, length, device)
     keep_mask = keep_mask.to(device)
 

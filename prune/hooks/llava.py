@@ -66,7 +66,9 @@ class LlavaAdapter(Adapter):
         self._check_strategy()
         pixel_values = call["pixel_values"]
         if call.get("image_sizes") is not None:
-            raise ValueError("LlavaForConditionalGeneration with image_sizes (variable-size vision towers) is not supported")
+            raise ValueError(
+                "LlavaForConditionalGeneration with image_sizes (variable-size vision towers) is not supported"
+            )
         side = self.patch_grid()
         n = side * side
         zeros = torch.zeros(n, dtype=torch.long)

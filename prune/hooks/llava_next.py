@@ -33,7 +33,9 @@ class LlavaNextAdapter(LlavaAdapter):
         n = side * side
         num_views = [
             image_size_to_num_patches(
-                image_size=size, grid_pinpoints=config.image_grid_pinpoints, patch_size=config.vision_config.image_size
+                image_size=size,
+                grid_pinpoints=config.image_grid_pinpoints,
+                patch_size=config.vision_config.image_size,
             )
             for size in image_sizes
         ]

@@ -59,7 +59,9 @@ def _lse_kernel(
     q1 = tl.load(q_rows + offs_d1[None, :] * s_qd, mask=row_ok[:, None] & (offs_d1 < D)[None, :], other=0.0)
     if D2 > 0:
         offs_d2 = D1 + tl.arange(0, D2)
-        q2 = tl.load(q_rows + offs_d2[None, :] * s_qd, mask=row_ok[:, None] & (offs_d2 < D)[None, :], other=0.0)
+        q2 = tl.load(
+            q_rows + offs_d2[None, :] * s_qd, mask=row_ok[:, None] & (offs_d2 < D)[None, :], other=0.0
+        )
     if UPCAST:  # the interpreter's 16-bit dot is unreliable: compute it in fp32 (exact products)
         q1 = q1.to(tl.float32)
         if D2 > 0:
@@ -83,21 +85,24 @@ def _lse_kernel(
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < k_hi
         k_rows = k_head + cols[:, None] * s_kn
-        k1 = tl.load(k_rows + offs_d1[None, :] * s_kd, mask=col_ok[:, None] & (offs_d1 < D)[None, :], other=0.0)
+        k1 = tl.load(
+            k_rows + offs_d1[None, :] * s_kd, mask=col_ok[:, None] & (offs_d1 < D)[None, :], other=0.0
+        )
         if UPCAST:
             k1 = k1.to(tl.float32)
         s = tl.dot(q1, tl.trans(k1), input_precision=PREC)
         if D2 > 0:
-            k2 = tl.load(k_rows + offs_d2[None, :] * s_kd, mask=col_ok[:, None] & (offs_d2 < D)[None, :], other=0.0)
+            k2 = tl.load(
+                k_rows + offs_d2[None, :] * s_kd, mask=col_ok[:, None] & (offs_d2 < D)[None, :], other=0.0
+            )
             if UPCAST:
                 k2 = k2.to(tl.float32)
             s += tl.dot(q2, tl.trans(k2), input_precision=PREC)
-        s = s * qk_scale
-        valid = col_ok[None, :]
         if HAS_SEG:
             lo_c = tl.load(LO + cols, mask=col_ok, other=-1)
-            valid = valid & (lo_r[:, None] == lo_c[None, :])
-        s = tl.where(valid, s, float("-inf"))
+            s = tl.where(lo_r[:, None] == lo_c[None, :], s * qk_scale, float("-inf"))
+        else:  # key mask as a -inf bias: fuses into the scaling FMA
+            s = s * qk_scale + tl.where(col_ok, 0.0, float("-inf"))[None, :]
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -152,9 +157,13 @@ def _colsum_kernel(
     kv_end = tl.minimum(HK, chunk * KV_PER_PROG + KV_PER_PROG)
     for kvh in range(chunk * KV_PER_PROG, kv_end):
         k_rows = K + (b.to(tl.int64) * s_kb + tl.cast(kvh, tl.int64) * s_kh) + cols[:, None] * s_kn
-        k1 = tl.load(k_rows + offs_d1[None, :] * s_kd, mask=col_ok[:, None] & (offs_d1 < D)[None, :], other=0.0)
+        k1 = tl.load(
+            k_rows + offs_d1[None, :] * s_kd, mask=col_ok[:, None] & (offs_d1 < D)[None, :], other=0.0
+        )
         if D2 > 0:
-            k2 = tl.load(k_rows + offs_d2[None, :] * s_kd, mask=col_ok[:, None] & (offs_d2 < D)[None, :], other=0.0)
+            k2 = tl.load(
+                k_rows + offs_d2[None, :] * s_kd, mask=col_ok[:, None] & (offs_d2 < D)[None, :], other=0.0
+            )
         if UPCAST:
             k1 = k1.to(tl.float32)
             if D2 > 0:
@@ -179,7 +188,9 @@ def _colsum_kernel(
                 s = tl.dot(k1, tl.trans(q1), input_precision=PREC)
                 if D2 > 0:
                     q2 = tl.load(
-                        q_rows + offs_d2[None, :] * s_qd, mask=row_ok[:, None] & (offs_d2 < D)[None, :], other=0.0
+                        q_rows + offs_d2[None, :] * s_qd,
+                        mask=row_ok[:, None] & (offs_d2 < D)[None, :],
+                        other=0.0,
                     )
                     if UPCAST:
                         q2 = q2.to(tl.float32)
@@ -189,7 +200,9 @@ def _colsum_kernel(
                 else:
                     m_all = tl.full((BLOCK_M,), -1.0e30, tl.float32)
                     for sp in range(KSPLIT):
-                        m_all = tl.maximum(m_all, tl.load(M_IN + sp * BHR + lse_base + offs_i, mask=row_ok, other=-1.0e30))
+                        m_all = tl.maximum(
+                            m_all, tl.load(M_IN + sp * BHR + lse_base + offs_i, mask=row_ok, other=-1.0e30)
+                        )
                     l_all = tl.zeros((BLOCK_M,), tl.float32)
                     for sp in range(KSPLIT):
                         m_sp = tl.load(M_IN + sp * BHR + lse_base + offs_i, mask=row_ok, other=-1.0e30)
@@ -236,7 +249,9 @@ def head_dim_chunks(d: int) -> tuple[int, int]:
     return d1, (0 if rem == 0 else max(16, next_pow2(rem)))
 
 
-def default_config(q: torch.Tensor, n: int, rows: int, hk: int, groups: int, has_idx: bool) -> AttentionConfig:
+def default_config(
+    q: torch.Tensor, n: int, rows: int, hk: int, groups: int, has_idx: bool
+) -> AttentionConfig:
     """Heuristic launch configuration (tuned on an H100, bf16, d = 64 / 80)."""
     b = q.shape[0]
     h = q.shape[1]
@@ -247,7 +262,9 @@ def default_config(q: torch.Tensor, n: int, rows: int, hk: int, groups: int, has
     if not has_idx:
         cfg = AttentionConfig()
         if fp32:  # ieee fp32 dots: smaller tiles, fewer registers
-            cfg = replace(cfg, lse_block_m=64, lse_block_n=32, lse_warps=4, col_block_n=64, col_block_m=32, col_warps=4)
+            cfg = replace(
+                cfg, lse_block_m=64, lse_block_n=32, lse_warps=4, col_block_n=64, col_block_m=32, col_warps=4
+            )
         key_blocks = triton.cdiv(n, cfg.col_block_n)
         row_splits = 1
         while key_blocks * b * hk * row_splits < 2 * sms and rows // (row_splits * 2) >= 4 * cfg.col_block_m:
@@ -260,9 +277,7 @@ def default_config(q: torch.Tensor, n: int, rows: int, hk: int, groups: int, has
     row_blocks = triton.cdiv(rows, bm)
     key_splits = 1
     while (
-        row_blocks * b * h * key_splits < 2 * sms
-        and n // (key_splits * 2) >= 2 * lse_bn
-        and key_splits < 64
+        row_blocks * b * h * key_splits < 2 * sms and n // (key_splits * 2) >= 2 * lse_bn and key_splits < 64
     ):
         key_splits *= 2
     col_bn = 64

@@ -16,7 +16,7 @@ import torch
 _DISABLE_ENV = "PRUNE_DISABLE_TRITON"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_importable() -> bool:
     """True when ``import triton`` works (False e.g. on macOS or CPU-only installs without it)."""
     try:
@@ -79,7 +79,7 @@ def next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 

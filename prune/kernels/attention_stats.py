@@ -47,9 +47,9 @@ def _segment_bounds(segments: torch.Tensor | None, n: int) -> list[tuple[int, in
     if segments is None:
         return [(0, n)]
     cu = [int(x) for x in torch.as_tensor(segments).tolist()]
-    if len(cu) < 2 or cu[0] != 0 or cu[-1] != n or any(b < a for a, b in zip(cu, cu[1:])):
+    if len(cu) < 2 or cu[0] != 0 or cu[-1] != n or any(b < a for a, b in zip(cu, cu[1:], strict=False)):
         raise ValueError(f"segments must be cumulative lengths from 0 to N={n}; got {cu[:8]}...")
-    return [(a, b) for a, b in zip(cu, cu[1:]) if b > a]
+    return [(a, b) for a, b in zip(cu, cu[1:], strict=False) if b > a]
 
 
 def attention_stats_reference(
@@ -92,7 +92,9 @@ def attention_stats_reference(
             chunk = max(1, _CHUNK_ELEMENTS // (h * (end - start)))
             for c in range(0, seg_rows.numel(), chunk):
                 r = seg_rows[c : c + chunk]
-                logits = torch.einsum("hqd,hkd->hqk", q[bi, :, r].float(), k_seg[bi]) * scale  # (H, Qc, n_seg)
+                logits = (
+                    torch.einsum("hqd,hkd->hqk", q[bi, :, r].float(), k_seg[bi]) * scale
+                )  # (H, Qc, n_seg)
                 out[bi, start:end] += logits.softmax(dim=-1).sum(dim=(0, 1))
     return out / (h * num_rows)
 
@@ -146,7 +148,9 @@ def _segment_arrays(segments, n: int, device: torch.device) -> tuple[torch.Tenso
         cu = seg.to(torch.int64).to(device, non_blocking=True)
     else:
         if seg.ndim != 1 or seg.numel() < 2:
-            raise ValueError(f"segments must be a 1-D tensor of cumulative lengths; got shape {tuple(seg.shape)}")
+            raise ValueError(
+                f"segments must be a 1-D tensor of cumulative lengths; got shape {tuple(seg.shape)}"
+            )
         cu = seg.to(device=device, dtype=torch.int64)
         ok = (cu[0] == 0) & (cu[-1] == n) & (cu[1:] >= cu[:-1]).all()
         _assert_async(ok, f"segments must be non-decreasing cumulative lengths from 0 to N={n}")

@@ -17,7 +17,9 @@ _INT32_MAX = 2**31 - 1
 
 def _check_inputs(x: torch.Tensor, scores: torch.Tensor) -> tuple[int, int, int]:
     if x.ndim != 3 or scores.ndim != 2:
-        raise ValueError(f"x must be (B, N, D) and scores (B, N); got {tuple(x.shape)} and {tuple(scores.shape)}")
+        raise ValueError(
+            f"x must be (B, N, D) and scores (B, N); got {tuple(x.shape)} and {tuple(scores.shape)}"
+        )
     b, n, d = x.shape
     if tuple(scores.shape) != (b, n):
         raise ValueError(f"scores {tuple(scores.shape)} must be (B, N) = {(b, n)}")
@@ -56,7 +58,9 @@ def _normalize_k(k, b: int, n: int, device: torch.device) -> tuple[int, torch.Te
     return k, None
 
 
-def _finish_indices(order: torch.Tensor, kvec: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _finish_indices(
+    order: torch.Tensor, kvec: torch.Tensor | None, n: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """From (B, kmax) rank-ordered indices to ascending indices (-1 past each row's k) and a valid mask."""
     if kvec is None:
         return order.sort(dim=1).values, None

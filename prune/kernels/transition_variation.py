@@ -83,9 +83,7 @@ def transition_variation_triton(
         return launch(h_before.detach(), h_after.detach(), EPS)
 
 
-def transition_variation(
-    h_before: torch.Tensor, h_after: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def transition_variation(h_before: torch.Tensor, h_after: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(ratio, 1 - cosine) per token, fp32 (B, N); see :func:`transition_variation_reference`.
 
     Dispatch: :func:`transition_variation_triton` when both are CUDA tensors and Triton imports (and

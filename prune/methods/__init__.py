@@ -10,12 +10,12 @@ _REGISTRY: dict[str, type[Method]] = {}
 def register(name: str):
     """Class decorator that registers a :class:`Method` under ``name``."""
 
-    def deco(cls: type[Method]) -> type[Method]:
+    def deco(method_cls: type[Method]) -> type[Method]:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is already registered")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+        method_cls.name = name
+        _REGISTRY[name] = method_cls
+        return method_cls
 
     return deco
 
@@ -36,4 +36,13 @@ def method_names() -> list[str]:
 # Import for registration side effects (after `register` exists).
 from . import cls, hiprune, pool, random  # noqa: E402,F401
 
-__all__ = ["EncoderInfo", "Method", "Selection", "SignalRequest", "View", "get_method", "method_names", "register"]
+__all__ = [
+    "EncoderInfo",
+    "Method",
+    "Selection",
+    "SignalRequest",
+    "View",
+    "get_method",
+    "method_names",
+    "register",
+]

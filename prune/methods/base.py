@@ -92,7 +92,9 @@ class Method:
         unknown = sorted(set(options) - set(self.defaults))
         if unknown:
             allowed = ", ".join(sorted(self.defaults)) or "none"
-            raise TypeError(f"method {self.name!r} got unknown option(s) {unknown}; its options are: {allowed}")
+            raise TypeError(
+                f"method {self.name!r} got unknown option(s) {unknown}; its options are: {allowed}"
+            )
         self.options = {**self.defaults, **options}
 
     def check_encoder(self, encoder: EncoderInfo) -> None:

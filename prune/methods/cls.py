@@ -24,12 +24,20 @@ class ClsPrune(Method):
     def layers(self, encoder: EncoderInfo) -> list[int]:
         if self.options["variant"] == "fastervlm":
             layer = self.options["layer"]
-            return [encoder.feature_layer if layer is None else layer_index(layer, encoder.num_layers, "layer")]
+            return [
+                encoder.feature_layer if layer is None else layer_index(layer, encoder.num_layers, "layer")
+            ]
         start = self.options["start"]
-        start = round(encoder.num_layers * 2 / 3) if start is None else layer_index(start, encoder.num_layers, "start")
+        start = (
+            round(encoder.num_layers * 2 / 3)
+            if start is None
+            else layer_index(start, encoder.num_layers, "start")
+        )
         last = encoder.num_layers - 1  # VTC-CLS sums layers start .. L-2
         if start >= last:
-            raise ValueError(f"cls start={start} leaves no layer before {last} on this {encoder.num_layers}-layer encoder")
+            raise ValueError(
+                f"cls start={start} leaves no layer before {last} on this {encoder.num_layers}-layer encoder"
+            )
         return list(range(start, last))
 
     def signals(self, encoder: EncoderInfo) -> list[SignalRequest]:

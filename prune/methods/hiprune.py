@@ -48,7 +48,9 @@ class HiPrune(Method):
         picked[torch.cat(cand).clamp(0, n - 1)] = True
         picked &= view.valid
         if int(picked.sum()) > budget:  # only with a large alpha: keep the anchors, then buffers in order
-            keep_first = stable_topk(picked.float() + 0.5 * torch.isin(torch.arange(n, device=picked.device), anchors), budget)
+            keep_first = stable_topk(
+                picked.float() + 0.5 * torch.isin(torch.arange(n, device=picked.device), anchors), budget
+            )
             picked = torch.zeros_like(picked)
             picked[keep_first] = True
         registers = stable_topk(deep, budget - int(picked.sum()), view.valid & ~picked)
