@@ -51,6 +51,11 @@ def wrap(
         config = PruneConfig(method=method, keep=keep, positions=positions, options=options)
     adapter = adapter_for(model)  # raises for unsupported classes before anything changes
     positions_mode, method_options = config.resolved(adapter.family)
+    if positions_mode not in adapter.position_modes:
+        raise ValueError(
+            f"positions={positions_mode!r} is not supported on {type(model).__name__}; "
+            f"use one of {adapter.position_modes} (M-RoPE families keep original (t, h, w) ids)"
+        )
     method_obj = get_method(config.method)(**method_options)
     method_obj.check_encoder(adapter.encoder_info())
     if getattr(model, "prune_state", None) is not None:

@@ -28,6 +28,7 @@ class ImageRecord:
     scores: dict[str, torch.Tensor]
     budget: int
     grids: list[tuple[int, int]]
+    modality: str = "image"
     merged: torch.Tensor | None = None  # (kept, D) rows a merging method produced (e.g. pool), else None
 
     @property
@@ -78,8 +79,7 @@ class PruneState:
     last: PruneRecord | None = None
     # internals of one call
     _call: dict[str, Any] = field(default_factory=dict, repr=False)
-    _signals: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-    _collecting: bool = field(default=False, repr=False)
-    _images: dict[str, Any] | None = field(default=None, repr=False)
+    _collecting: dict[str, list] | None = field(default=None, repr=False)
+    _media: dict[str, Any] = field(default_factory=dict, repr=False)
     _plan: Plan | None = field(default=None, repr=False)
     _removers: list = field(default_factory=list, repr=False)

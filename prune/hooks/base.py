@@ -1,7 +1,8 @@
 """The adapter interface and the flow every adapter shares.
 
-An adapter names a family's modules and tells where each image's tokens sit; everything else
-(signal collection, budgets, selection, the cut, decoding) is done here, the same for all families.
+An adapter names a family's modules and tells where each image's (or video's) tokens sit and
+which encoder statistics belong to them; everything else (signal collection, budgets, selection,
+the cut, decoding) is done here, the same for all families.
 """
 
 from __future__ import annotations
@@ -23,30 +24,44 @@ from .cutter import cut_prefill, map_decode
 
 @dataclass
 class ImageLayout:
-    """Where one image's placeholder tokens come from.
+    """Where one image's (or video's) placeholder tokens come from.
 
-    views: indices of this image's views (base image, crops) in the vision encoder's batch.
-    grid: (h, w) patches of every view.
-    token_view: (n,) long, the view (0..len(views)-1) each placeholder token comes from; -1 for tokens
-        that are never pruned (LLaVA-NeXT's image_newline).
+    grids: (h, w) of every view (base image, crops, frames); patch p of a view sits at (p // w, p % w).
+    token_view: (n,) long, the view each placeholder token comes from, in token order; -1 for tokens
+        that are never pruned (e.g. LLaVA-NeXT's image_newline).
     token_patch: (n,) long, the patch index inside its view (-1 where token_view is -1).
+    signals: per view, SignalRequest.key -> (h*w,) fp32 score of each patch.
+    split: how the image's budget spreads over its views: "even" (HiPrune's LLaVA-NeXT reference) or
+        "proportional" to the views' token counts.
     """
 
-    views: list[int]
-    grid: tuple[int, int]
+    grids: list[tuple[int, int]]
     token_view: torch.Tensor
     token_patch: torch.Tensor
+    signals: list[dict[str, torch.Tensor]]
+    split: str = "even"
 
     @property
     def num_tokens(self) -> int:
         return int(self.token_view.numel())
 
 
-def split_budget(total: int, caps: list[int]) -> list[int]:
-    """Split ``total`` evenly over views (earlier views take the remainder), never above a view's
-    cap; what a full view cannot take goes to the others."""
+def split_budget(total: int, caps: list[int], proportional: bool = False) -> list[int]:
+    """Split ``total`` over views, never above a view's cap.
+
+    even: equal shares (earlier views take the remainder); what a full view cannot take goes to the
+    others. proportional: shares by cap (largest remainders take the rounding).
+    """
+    total = min(total, sum(caps))
+    if proportional and sum(caps) > 0:
+        exact = [total * c / sum(caps) for c in caps]
+        shares = [int(x) for x in exact]
+        order = sorted(range(len(caps)), key=lambda i: (shares[i] - exact[i], i))
+        for i in order[: total - sum(shares)]:
+            shares[i] += 1
+        return shares
     shares = [0] * len(caps)
-    remaining = min(total, sum(caps))
+    remaining = total
     while remaining > 0:
         open_views = [i for i, c in enumerate(caps) if shares[i] < c]
         each, extra = divmod(remaining, len(open_views))
@@ -65,11 +80,21 @@ def _past_length(past_key_values: Any) -> int:
     return int(past_key_values[0][0].shape[-2])  # legacy tuple cache
 
 
+def bind_arguments(fn, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Positional and keyword arguments of a call to ``fn`` as one dict (defaults not filled)."""
+    params = list(inspect.signature(fn).parameters)
+    return {**dict(zip(params, args)), **kwargs}
+
+
 class Adapter:
     """Base class: one subclass per model family (one file each in ``prune/hooks/``)."""
 
     family: ClassVar[str] = ""
     model_classes: ClassVar[tuple[str, ...]] = ()
+    #: modality -> method of the multimodal module that runs the vision encoder for it
+    feature_functions: ClassVar[dict[str, str]] = {"image": "get_image_features"}
+    #: position modes this family supports
+    position_modes: ClassVar[tuple[str, ...]] = ("original", "compact")
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -89,16 +114,16 @@ class Adapter:
     def encoder_info(self) -> EncoderInfo:
         raise NotImplementedError
 
-    def image_token_id(self) -> int:
+    def placeholder_id(self, modality: str) -> int:
+        """The token id that stands for one vision token of ``modality`` in input_ids."""
         raise NotImplementedError
 
-    def image_layouts(self, call: dict[str, Any]) -> list[ImageLayout]:
-        """Layouts of the images of one call, in the order their tokens appear in the batch."""
+    def layouts(self, modality: str, args: dict[str, Any], signals: dict[str, torch.Tensor]) -> list[ImageLayout]:
+        """Layouts of the images (videos) that one call of the modality's feature function encoded,
+        in the order their tokens appear in the batch. ``args`` are that call's arguments, ``signals``
+        the statistics collected while it ran (SignalRequest.key -> tensor, chunks concatenated on
+        the last dimension)."""
         raise NotImplementedError
-
-    def patch_offset(self) -> int:
-        """Column of patch 0 in the encoder's attention statistics (1 when a [CLS] token leads)."""
-        return 1 if self.encoder_info().has_cls else 0
 
     # ---- shared flow ------------------------------------------------------------------------
     def install(self, state: PruneState, method: Method) -> None:
@@ -111,193 +136,177 @@ class Adapter:
         for layer, reqs in by_layer.items():
             state._removers.append(install_tap(attn[layer], self._tap_callback(reqs)))
         mm = self.multimodal_module()
-        state._removers.append(self._wrap_image_features(mm))
+        for modality, name in self.feature_functions.items():
+            state._removers.append(self._wrap_feature_function(mm, modality, name))
         h1 = mm.register_forward_pre_hook(self._on_multimodal_call, with_kwargs=True)
         h2 = self.language_model().register_forward_pre_hook(self._on_language_model_call, with_kwargs=True)
         state._removers.extend([h1.remove, h2.remove])
 
-    def _wrap_image_features(self, mm: nn.Module):
-        """Run the vision encoder under collection. transformers >= 5.2x's ``generate`` calls
-        ``get_image_features`` before the prefill forward; older versions call it inside the forward,
-        so the images are recorded here and consumed by the next prefill of the language model."""
-        original = mm.get_image_features  # bound method of the class
-        params = list(inspect.signature(original).parameters)
+    def _wrap_feature_function(self, mm: nn.Module, modality: str, name: str):
+        """Run the vision encoder under collection. transformers >= 5.2x's ``generate`` encodes the
+        media before the prefill forward; older versions do it inside the forward: either way the call
+        is recorded here and consumed by the next prefill of the language model."""
+        original = getattr(mm, name)  # bound method of the class
         state = self.state
 
         @functools.wraps(original)  # generate() reads its signature to route pixel_values
-        def get_image_features(*args, **kwargs):
-            bound = {**dict(zip(params, args)), **kwargs}
-            state._signals.clear()
-            state._collecting = True
+        def feature_function(*args, **kwargs):
+            collected: dict[str, list[torch.Tensor]] = {}
+            state._collecting = collected
             try:
                 out = original(*args, **kwargs)
             finally:
-                state._collecting = False
-            state._images = {
-                "pixel_values": bound.get("pixel_values"),
-                "image_sizes": bound.get("image_sizes"),
-            }
+                state._collecting = None
+            signals = {k: torch.cat(v, dim=-1) if len(v) > 1 else v[0] for k, v in collected.items()}
+            state._media[modality] = (bind_arguments(original, args, kwargs), signals)
             return out
 
-        mm.get_image_features = get_image_features
+        setattr(mm, name, feature_function)
 
         def remove() -> None:
-            if mm.__dict__.get("get_image_features") is get_image_features:
-                del mm.get_image_features
+            if mm.__dict__.get(name) is feature_function:
+                delattr(mm, name)
 
         return remove
 
     def _tap_callback(self, requests: list[SignalRequest]):
         def callback(module, q, k, attention_mask, kwargs):
-            if not self.state._collecting:
+            collected = self.state._collecting
+            if collected is None:
                 return
+            # FlashAttention gets all windows in one call with cu_seqlens; other backends one call each.
+            segments = kwargs.get("cu_seq_lens_q")
             for req in requests:
-                query_index = (
-                    torch.zeros(1, dtype=torch.long, device=q.device) if req.query == "cls" else None
-                )
+                query_index = torch.zeros(1, dtype=torch.long, device=q.device) if req.query == "cls" else None
                 stats = attention_stats(
-                    q.detach(), k.detach(), query_index=query_index, scale=kwargs.get("scaling")
-                )  # (views, N_enc) fp32
-                self.state._signals[req.key] = stats
+                    q.detach(), k.detach(), query_index=query_index, segments=segments, scale=kwargs.get("scaling")
+                )  # (batch, N) fp32
+                collected.setdefault(req.key, []).append(stats)
 
         return callback
 
     def _on_multimodal_call(self, module, args, kwargs):
         if args:  # some families pass input_ids positionally
-            params = list(inspect.signature(module.forward).parameters)
-            kwargs = {**dict(zip(params, args)), **kwargs}
+            kwargs = bind_arguments(module.forward, args, kwargs)
         if _past_length(kwargs.get("past_key_values")) > 0:
             return None  # a decode step: the language-model hook maps it
-        self.state._call = {
-            "input_ids": kwargs.get("input_ids"),
-            "inputs_embeds": kwargs.get("inputs_embeds"),
-        }
+        self.state._call = {"input_ids": kwargs.get("input_ids"), "inputs_embeds": kwargs.get("inputs_embeds")}
         return None
 
-    def _image_token_mask(self, call: dict[str, Any], embeds: torch.Tensor) -> torch.Tensor:
+    def _placeholder_mask(self, modality: str, call: dict[str, Any]) -> torch.Tensor:
+        token = self.placeholder_id(modality)
         input_ids = call.get("input_ids")
         if input_ids is not None:
-            return input_ids == self.image_token_id()
-        # Same rule as transformers: placeholders are rows equal to the image token's embedding.
-        token = torch.tensor(self.image_token_id(), device=embeds.device)
-        ref = self.model.get_input_embeddings()(token)
-        return (call["inputs_embeds"] == ref).all(-1)
+            return input_ids == token
+        # Same rule as transformers: placeholders are rows equal to the token's embedding.
+        embeds = call["inputs_embeds"]
+        ref = self.model.get_input_embeddings()(torch.tensor(token, device=embeds.device))
+        return (embeds == ref).all(-1)
 
     def _on_language_model_call(self, module, args, kwargs):
         state = self.state
-        if "inputs_embeds" not in kwargs or kwargs["inputs_embeds"] is None:
+        if kwargs.get("inputs_embeds") is None:
             return None
         past_len = _past_length(kwargs.get("past_key_values"))
         if past_len > 0:
             if state._plan is None:
                 return None
             return args, map_decode(kwargs, state._plan, past_len)
-        call, images = state._call, state._images
-        state._call, state._images = {}, None
-        state._plan = None
+        call, media = state._call, state._media
+        state._call, state._media, state._plan = {}, {}, None
         embeds = kwargs["inputs_embeds"]
         batch, length = embeds.shape[:2]
         keep_mask = torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
-        if images is None or not call:
-            state._signals = {}
-            state.last = PruneRecord(keep_mask=keep_mask, images=[], positions=state.positions)
-            return None  # no images in this prefill: pass through
-        new_embeds, records = self._select(call, images, embeds, keep_mask)
-        state._signals = {}
+        records: list[ImageRecord] = []
+        if call:
+            for modality, (fn_args, signals) in media.items():
+                embeds = self._select(modality, call, fn_args, signals, embeds, keep_mask, records)
         if bool(keep_mask.all()):
+            # no media, or nothing removed (keep=1.0): the model runs untouched
             state.last = PruneRecord(keep_mask=keep_mask, images=records, positions=state.positions)
-            return None  # nothing removed (keep=1.0): the model runs untouched
-        kwargs = dict(kwargs, inputs_embeds=new_embeds)
+            return None
+        kwargs = dict(kwargs, inputs_embeds=embeds)
         new_kwargs, plan, positions = cut_prefill(kwargs, keep_mask, state.positions)
         state._plan = plan
-        state.last = PruneRecord(
-            keep_mask=keep_mask, images=records, positions=state.positions, position_ids=positions
-        )
+        state.last = PruneRecord(keep_mask=keep_mask, images=records, positions=state.positions, position_ids=positions)
         return args, new_kwargs
 
-    def _select(self, call, images, embeds: torch.Tensor, keep_mask: torch.Tensor):
-        """Run the method on every view; fill ``keep_mask`` in place. Returns (embeds, records)."""
-        layouts = self.image_layouts(images)
-        image_mask = self._image_token_mask(call, embeds)
-        rows, cols = image_mask.nonzero(as_tuple=True)  # row-major: the order features were scattered
+    def _select(self, modality, call, fn_args, signals, embeds, keep_mask, records):
+        """Run the method on every view of one modality; fill ``keep_mask`` and ``records`` in place.
+        Returns the (possibly merged) embeddings."""
+        layouts = self.layouts(modality, fn_args, signals)
+        rows, cols = self._placeholder_mask(modality, call).nonzero(as_tuple=True)  # scatter order
         expected = sum(lay.num_tokens for lay in layouts)
         if rows.numel() != expected:
-            raise RuntimeError(
-                f"found {rows.numel()} image placeholder tokens but the images give {expected}"
-            )
-        offset = self.patch_offset()
+            raise RuntimeError(f"found {rows.numel()} {modality} placeholder tokens but the inputs give {expected}")
         config = self.state.config
-        new_embeds = embeds
-        records: list[ImageRecord] = []
+        device = embeds.device
         start = 0
+        merged_any = False
         for lay in layouts:
             n = lay.num_tokens
             sample = int(rows[start])
             pos = cols[start : start + n]
             if not bool((rows[start : start + n] == sample).all()):
-                raise RuntimeError("an image's placeholder tokens span two prompts")
+                raise RuntimeError(f"one {modality}'s placeholder tokens span two prompts")
             start += n
-            h, w = lay.grid
-            n_patch = h * w
-            token_view = lay.token_view.to(embeds.device)
-            token_patch = lay.token_patch.to(embeds.device)
+            token_view = lay.token_view.to(device)
+            token_patch = lay.token_patch.to(device)
             prunable = token_view >= 0
-            caps = [int((token_view == v).sum()) for v in range(len(lay.views))]
+            caps = [int((token_view == v).sum()) for v in range(len(lay.grids))]
             budget = config.budget(int(prunable.sum()))
-            shares = split_budget(budget, caps)
+            shares = split_budget(budget, caps, proportional=lay.split == "proportional")
             kept = ~prunable
-            scores = {"score": torch.full((n,), float("nan"), device=embeds.device)}
-            for v, vid in enumerate(lay.views):
+            score = torch.full((n,), float("nan"), device=device)
+            for v, (h, w) in enumerate(lay.grids):
                 here = token_view == v
-                valid = torch.zeros(n_patch, dtype=torch.bool, device=embeds.device)
+                n_patch = h * w
+                valid = torch.zeros(n_patch, dtype=torch.bool, device=device)
                 valid[token_patch[here]] = True
-                signals = {
-                    key: stats[vid, offset : offset + n_patch].to(embeds.device)
-                    for key, stats in self.state._signals.items()
-                }
                 features = None
                 if self.method.needs_features:
                     features = embeds.new_zeros(n_patch, embeds.shape[-1])
                     features[token_patch[here]] = embeds[sample, pos[here]]
-                view = View(
-                    grid=(h, w), budget=shares[v], valid=valid, signals=signals, features=features, index=v
-                )
+                view_signals = {key: s.to(device).float() for key, s in lay.signals[v].items()}
+                view = View(grid=(h, w), budget=shares[v], valid=valid, signals=view_signals, features=features, index=v)
                 sel = self.method.select(view)
-                keep_patch = torch.zeros(n_patch, dtype=torch.bool, device=embeds.device)
-                keep_patch[sel.keep.to(embeds.device)] = True
+                keep_patch = torch.zeros(n_patch, dtype=torch.bool, device=device)
+                keep_patch[sel.keep.to(device)] = True
                 kept |= here & keep_patch[token_patch.clamp(min=0)]
                 if sel.score is not None:
-                    scores["score"][here] = sel.score.to(embeds.device).float()[token_patch[here]]
+                    score[here] = sel.score.to(device).float()[token_patch[here]]
                 if sel.assign is not None:
-                    new_embeds = self._merge(
-                        new_embeds, sample, pos[here], token_patch[here], sel.assign, features
-                    )
+                    if not merged_any:
+                        embeds, merged_any = embeds.clone(), True
+                    _merge_into(embeds, sample, pos[here], token_patch[here], sel.assign.to(device), features)
             keep_mask[sample, pos] = kept
             records.append(
                 ImageRecord(
                     sample=sample,
                     positions=pos,
                     kept=kept,
-                    scores=scores,
+                    scores={"score": score},
                     budget=budget,
-                    grids=[lay.grid] * len(lay.views),
-                    merged=new_embeds[sample, pos[kept]].detach() if self.method.needs_features else None,
+                    grids=list(lay.grids),
+                    modality=modality,
+                    merged=embeds[sample, pos[kept]].detach() if self.method.needs_features else None,
                 )
             )
-        return new_embeds, records
-
-    @staticmethod
-    def _merge(embeds, sample, pos, patches, assign, features):
-        """Replace each kept representative's row by the mean of the patches assigned to it."""
-        assign = assign.to(embeds.device)
-        n_patch, dim = features.shape
-        target = assign.clamp(min=0)
-        sums = torch.zeros(n_patch, dim, dtype=torch.float32, device=embeds.device)
-        sums.index_add_(0, target[assign >= 0], features[assign >= 0].float())
-        count = torch.zeros(n_patch, device=embeds.device).index_add_(
-            0, target[assign >= 0], torch.ones_like(target[assign >= 0], dtype=torch.float32)
-        )
-        reps = count[patches] > 0
-        embeds = embeds.clone()
-        embeds[sample, pos[reps]] = (sums[patches[reps]] / count[patches[reps], None]).to(embeds.dtype)
         return embeds
+
+
+def _merge_into(embeds, sample, pos, patches, assign, features) -> None:
+    """Replace each kept representative's row by the mean of the patches assigned to it (in place)."""
+    n_patch, dim = features.shape
+    member = assign >= 0
+    sums = torch.zeros(n_patch, dim, dtype=torch.float32, device=embeds.device)
+    sums.index_add_(0, assign[member], features[member].float())
+    count = torch.zeros(n_patch, device=embeds.device)
+    count.index_add_(0, assign[member], torch.ones(int(member.sum()), device=embeds.device))
+    reps = count[patches] > 0
+    embeds[sample, pos[reps]] = (sums[patches[reps]] / count[patches[reps], None]).to(embeds.dtype)
+
+
+def slice_view_signals(signals: dict[str, torch.Tensor], row: int, offset: int, n: int) -> dict[str, torch.Tensor]:
+    """Per-view signals for encoders that run one view per batch row (CLIP, SigLIP)."""
+    return {key: stats[row, offset : offset + n] for key, stats in signals.items()}

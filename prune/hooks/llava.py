@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..methods import EncoderInfo
-from .base import Adapter, ImageLayout
+from .base import Adapter, ImageLayout, slice_view_signals
 
 
 class LlavaAdapter(Adapter):
@@ -29,7 +29,7 @@ class LlavaAdapter(Adapter):
         encoder = self.vision_model().encoder
         return [layer.self_attn for layer in encoder.layers]
 
-    def image_token_id(self) -> int:
+    def placeholder_id(self, modality: str) -> int:
         return int(self.model.config.image_token_id)
 
     def feature_layer_index(self) -> int:
@@ -62,17 +62,24 @@ class LlavaAdapter(Adapter):
                 f"this model uses {self.model.config.vision_feature_select_strategy!r}"
             )
 
-    def image_layouts(self, call: dict[str, Any]) -> list[ImageLayout]:
+    def patch_offset(self) -> int:
+        """Column of patch 0 in the encoder's attention statistics (1 when a [CLS] token leads)."""
+        return 1 if self.encoder_info().has_cls else 0
+
+    def layouts(self, modality, args: dict[str, Any], signals) -> list[ImageLayout]:
         self._check_strategy()
-        pixel_values = call["pixel_values"]
-        if call.get("image_sizes") is not None:
-            raise ValueError(
-                "LlavaForConditionalGeneration with image_sizes (variable-size vision towers) is not supported"
-            )
+        pixel_values = args["pixel_values"]
+        if args.get("image_sizes") is not None:
+            raise ValueError("LlavaForConditionalGeneration with image_sizes (variable-size vision towers) is not supported")
         side = self.patch_grid()
         n = side * side
-        zeros = torch.zeros(n, dtype=torch.long)
+        offset = self.patch_offset()
         return [
-            ImageLayout(views=[i], grid=(side, side), token_view=zeros, token_patch=torch.arange(n))
+            ImageLayout(
+                grids=[(side, side)],
+                token_view=torch.zeros(n, dtype=torch.long),
+                token_patch=torch.arange(n),
+                signals=[slice_view_signals(signals, i, offset, n)],
+            )
             for i in range(pixel_values.shape[0])
         ]

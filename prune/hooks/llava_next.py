@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from .base import ImageLayout
+from .base import ImageLayout, slice_view_signals
 from .llava import LlavaAdapter
 
 
@@ -23,10 +23,10 @@ class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration",)
 
-    def image_layouts(self, call: dict[str, Any]) -> list[ImageLayout]:
+    def layouts(self, modality, args: dict[str, Any], signals) -> list[ImageLayout]:
         self._check_strategy()
         config = self.model.config
-        image_sizes = call.get("image_sizes")
+        image_sizes = args.get("image_sizes")
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT needs image_sizes with pixel_values")
         side = self.patch_grid()
@@ -50,14 +50,15 @@ class LlavaNextAdapter(LlavaAdapter):
             index_features, image_sizes.cpu(), config.vision_feature_select_strategy, image_newline=newline
         )
         layouts, first = [], 0
+        offset = self.patch_offset()
         for count, tokens in zip(num_views, packed):
             tokens = tokens.round().long()
             layouts.append(
                 ImageLayout(
-                    views=list(range(first, first + count)),
-                    grid=(side, side),
+                    grids=[(side, side)] * count,
                     token_view=tokens[:, 0],
                     token_patch=tokens[:, 1],
+                    signals=[slice_view_signals(signals, first + v, offset, n) for v in range(count)],
                 )
             )
             first += count
