@@ -141,3 +141,109 @@ def build_prompts(
             ids[b, : len(row)] = torch.tensor(row)
             mask[b, : len(row)] = 1
     return ids, mask
+
+
+# ---- Qwen2-VL / Qwen2.5-VL -------------------------------------------------------------------
+QWEN_VOCAB = 160
+QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END = 150, 151, 152, 153
+QWEN_PATCH, QWEN_TEMPORAL, QWEN_MERGE = 4, 2, 2
+
+
+def tiny_qwen_vl(version: str = "2.5", *, attn_implementation: str = "eager", depth: int = 4, seed: int = 0):
+    """A Qwen2-VL / Qwen2.5-VL-shaped model: 4-pixel patches, 2x2 merge, M-RoPE text model.
+
+    Qwen2.5: windows of 2x2 merged tokens, full attention at blocks 1 and 3 (of 4)."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
+
+    torch.manual_seed(seed)
+    text = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": QWEN_VOCAB,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+        "pad_token_id": PAD_TOKEN,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    ids = {
+        "image_token_id": QWEN_IMAGE,
+        "video_token_id": QWEN_VIDEO,
+        "vision_start_token_id": QWEN_START,
+        "vision_end_token_id": QWEN_END,
+    }
+    vision = {
+        "depth": depth,
+        "num_heads": 4,
+        "patch_size": QWEN_PATCH,
+        "temporal_patch_size": QWEN_TEMPORAL,
+        "spatial_merge_size": QWEN_MERGE,
+        "in_channels": 3,
+    }
+    if version == "2.5":
+        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=16,
+                      fullatt_block_indexes=[1, 3], tokens_per_second=2)
+        config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
+        cls = Qwen2_5_VLForConditionalGeneration
+    elif version == "2":
+        vision.update(embed_dim=32, hidden_size=64, mlp_ratio=2)
+        config = Qwen2VLConfig(vision_config=vision, text_config=text, **ids)
+        cls = Qwen2VLForConditionalGeneration
+    else:
+        raise ValueError(f"version must be '2' or '2.5', got {version!r}")
+    config._attn_implementation = attn_implementation
+    model = cls(config)
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model.eval()
+
+
+def qwen_media(grids: list[tuple[int, int, int]], *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened patches (sum t*h*w, 3*2*4*4) and grid_thw for items of (t, h, w) patch grids."""
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(t * h * w for t, h, w in grids)
+    dim = 3 * QWEN_TEMPORAL * QWEN_PATCH * QWEN_PATCH
+    return torch.randn(n, dim, generator=gen), torch.tensor(grids, dtype=torch.long)
+
+
+def qwen_prompts(
+    items_per_prompt: list[list[tuple[str, tuple[int, int, int]]]], text_lens: list[int], *, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask and mm_token_type_ids (left padded) with
+    <vision_start> pad * n <vision_end> around each ("image" | "video", (t, h, w)) item."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, types = [], []
+    for items, n_text in zip(items_per_prompt, text_lens):
+        pieces = len(items) + 1
+        cuts = [n_text * i // pieces for i in range(pieces + 1)]
+        row, typ = [1], [0]
+        for i in range(pieces):
+            words = torch.randint(3, 140, (cuts[i + 1] - cuts[i],), generator=gen).tolist()
+            row += words
+            typ += [0] * len(words)
+            if i < len(items):
+                kind, (t, h, w) = items[i]
+                n = t * h * w // (QWEN_MERGE * QWEN_MERGE)
+                token = QWEN_IMAGE if kind == "image" else QWEN_VIDEO
+                row += [QWEN_START] + [token] * n + [QWEN_END]
+                typ += [0] + [1 if kind == "image" else 2] * n + [0]
+        rows.append(row)
+        types.append(typ)
+    length = max(len(r) for r in rows)
+    out = {
+        "input_ids": torch.full((len(rows), length), PAD_TOKEN, dtype=torch.long),
+        "attention_mask": torch.zeros(len(rows), length, dtype=torch.long),
+        "mm_token_type_ids": torch.zeros(len(rows), length, dtype=torch.long),
+    }
+    for b, (row, typ) in enumerate(zip(rows, types)):
+        out["input_ids"][b, length - len(row) :] = torch.tensor(row)
+        out["attention_mask"][b, length - len(row) :] = 1
+        out["mm_token_type_ids"][b, length - len(row) :] = torch.tensor(typ)
+    return out

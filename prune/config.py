@@ -63,7 +63,8 @@ class PruneConfig:
         family_preset = presets.get("families", {}).get(family, {})
         positions = self.positions or family_preset.get("positions") or presets["default"]["positions"]
         method_cls = get_method(self.method)
-        preset_opts = presets.get("methods", {}).get(self.method, {}) or {}
+        preset_opts = dict(presets.get("methods", {}).get(self.method) or {})
+        preset_opts.update((family_preset.get("methods") or {}).get(self.method) or {})
         preset_opts = {k: v for k, v in preset_opts.items() if k in method_cls.defaults}
         return positions, {**preset_opts, **self.options}
 

@@ -42,3 +42,49 @@ def reduced_positions(keep_mask_row, mode):
     if mode == "original":
         return torch.arange(length)[keep_mask_row]
     return torch.arange(int(keep_mask_row.sum()))
+
+
+@torch.no_grad()
+def qwen_full_inputs(model, inputs):
+    """(inputs_embeds, M-RoPE position ids (3, B, L)) the unwrapped Qwen model gives its LM."""
+    inner = model.model
+    ids = inputs["input_ids"]
+    embeds = model.get_input_embeddings()(ids)
+    if "pixel_values" in inputs:
+        feats = torch.cat(list(inner.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output))
+        embeds = embeds.masked_scatter((ids == model.config.image_token_id).unsqueeze(-1), feats)
+    if "pixel_values_videos" in inputs:
+        feats = torch.cat(
+            list(inner.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output)
+        )
+        embeds = embeds.masked_scatter((ids == model.config.video_token_id).unsqueeze(-1), feats)
+    positions, _ = inner.get_rope_index(
+        ids,
+        mm_token_type_ids=inputs["mm_token_type_ids"],
+        image_grid_thw=inputs.get("image_grid_thw"),
+        video_grid_thw=inputs.get("video_grid_thw"),
+        attention_mask=inputs["attention_mask"],
+    )
+    return embeds, positions
+
+
+@torch.no_grad()
+def run_reduced_mrope(model, embeds, positions, steps=8):
+    """Prefill logits and greedy tokens of one unpadded prompt: embeds (L', D), positions (3, L').
+    Decoding continues at max(prompt positions) + 1 on all three axes, as Qwen's rope_deltas do."""
+    lm = model.model.language_model
+    cache = DynamicCache(config=lm.config)
+    mask = torch.ones(1, embeds.shape[0], dtype=torch.long)
+    out = lm(inputs_embeds=embeds[None], position_ids=positions[:, None], attention_mask=mask,
+             past_key_values=cache, use_cache=True)
+    logits = model.lm_head(out.last_hidden_state)
+    tokens, nxt, pos = [], logits[0, -1].argmax(), int(positions.max())
+    for _ in range(steps):
+        tokens.append(int(nxt))
+        pos += 1
+        mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], 1)
+        e = model.get_input_embeddings()(nxt.view(1, 1))
+        out = lm(inputs_embeds=e, position_ids=torch.full((3, 1, 1), pos), attention_mask=mask,
+                 past_key_values=cache, use_cache=True)
+        nxt = model.lm_head(out.last_hidden_state)[0, -1].argmax()
+    return logits[0], tokens

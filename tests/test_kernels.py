@@ -194,6 +194,7 @@ def test_attention_triton_matches_reference(name, dtype):
         ("rows-BQ", dict(key_splits=2, kv_per_prog=1, lse_block_m=16, col_block_n=32)),
         ("segments", dict(key_splits=2, row_splits=2)),
         ("rows-seg", dict(key_splits=4, kv_per_prog=2)),
+        ("segments", dict(row_splits=2, col_acc2d=True)),  # 2-D accumulator in pass 2
     ],
 )
 def test_attention_triton_launch_variants(name, cfg):

@@ -233,23 +233,18 @@ def _sweep_one(d: int, n: int, heads: int) -> list[dict]:
             }
         )
     for bn, bm, w, st in _COL_OPTS:
-        cfg = replace(base, col_block_n=bn, col_block_m=bm, col_warps=w, col_stages=st)
-        res.append(
-            {
-                "mode": "all",
-                "d": d,
-                "n": n,
-                "vary": "col",
-                "cfg": [bn, bm, w, st],
-                "ms": _time_config(q, k, cfg),
-            }
-        )
+        for acc2d in (False, True):
+            cfg = replace(base, col_block_n=bn, col_block_m=bm, col_warps=w, col_stages=st, col_acc2d=acc2d)
+            ms = _time_config(q, k, cfg)
+            res.append(
+                {"mode": "all", "d": d, "n": n, "vary": "col", "cfg": [bn, bm, w, st, acc2d], "ms": ms}
+            )
     for nq in (1, 32):
         qi = (torch.arange(nq) * (n // nq)).tolist()
         sub = default_config(q, n, nq, heads, 1, True)
         mode = f"q{nq}"
         res.append({"mode": mode, "d": d, "n": n, "cfg": "default", "ms": _time_config(q, k, None, qi)})
-        for ks in (1, 4, 16, 32, 64):
+        for ks in (1, 8, 32):
             for kv in (1, 4, 16):
                 for cbn in (64, 128):
                     cfg = replace(sub, key_splits=ks, kv_per_prog=kv, col_block_n=cbn)

@@ -126,7 +126,7 @@ def _colsum_kernel(
     D: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     HAS_IDX: tl.constexpr, HAS_SEG: tl.constexpr, KSPLIT: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, ACC2D: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_bc = tl.program_id(1)
@@ -154,6 +154,8 @@ def _colsum_kernel(
     r_hi = tl.minimum(r_hi, rsplit * ROWS_PER_SPLIT + ROWS_PER_SPLIT)
 
     acc = tl.zeros((BLOCK_N,), tl.float32)
+    if ACC2D:  # accumulate the tile, reduce over rows once at the end
+        acc2 = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     kv_end = tl.minimum(HK, chunk * KV_PER_PROG + KV_PER_PROG)
     for kvh in range(chunk * KV_PER_PROG, kv_end):
         k_rows = K + (b.to(tl.int64) * s_kb + tl.cast(kvh, tl.int64) * s_kh) + cols[:, None] * s_kn
@@ -208,13 +210,18 @@ def _colsum_kernel(
                         m_sp = tl.load(M_IN + sp * BHR + lse_base + offs_i, mask=row_ok, other=-1.0e30)
                         l_sp = tl.load(L_IN + sp * BHR + lse_base + offs_i, mask=row_ok, other=0.0)
                         l_all += l_sp * tl.exp2(m_sp - m_all)
-                    lse = tl.where(row_ok, m_all + tl.log2(l_all), float("inf"))
+                    lse = tl.where(row_ok, m_all + tl.log2(tl.maximum(l_all, 1.0e-30)), float("inf"))
                 p = tl.exp2(s * qk_scale - lse[None, :])
                 if HAS_SEG:
                     lo_r = tl.load(LO + rows, mask=row_ok, other=N)
                     p = tl.where(lo_c[:, None] == lo_r[None, :], p, 0.0)
-                acc += tl.sum(p, 1)
+                if ACC2D:
+                    acc2 += p
+                else:
+                    acc += tl.sum(p, 1)
 
+    if ACC2D:
+        acc += tl.sum(acc2, 1)
     out = ((chunk * n_rsplit + rsplit) * B + b) * N + cols
     tl.store(OUT + out, acc * inv_norm, mask=col_ok)
 
@@ -238,6 +245,7 @@ class AttentionConfig:
     col_stages: int = 3
     kv_per_prog: int = 1
     row_splits: int = 1
+    col_acc2d: bool = False
 
 
 def head_dim_chunks(d: int) -> tuple[int, int]:
@@ -360,6 +368,7 @@ def launch(
         qk_scale, 1.0 / (h * rows),
         D=d, D1=d1, D2=d2, BLOCK_N=cfg.col_block_n, BLOCK_M=cfg.col_block_m,
         HAS_IDX=has_idx, HAS_SEG=has_seg, KSPLIT=key_splits, PREC=prec, UPCAST=upcast,
+        ACC2D=bool(cfg.col_acc2d),
         num_warps=cfg.col_warps, num_stages=cfg.col_stages,
     )  # fmt: skip
     if partial.shape[0] == 1:

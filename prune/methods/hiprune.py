@@ -14,14 +14,16 @@ class HiPrune(Method):
     description = "hierarchical attention: object-layer anchors + neighbour buffers + deep-layer registers"
     defaults = {
         "alpha": 0.1,  # anchors = round(T * alpha / 5)
-        "object_layer": None,  # 0-based; None = 8 of 24 (the reference's OBJECT_LAYER=9), scaled by depth
+        "object_layer": None,  # 0-based; None = round(object_ratio * depth) - 1
+        "object_ratio": 0.375,  # 9/24: the reference's OBJECT_LAYER=9 of CLIP-L; Qwen preset 0.5 (block 15 of 32)
         "deep_layer": None,  # 0-based; None = the layer the LLM takes features from
         "wrap_rows": True,  # reference: the +-1 buffer wraps to the neighbouring row; False stops at edges
     }
 
     def layers(self, encoder: EncoderInfo) -> tuple[int, int]:
         obj, deep = self.options["object_layer"], self.options["deep_layer"]
-        obj = max(0, round(9 * encoder.num_layers / 24) - 1) if obj is None else obj
+        if obj is None:
+            obj = max(0, round(float(self.options["object_ratio"]) * encoder.num_layers) - 1)
         obj = layer_index(obj, encoder.num_layers, "object_layer")
         deep = encoder.feature_layer if deep is None else layer_index(deep, encoder.num_layers, "deep_layer")
         return obj, deep
