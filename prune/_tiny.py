@@ -247,3 +247,38 @@ def qwen_prompts(
         out["attention_mask"][b, length - len(row) :] = 1
         out["mm_token_type_ids"][b, length - len(row) :] = torch.tensor(typ)
     return out
+
+
+# ---- LLaVA-OneVision ---------------------------------------------------------------------------
+OV_IMAGE, OV_VIDEO = 120, 121
+
+
+def tiny_llava_onevision(
+    *, image_size: int = 24, patch: int = 4, aspect: str = "anyres_max_9", attn_implementation: str = "eager", seed: int = 0
+):
+    """A LLaVA-OneVision-shaped model: SigLIP (no [CLS]) 6x6 patches per crop, Qwen2 decoder."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+
+    torch.manual_seed(seed)
+    s = image_size
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                image_size=s, patch_size=patch)
+    text = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": VOCAB, "max_position_embeddings": 4096,
+            "pad_token_id": PAD_TOKEN, "bos_token_id": 1, "eos_token_id": 2}
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=OV_IMAGE,
+        video_token_id=OV_VIDEO,
+        image_grid_pinpoints=[[s, s], [s, 2 * s], [2 * s, s], [2 * s, 2 * s]],
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio=aspect,
+    )
+    config._attn_implementation = attn_implementation
+    model = LlavaOnevisionForConditionalGeneration(config)
+    with torch.no_grad():
+        model.model.image_newline.normal_()
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model.eval()

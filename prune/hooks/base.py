@@ -272,7 +272,7 @@ class Adapter:
                 sel = self.method.select(view)
                 keep_patch = torch.zeros(n_patch, dtype=torch.bool, device=device)
                 keep_patch[sel.keep.to(device)] = True
-                kept |= here & keep_patch[token_patch.clamp(min=0)]
+                kept[here] = keep_patch[token_patch[here]]
                 if sel.score is not None:
                     score[here] = sel.score.to(device).float()[token_patch[here]]
                 if sel.assign is not None:

@@ -56,10 +56,13 @@ class LlavaAdapter(Adapter):
         return cfg.image_size // cfg.patch_size
 
     def _check_strategy(self) -> None:
-        if self.model.config.vision_feature_select_strategy != "default":
+        # Every LLM token must be a patch: drop [CLS] ("default") when the encoder has one, else "full".
+        expected = "default" if self.encoder_info().has_cls else "full"
+        strategy = self.model.config.vision_feature_select_strategy
+        if strategy != expected:
             raise ValueError(
-                "prune supports vision_feature_select_strategy='default' (patch tokens only); "
-                f"this model uses {self.model.config.vision_feature_select_strategy!r}"
+                f"prune supports vision_feature_select_strategy={expected!r} on this encoder (patch tokens "
+                f"only); this model uses {strategy!r}"
             )
 
     def patch_offset(self) -> int:
