@@ -149,7 +149,9 @@ QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END = 150, 151, 152, 153
 QWEN_PATCH, QWEN_TEMPORAL, QWEN_MERGE = 4, 2, 2
 
 
-def tiny_qwen_vl(version: str = "2.5", *, attn_implementation: str = "eager", depth: int = 4, seed: int = 0):
+def tiny_qwen_vl(
+    version: str = "2.5", *, attn_implementation: str = "eager", depth: int = 4, patch: int = QWEN_PATCH, seed: int = 0
+):
     """A Qwen2-VL / Qwen2.5-VL-shaped model: 4-pixel patches, 2x2 merge, M-RoPE text model.
 
     Qwen2.5: windows of 2x2 merged tokens, full attention at blocks 1 and 3 (of 4)."""
@@ -183,13 +185,13 @@ def tiny_qwen_vl(version: str = "2.5", *, attn_implementation: str = "eager", de
     vision = {
         "depth": depth,
         "num_heads": 4,
-        "patch_size": QWEN_PATCH,
+        "patch_size": patch,
         "temporal_patch_size": QWEN_TEMPORAL,
         "spatial_merge_size": QWEN_MERGE,
         "in_channels": 3,
     }
     if version == "2.5":
-        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=16,
+        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=patch * QWEN_MERGE * 2,
                       fullatt_block_indexes=[1, 3], tokens_per_second=2)
         config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
         cls = Qwen2_5_VLForConditionalGeneration

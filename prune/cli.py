@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _keep(text: str) -> float | int:
@@ -33,9 +34,15 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .evaluation.demo import run_demo
+    from .evaluation.demo import run_demo, run_video_demo
 
-    run_demo(out_dir=args.out, keep=args.keep, seed=args.seed)
+    if args.video is not None:
+        if not Path(args.video).is_file():
+            print(f"prune demo: error: no video file at {args.video}", file=sys.stderr)
+            return 2
+        run_video_demo(args.video, out_dir=args.out, keep=args.keep, seed=args.seed)
+    else:
+        run_demo(out_dir=args.out, keep=args.keep, seed=args.seed)
     return 0
 
 
@@ -55,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the model and the image (default: %(default)s)"
+    )
+    p.add_argument(
+        "--video",
+        default=None,
+        metavar="FILE",
+        help="prune this video's frames on a small Qwen2.5-VL instead (needs the video extra)",
     )
     p.set_defaults(func=_cmd_demo)
     return parser

@@ -106,3 +106,54 @@ def run_demo(
     labelled_grid(tiles, columns=3).save(path)
     print(f"kept patches: {path}")
     return path
+
+
+def run_video_demo(path: str | Path, out_dir: str | Path = "prune-demo", keep: float = 0.25, seed: int = 0,
+                   num_frames: int = 8) -> Path:
+    """Prune a video file's tokens on a small Qwen2.5-VL built in code; print a table and write
+    ``kept_video.png`` (one row per method, one tile per temporal slice of 2 frames)."""
+    from transformers import Qwen2VLVideoProcessor
+
+    from .._tiny import QWEN_MERGE, QWEN_START, QWEN_END, QWEN_VIDEO, tiny_qwen_vl
+    from ..io import load_video
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frames = load_video(path, num_frames=num_frames)
+    processor = Qwen2VLVideoProcessor(patch_size=PATCH, temporal_patch_size=2, merge_size=QWEN_MERGE,
+                                      size={"shortest_edge": 56 * 56, "longest_edge": 224 * 224})
+    media = processor(videos=[frames], return_tensors="pt", do_sample_frames=False)
+    t, h, w = media["video_grid_thw"][0].tolist()
+    n = t * h * w // (QWEN_MERGE * QWEN_MERGE)
+    ids = torch.tensor([[1, 10, 11, QWEN_START] + [QWEN_VIDEO] * n + [QWEN_END, 12, 13]])
+    types = (ids == QWEN_VIDEO).long() * 2
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": types,
+              "pixel_values_videos": media["pixel_values_videos"], "video_grid_thw": media["video_grid_thw"]}
+    model = tiny_qwen_vl("2.5", patch=PATCH, attn_implementation="sdpa", seed=seed)
+    grid = (h // QWEN_MERGE, w // QWEN_MERGE)
+    step = max(1, len(frames) // t)
+    rows, strips = [], []
+    for method in ["none", "random", "pool", "hiprune"]:
+        if method != "none":
+            prune.wrap(model, method, keep=keep)
+        with torch.no_grad():
+            model(**inputs)
+            prefill = _median_ms(lambda: model(**inputs))
+        if method == "none":
+            rows.append((method, n, n, prefill))
+            continue
+        rec = model.prune_state.last.images[0]
+        rows.append((method, rec.tokens_before, rec.tokens_after, prefill))
+        per = grid[0] * grid[1]
+        tiles = [(f"{method} t={i}", overlay_kept(Image.fromarray(frames[min(i * step, len(frames) - 1)]),
+                                                   rec.kept[i * per : (i + 1) * per], grid)) for i in range(t)]
+        strips.extend(tiles)
+        prune.unwrap(model)
+    print(f"tiny random Qwen2.5-VL, {path}: {len(frames)} frames -> {t} x {grid[0]}x{grid[1]} = {n} tokens, keep={keep}")
+    print(f"{'method':<9} {'tokens':>9} {'prefill ms':>11}")
+    for method, before, after, prefill in rows:
+        print(f"{method:<9} {f'{after}/{before}':>9} {prefill:>11.1f}")
+    out = out_dir / "kept_video.png"
+    labelled_grid(strips, columns=t).save(out)
+    print(f"kept tokens per frame: {out}")
+    return out

@@ -1,0 +1,36 @@
+"""`prune demo` (image and video) runs offline and writes its pictures."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from prune.cli import main
+
+
+def test_image_demo_writes_png(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--keep", "0.25"]) == 0
+    out = capsys.readouterr().out
+    for method in ("random", "pool", "cls", "hiprune"):
+        assert f"{method}" in out and "144/576" in out
+    image = Image.open(tmp_path / "kept.png")
+    assert image.size[0] > 336 * 2 and image.size[1] > 336
+
+
+def test_video_demo_and_bad_path(tmp_path, capsys):
+    av = pytest.importorskip("av")
+    pytest.importorskip("decord")
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 112, 84, "yuv420p"
+        for i in range(8):
+            frame = np.full((84, 112, 3), 20 * i, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    assert main(["demo", "--video", str(path), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "kept_video.png").is_file()
+    assert "hiprune" in capsys.readouterr().out
+    assert main(["demo", "--video", str(tmp_path / "missing.mp4")]) == 2
+    assert "no video file" in capsys.readouterr().err
