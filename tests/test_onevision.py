@@ -28,7 +28,8 @@ def build(model, prompts, text_lens, seed=0):
         if videos:
             assert len(set(videos)) == 1, "one frame count per batch"
             inputs["pixel_values_videos"] = torch.randn(len(videos), videos[0], 3, 24, 24, generator=gen)
-            video_count = model.model.get_video_features(inputs["pixel_values_videos"][:1]).pooler_output.shape[1]
+            side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+            video_count = videos[0] * ((side + 1) // 2) ** 2 + 1  # pooled frames and one newline
     rows = []
     for items, n_text in zip(prompts, text_lens):
         row = [1] + torch.randint(3, 100, (n_text,), generator=gen).tolist()
@@ -63,7 +64,10 @@ def full_embeds(model, inputs):
             batch_num_images=inputs["batch_num_images"]).pooler_output
         embeds = embeds.masked_scatter((ids == OV_IMAGE).unsqueeze(-1), torch.cat(list(feats)))
     if "pixel_values_videos" in inputs:
-        feats = model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output.flatten(0, 1)
+        feats = model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output
+        if feats.shape[1] % inputs["pixel_values_videos"].shape[1] == 0:  # transformers < 5.2x adds the newline later
+            feats = torch.cat([feats, model.model.image_newline[None, None].expand(feats.shape[0], 1, -1)], 1)
+        feats = feats.flatten(0, 1)
         embeds = embeds.masked_scatter((ids == OV_VIDEO).unsqueeze(-1), feats)
     return embeds
 

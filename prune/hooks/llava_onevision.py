@@ -93,7 +93,8 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         return layouts
 
     def _video_layouts(self, args: dict[str, Any], signals: dict[str, torch.Tensor]) -> list[ImageLayout]:
-        videos = args["pixel_values_videos"]
+        # the argument is pixel_values_videos in transformers >= 5.2x, pixel_values before
+        videos = args["pixel_values_videos"] if "pixel_values_videos" in args else args["pixel_values"]
         batch, frames = videos.shape[:2]
         side = self.patch_grid()
         pooled = (math.ceil(side / 2), math.ceil(side / 2))
