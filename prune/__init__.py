@@ -51,6 +51,9 @@ def wrap(
         config = PruneConfig(method=method, keep=keep, positions=positions, options=options)
     adapter = adapter_for(model)  # raises for unsupported classes before anything changes
     positions_mode, method_options = config.resolved(adapter.family)
+    preset = getattr(get_method(config.method), "preset_positions", None)
+    if config.positions is None and preset in adapter.position_modes:
+        positions_mode = preset  # the mode of the method's reference implementation
     if positions_mode not in adapter.position_modes:
         raise ValueError(
             f"positions={positions_mode!r} is not supported on {type(model).__name__}; "

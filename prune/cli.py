@@ -1,10 +1,27 @@
-"""The `prune` command."""
+"""The `prune` command: methods, demo, show, bench, eval, report.
+
+Bad input ends with a one-line ``prune <command>: error: ...`` on stderr and exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
+
+EXAMPLES = """examples:
+  prune methods
+  prune demo
+  prune show photo.jpg --model llava-1.5-7b --method hiprune --keep 0.25 --out kept.png
+  prune bench --model llava-1.5-7b --methods random,hiprune --keep 1,0.33,0.11
+  prune eval --model tiny --tasks prune_shapes --methods random,hiprune --keep 1,0.33,0.11 --limit 20
+  prune report prune-eval benchmarks/results
+"""
+
+
+class UsageError(ValueError):
+    """Bad input found after parsing (exit code 2)."""
 
 
 def _keep(text: str) -> float | int:
@@ -22,6 +39,110 @@ def _keep(text: str) -> float | int:
     return value
 
 
+def _keep_list(text: str) -> list[float | int]:
+    """Comma-separated keeps for sweeps: fractions in (0, 1] ("1" is all tokens, 1.0) or token
+    counts >= 2."""
+    out: list[float | int] = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        try:
+            value = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"keep values must be numbers, got {item!r}") from None
+        if value.is_integer() and value >= 2 and "." not in item:
+            out.append(int(value))
+        elif 0.0 < value <= 1.0:
+            out.append(value)
+        else:
+            raise argparse.ArgumentTypeError(
+                f"keep {item!r}: use a fraction in (0, 1] (1 = all tokens) or a token count >= 2"
+            )
+    if not out:
+        raise argparse.ArgumentTypeError("give at least one keep value")
+    return out
+
+
+def _name_list(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one name")
+    return names
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    """'336' (square) or 'HEIGHTxWIDTH'."""
+    parts = text.lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"image size must be N or HEIGHTxWIDTH, got {text!r}") from None
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or min(values) < 8:
+        raise argparse.ArgumentTypeError(f"image size must be N or HEIGHTxWIDTH with sides >= 8, got {text!r}")
+    return values[0], values[1]
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _options(pairs: list[str] | None) -> dict[str, Any]:
+    """name=value pairs (numbers and true/false parsed) for method options."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise UsageError(f"--option takes name=value, got {pair!r}")
+        name, value = pair.split("=", 1)
+        parsed: Any = value
+        if value.lower() in ("true", "false"):
+            parsed = value.lower() == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    parsed = kind(value)
+                    break
+                except ValueError:
+                    pass
+        out[name.strip()] = parsed
+    return out
+
+
+def _check_methods(methods: list[str]) -> None:
+    import prune
+
+    known = prune.available_methods()
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise UsageError(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(sorted(known))}")
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---- commands ---------------------------------------------------------------------------------------
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
     from .methods import get_method, method_names
 
@@ -34,42 +155,203 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .evaluation.demo import run_demo, run_video_demo
+    from .evaluation.demo import run_demo
 
-    if args.video is not None:
-        if not Path(args.video).is_file():
-            print(f"prune demo: error: no video file at {args.video}", file=sys.stderr)
-            return 2
-        run_video_demo(args.video, out_dir=args.out, keep=args.keep, seed=args.seed)
-    else:
-        run_demo(out_dir=args.out, keep=args.keep, seed=args.seed)
+    run_demo(out_dir=args.out, keep=args.keep, seed=args.seed)
     return 0
 
 
+def _cmd_show(args: argparse.Namespace) -> int:
+    from .evaluation.show import show
+
+    _check_methods([args.method])
+    path, record = show(
+        Path(args.image),
+        args.model,
+        args.method,
+        args.keep,
+        Path(args.out),
+        size=args.size,
+        frames=args.frames,
+        device=args.device or _default_device(),
+        options=_options(args.option),
+    )
+    print(f"{args.method} keep={args.keep}: kept {record.tokens_after}/{record.tokens_before} tokens; wrote {path}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .evaluation import bench
+    from .evaluation import models as M
+
+    _check_methods(args.methods)
+    spec = M.resolve_model(args.model)
+    device = args.device or _default_device()
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    settings = bench.BenchSettings(
+        batch=args.batch,
+        image_size=args.image_size,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        dtype=dtype,
+        attn=args.attn,
+        device=device,
+        seed=args.seed,
+    )
+    result = bench.run_bench(spec, args.methods, args.keep, settings, progress=not args.no_progress)
+    paths = bench.write_outputs(result, args.out)
+    print(bench.markdown(result))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import sweep
+
+    if not sweep.lmms_eval_available():
+        raise UsageError(sweep.INSTALL_HINT)
+    _check_methods(args.methods)
+    out = Path(args.out)
+    if args.model == "tiny":
+        from .evaluation.tiny_checkpoint import save_tiny_llava
+
+        model_dir = save_tiny_llava(out / "tiny-llava")
+        print(f"saved a tiny random LLaVA checkpoint to {model_dir}")
+    else:
+        model_dir = Path(args.model).expanduser()
+        if not (model_dir / "config.json").is_file():
+            raise UsageError(f"--model {args.model}: not a local model folder with config.json (or 'tiny')")
+    from lmms_eval.utils import simple_parse_args_string
+
+    result = sweep.run_eval(
+        model_dir,
+        args.tasks,
+        args.methods,
+        args.keep,
+        base=args.base,
+        limit=args.limit,
+        device=args.device or _default_device(),
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        model_args=simple_parse_args_string(args.model_args or ""),
+        include=args.include_path or [],
+        raw_dir=out / "lmms",
+        progress=not args.no_progress,
+    )
+    paths = sweep.write_outputs(result, out)
+    print(sweep.markdown([result]))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .evaluation.report import write_report
+
+    path = write_report([Path(p) for p in args.runs], Path(args.out))
+    print(f"wrote {path}")
+    return 0
+
+
+# ---- parser -----------------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="prune", description="Prune the vision tokens of Hugging Face VLMs."
+        prog="prune", description="Prune the vision tokens of Hugging Face VLMs.", epilog=EXAMPLES, formatter_class=fmt
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
     p = sub.add_parser("methods", help="list methods, their options and defaults")
     p.set_defaults(func=_cmd_methods)
-    p = sub.add_parser(
-        "demo", help="prune a generated image with every method on a small LLaVA built in code"
-    )
+
+    p = sub.add_parser("demo", help="prune a generated image with every method on a small LLaVA built in code")
     p.add_argument("--out", default="prune-demo", help="folder for kept.png (default: %(default)s)")
-    p.add_argument(
-        "--keep", type=_keep, default=0.25, help="fraction or count of vision tokens (default: %(default)s)"
-    )
-    p.add_argument(
-        "--seed", type=int, default=0, help="seed of the model and the image (default: %(default)s)"
-    )
-    p.add_argument(
-        "--video",
-        default=None,
-        metavar="FILE",
-        help="prune this video's frames on a small Qwen2.5-VL instead (needs the video extra)",
-    )
+    p.add_argument("--keep", type=_keep, default=0.25, help="fraction or count of vision tokens (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model and the image (default: %(default)s)")
     p.set_defaults(func=_cmd_demo)
+
+    models_help = (
+        "a shipped shape (see configs/models: llava-1.5-7b, llava-next-7b, llava-onevision-7b, qwen2.5-vl-7b, "
+        "qwen2.5-omni-7b, tiny-llava, tiny-qwen2.5-vl; random weights), a shape .yaml, or a local pretrained folder"
+    )
+    p = sub.add_parser(
+        "show",
+        help="PNG of an image (or video frames) with the patches a method kept highlighted",
+        description="Write a PNG of the view the model saw with the kept patches highlighted and the pruned ones "
+        "dimmed; a video (.mp4, .gif, ...) gives a strip of frames.",
+    )
+    p.add_argument("image", help="an image file, or a video file (.mp4 .avi .mov .mkv .webm .gif)")
+    p.add_argument("--model", required=True, help=models_help)
+    p.add_argument("--method", default="hiprune", help="a method from 'prune methods' (default: %(default)s)")
+    p.add_argument("--keep", type=_keep, default=0.25, help="fraction in (0, 1] or token count (default: %(default)s)")
+    p.add_argument("--option", action="append", metavar="NAME=VALUE", help="a method option (repeatable)")
+    p.add_argument("--out", default="kept.png", help="PNG to write (default: %(default)s)")
+    p.add_argument("--size", type=_positive, default=336, help="longer side of each view in pixels (default: %(default)s)")
+    p.add_argument("--frames", type=_positive, default=8, help="frames sampled from a video (default: %(default)s)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(func=_cmd_show)
+
+    p = sub.add_parser(
+        "bench",
+        help="speed, memory, KV cache and FLOPs per method x keep (JSON + markdown + PNG)",
+        description="Measure vision-encoder ms, prefill ms, time to first token, decode tokens/s, peak memory, "
+        "KV-cache size, FLOPs and the 'ideal' prefill (the same model on an input with just the kept number of "
+        "tokens) for the unpruned model and every method x keep. Medians after warm-up; CUDA events on a GPU.",
+    )
+    p.add_argument("--model", required=True, help=models_help)
+    p.add_argument("--methods", type=_name_list, default=None, help="comma-separated methods (default: all)")
+    p.add_argument(
+        "--keep", type=_keep_list, default=[1.0, 0.33, 0.11],
+        help="comma-separated fractions (1 = all tokens) or token counts >= 2 (default: 1,0.33,0.11)",
+    )
+    p.add_argument("--batch", type=_positive, default=1, help="prompts per batch, one image each (default: %(default)s)")
+    p.add_argument("--image-size", type=_image_size, default=None, help="input image N or HEIGHTxWIDTH (default: the shape's)")
+    p.add_argument("--prompt-tokens", type=_positive, default=64, help="text tokens per prompt (default: %(default)s)")
+    p.add_argument("--new-tokens", type=_positive, default=32, help="tokens generated for decode timing (default: %(default)s)")
+    p.add_argument("--warmup", type=_non_negative, default=2, help="warm-up runs per measurement (default: %(default)s)")
+    p.add_argument("--repeats", type=_positive, default=5, help="timed runs per measurement, median kept (default: %(default)s)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2"], default="sdpa", help="attention implementation (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, image and prompt (default: %(default)s)")
+    p.add_argument("--out", default="benchmarks/results", help="output folder (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser(
+        "eval",
+        help="lmms-eval sweeps over methods x keep: accuracy table and accuracy-vs-keep plot",
+        description="Run lmms-eval tasks on the unpruned model and every method x keep (one model load, in process). "
+        "Needs lmms-eval: pip install 'vlm-prune[eval]'. Shipped offline tasks: prune_shapes, prune_easyvqa "
+        "(tag prune_offline).",
+    )
+    p.add_argument("--model", required=True, help="a local pretrained folder, or 'tiny' for a tiny random LLaVA saved under --out")
+    p.add_argument("--tasks", type=_name_list, default=["prune_shapes"], help="comma-separated lmms-eval tasks (default: prune_shapes)")
+    p.add_argument("--methods", type=_name_list, default=["random", "hiprune"], help="comma-separated methods (default: random,hiprune)")
+    p.add_argument("--keep", type=_keep_list, default=[1.0, 0.33, 0.11], help="comma-separated fractions or counts (default: 1,0.33,0.11)")
+    p.add_argument("--base", help="lmms-eval model that loads --model (default: from its architecture, e.g. llava_hf)")
+    p.add_argument("--limit", type=_positive, help="examples per task (default: all)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", help="dtype for the base model (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive, default=1, help="lmms-eval batch size (default: %(default)s)")
+    p.add_argument("--model-args", help="extra base-model arguments, lmms-eval style: k=v,k=v")
+    p.add_argument("--include-path", action="append", help="an extra lmms-eval task folder (repeatable)")
+    p.add_argument("--out", default="prune-eval", help="output folder (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no sweep progress bar")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "report",
+        help="merge bench and eval outputs into one markdown report with plots",
+        description="Read bench_*.json, eval.json and lmms-eval *_results.json (from --model pruned) under the "
+        "given folders and write OUT/report.md with its plots.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders (searched recursively) or result files")
+    p.add_argument("--out", default="prune-report", help="output folder (default: %(default)s)")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 
@@ -79,7 +361,40 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return args.func(args)
+    if getattr(args, "methods", 1) is None:
+        import prune
+
+        args.methods = sorted(prune.available_methods())
+    from .evaluation.models import ModelSpecError
+
+    expected: tuple[type[BaseException], ...] = (UsageError, ModelSpecError)
+    try:
+        from .evaluation.report import ReportError
+        from .evaluation.show import ShowError
+        from .evaluation.sweep import EvalError
+
+        expected += (ReportError, ShowError, EvalError)
+    except ImportError:  # pragma: no cover - partial installs
+        pass
+    try:
+        return args.func(args)
+    except expected as exc:
+        print(f"prune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError) as exc:  # prune's own argument checks (e.g. an unknown method option)
+        if not _from_prune(exc):
+            raise
+        print(f"prune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _from_prune(exc: BaseException) -> bool:
+    """Whether an exception was raised by prune's validation (PruneConfig, wrap, method options)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return module in ("prune", "prune.config", "prune.hooks") or module.startswith("prune.methods")
 
 
 if __name__ == "__main__":

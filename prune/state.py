@@ -49,6 +49,19 @@ class PruneRecord:
     images: list[ImageRecord]
     positions: str
     position_ids: torch.Tensor | None = None  # what the language model got for the kept rows
+    #: in-LLM methods: (first decoder layer, (batch, prefill length) bool of what it and the layers up
+    #: to the next entry saw); layer 0 sees everything
+    layer_masks: list[tuple[int, torch.Tensor]] | None = None
+
+    def seen_by(self, layer: int) -> torch.Tensor:
+        """(batch, prefill length) bool: the positions decoder layer ``layer`` saw."""
+        if not self.layer_masks:
+            return self.keep_mask
+        current = self.layer_masks[0][1]
+        for first, mask in self.layer_masks:
+            if first <= layer:
+                current = mask
+        return current
 
     @property
     def vision_tokens_before(self) -> int:

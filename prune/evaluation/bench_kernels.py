@@ -65,6 +65,47 @@ def measure(fn, *, warmup_ms: float = 25, rep_ms: float = 100) -> dict:
     return {"ms": float(ms), "peak_mb": float(peak)}
 
 
+def host_us(fn, calls: int = 50) -> float:
+    """Host (Python + launch) time per call in microseconds, without waiting for the GPU."""
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
+
+
+def measure_graph(fn, *, warmup_ms: float = 25, rep_ms: float = 100):
+    """Median time of a CUDA-graph replay of ``fn`` (GPU time without Python/launch overhead), in ms;
+    None when ``fn`` cannot be captured."""
+    import triton.testing
+
+    try:
+        fn()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        ms = triton.testing.do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    except Exception as exc:  # noqa: BLE001
+        _cleanup()
+        if _is_oom(exc):
+            return OOM
+        return None
+    del graph
+    _cleanup()
+    return float(ms)
+
+
 def materialized_stats(q, k, scale, rows=None):
     """The N x N path: softmax(Q K^T * scale) in fp32, averaged over heads and the chosen rows."""
     if rows is not None:
@@ -110,6 +151,19 @@ def _bench_attention_one(d: int, n: int, heads: int, batch: int, gen, seed: int)
     r["mat_cls"] = measure(lambda: materialized_stats(q, k, scale, rows=[0]))
     r["stats_q32"] = measure(lambda: attention_stats(q, k, query_index=q32))
     r["mat_q32"] = measure(lambda: materialized_stats(q, k, scale, rows=q32_dev))
+    r["host_us"] = {
+        "stats_all": host_us(lambda: attention_stats(q, k)),
+        "stats_cls": host_us(lambda: attention_stats(q, k, query_index=[0])),
+        "stats_q32": host_us(lambda: attention_stats(q, k, query_index=q32)),
+        "sdpa": host_us(lambda: F.scaled_dot_product_attention(q, k, v)),
+    }
+    # GPU time alone (CUDA-graph replay): what the kernels cost once launch overhead is hidden
+    r["graph_ms"] = {
+        "stats_all": measure_graph(lambda: attention_stats(q, k)),
+        "sdpa": measure_graph(lambda: F.scaled_dot_product_attention(q, k, v)),
+        "stats_cls": measure_graph(lambda: attention_stats(q, k, query_index=[0])),
+        "stats_q32": measure_graph(lambda: attention_stats(q, k, query_index=q32)),
+    }
     # accuracy against the materialized path where it fits
     try:
         if r["mat_all"]["ms"] != OOM:
@@ -124,6 +178,10 @@ def _bench_attention_one(d: int, n: int, heads: int, batch: int, gen, seed: int)
     r["mat_over_stats"] = _ratio(r["mat_all"]["ms"], r["stats_all"]["ms"])
     r["q32_over_sdpa"] = _ratio(r["stats_q32"]["ms"], r["sdpa"]["ms"])
     r["cls_over_sdpa"] = _ratio(r["stats_cls"]["ms"], r["sdpa"]["ms"])
+    g = r["graph_ms"]
+    r["graph_stats_over_sdpa"] = _ratio(g["stats_all"], g["sdpa"])
+    r["graph_q32_over_sdpa"] = _ratio(g["stats_q32"], g["sdpa"])
+    r["graph_cls_over_sdpa"] = _ratio(g["stats_cls"], g["sdpa"])
     return r
 
 
@@ -138,7 +196,8 @@ def bench_attention(dims, ns, heads=16, batch=1, seed=0) -> list[dict]:
             print(
                 f"d={d:3d} N={n:6d} stats {_fmt(r['stats_all']['ms'])} ms | sdpa {_fmt(r['sdpa']['ms'])} | "
                 f"mat {_fmt(r['mat_all']['ms'])} | cls {_fmt(r['stats_cls']['ms'])} | "
-                f"q32 {_fmt(r['stats_q32']['ms'])} | err {_fmt(r.get('rel_err_all'), '.1e')}",
+                f"q32 {_fmt(r['stats_q32']['ms'])} | err {_fmt(r.get('rel_err_all'), '.1e')} | "
+                f"graph {r['graph_ms']} | host_us {r['host_us']}",
                 flush=True,
             )
     return rows_out
@@ -178,21 +237,23 @@ def bench_other(seed=0) -> list[dict]:
     return out
 
 
-_LSE_OPTS = [
+_LSE_OPTS = [  # (BLOCK_M rows, BLOCK_N keys, warps, stages)
+    (64, 128, 4, 3),
+    (64, 128, 4, 4),
+    (64, 64, 4, 3),
     (128, 64, 8, 3),
     (128, 128, 8, 3),
     (128, 64, 4, 3),
-    (64, 64, 4, 3),
-    (128, 128, 8, 2),
-    (64, 128, 4, 3),
+    (64, 256, 8, 3),
 ]
-_COL_OPTS = [
+_COL_OPTS = [  # (BLOCK_N keys, BLOCK_M rows, warps, stages)
+    (64, 128, 4, 3),
+    (64, 128, 4, 4),
+    (128, 64, 4, 3),
     (128, 64, 8, 3),
     (128, 128, 8, 3),
-    (128, 64, 4, 3),
     (64, 64, 4, 3),
-    (128, 32, 4, 3),
-    (64, 128, 4, 3),
+    (64, 256, 8, 3),
 ]
 
 
@@ -206,9 +267,12 @@ def _time_config(q, k, cfg, query_index=None):
 
     try:
         fn()
-        return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
     except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for a large tile
         return f"error: {type(exc).__name__}: {str(exc)[:80]}"
+    ms = measure_graph(fn, warmup_ms=10, rep_ms=40)  # GPU time: the launch overhead is the same
+    return (
+        ms if ms is not None else float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+    )
 
 
 def _sweep_one(d: int, n: int, heads: int) -> list[dict]:
@@ -239,12 +303,31 @@ def _sweep_one(d: int, n: int, heads: int) -> list[dict]:
             res.append(
                 {"mode": "all", "d": d, "n": n, "vary": "col", "cfg": [bn, bm, w, st, acc2d], "ms": ms}
             )
+    lse_best = sorted(
+        (r for r in res if r.get("vary") == "lse" and not isinstance(r["ms"], str)), key=lambda r: r["ms"]
+    )
+    col_best = sorted(
+        (r for r in res if r.get("vary") == "col" and not isinstance(r["ms"], str)), key=lambda r: r["ms"]
+    )
+    for lr in lse_best[:2]:
+        for cr in col_best[:3]:
+            bm, bn, w, st = lr["cfg"]
+            cbn, cbm, cw, cst, acc2d = cr["cfg"]
+            cfg = replace(
+                base,
+                lse_block_m=bm, lse_block_n=bn, lse_warps=w, lse_stages=st,
+                col_block_n=cbn, col_block_m=cbm, col_warps=cw, col_stages=cst, col_acc2d=acc2d,
+            )  # fmt: skip
+            ms = _time_config(q, k, cfg)
+            res.append(
+                {"mode": "all", "d": d, "n": n, "vary": "both", "cfg": [lr["cfg"], cr["cfg"]], "ms": ms}
+            )
     for nq in (1, 32):
         qi = (torch.arange(nq) * (n // nq)).tolist()
         sub = default_config(q, n, nq, heads, 1, True)
         mode = f"q{nq}"
         res.append({"mode": mode, "d": d, "n": n, "cfg": "default", "ms": _time_config(q, k, None, qi)})
-        for ks in (1, 8, 32):
+        for ks in (1, 4, 16):
             for kv in (1, 4, 16):
                 for cbn in (64, 128):
                     cfg = replace(sub, key_splits=ks, kv_per_prog=kv, col_block_n=cbn)
@@ -284,41 +367,53 @@ def _gpu_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"# Kernel benchmark on {report['gpu']}",
         "",
-        f"torch {report['torch']}, triton {report['triton']}, {report['date']}. bf16, B=1, H=16; median of "
-        "CUDA-event-timed runs (`triton.testing.do_bench`, L2 flushed between runs); peak = allocator peak "
-        "above the inputs. stats = `prune.kernels.attention_stats`; mat = materialized softmax(QK^T) reduced "
-        "in torch; SDPA = `F.scaled_dot_product_attention` forward (q, k, v of one shape).",
+        f"torch {report['torch']}, triton {report['triton']}, {report['date']}. bf16, B=1, H=16. "
+        "Eager times: median of CUDA-event-timed calls (`triton.testing.do_bench`, L2 flushed between "
+        "calls), Python and launch overhead included. GPU times: the same through a CUDA-graph replay "
+        "(launch overhead hidden). Peak = allocator peak above the inputs. stats = "
+        "`prune.kernels.attention_stats`; mat = materialized softmax(QK^T) reduced in torch (for the "
+        "subsets: on the chosen rows only); SDPA = `F.scaled_dot_product_attention` forward (q, k, v of "
+        "one shape).",
         "",
         "## attention_stats, all query rows",
         "",
-        "| d | N | stats ms | SDPA ms | mat ms | stats / SDPA | mat / stats | stats peak MB | SDPA peak MB | mat peak MB | rel. err vs mat |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| d | N | stats ms | SDPA ms | stats / SDPA | stats GPU ms | SDPA GPU ms | GPU ratio | mat ms | "
+        "mat / stats | stats peak MB | SDPA peak MB | mat peak MB | rel. err vs mat |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["attention"]:
+        g = r.get("graph_ms", {})
         lines.append(
             f"| {r['d']} | {r['n']} | {_fmt(r['stats_all']['ms'])} | {_fmt(r['sdpa']['ms'])} | "
-            f"{_fmt(r['mat_all']['ms'])} | {_fmt(r['stats_over_sdpa'], '.2f')} | {_fmt(r['mat_over_stats'], '.1f')} | "
-            f"{_fmt(r['stats_all']['peak_mb'], '.1f')} | {_fmt(r['sdpa']['peak_mb'], '.1f')} | "
-            f"{_fmt(r['mat_all']['peak_mb'], '.1f')} | {_fmt(r.get('rel_err_all'), '.1e')} |"
+            f"{_fmt(r['stats_over_sdpa'], '.2f')} | {_fmt(g.get('stats_all'))} | {_fmt(g.get('sdpa'))} | "
+            f"{_fmt(r.get('graph_stats_over_sdpa'), '.2f')} | {_fmt(r['mat_all']['ms'])} | "
+            f"{_fmt(r['mat_over_stats'], '.1f')} | {_fmt(r['stats_all']['peak_mb'], '.1f')} | "
+            f"{_fmt(r['sdpa']['peak_mb'], '.1f')} | {_fmt(r['mat_all']['peak_mb'], '.1f')} | "
+            f"{_fmt(r.get('rel_err_all'), '.1e')} |"
         )
     lines += [
         "",
         "## attention_stats, query subsets (CLS row; 32 rows)",
         "",
-        "| d | N | CLS ms | CLS mat ms | CLS / SDPA | 32 rows ms | 32 rows mat ms | 32 rows / SDPA | rel. err (32 rows) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| d | N | CLS ms | CLS mat ms | CLS / SDPA | CLS GPU ms | 32 rows ms | 32 rows mat ms | "
+        "32 rows / SDPA | 32 rows GPU ms | 32 rows GPU / SDPA GPU | rel. err (32 rows) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["attention"]:
+        g = r.get("graph_ms", {})
         lines.append(
             f"| {r['d']} | {r['n']} | {_fmt(r['stats_cls']['ms'])} | {_fmt(r['mat_cls']['ms'])} | "
-            f"{_fmt(None if r['cls_over_sdpa'] is None else 100 * r['cls_over_sdpa'], '.1f')}% | "
-            f"{_fmt(r['stats_q32']['ms'])} | {_fmt(r['mat_q32']['ms'])} | "
-            f"{_fmt(None if r['q32_over_sdpa'] is None else 100 * r['q32_over_sdpa'], '.1f')}% | "
-            f"{_fmt(r.get('rel_err_q32'), '.1e')} |"
+            f"{_pct(r['cls_over_sdpa'])} | {_fmt(g.get('stats_cls'))} | {_fmt(r['stats_q32']['ms'])} | "
+            f"{_fmt(r['mat_q32']['ms'])} | {_pct(r['q32_over_sdpa'])} | {_fmt(g.get('stats_q32'))} | "
+            f"{_pct(r.get('graph_q32_over_sdpa'))} | {_fmt(r.get('rel_err_q32'), '.1e')} |"
         )
     if report.get("other"):
         lines += [

@@ -20,6 +20,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 TAP_NAME = "prune_tap"
 _TAP_ATTR = "_prune_tap"
+STATS_ONLY_ATTR = "_prune_stats_only"
 
 
 class _ConfigView:
@@ -48,8 +49,14 @@ def _inner_implementation(module: torch.nn.Module) -> Callable:
 
 
 def _tap_attention(module: torch.nn.Module, query, key, value, attention_mask, **kwargs):
-    out = _inner_implementation(module)(module, query, key, value, attention_mask, **kwargs)
     callback = getattr(module, _TAP_ATTR, None)
+    if getattr(module, STATS_ONLY_ATTR, False):
+        # A call made only to read q and k (e.g. a later layer's attention on the uncut sequence):
+        # skip the attention itself; the caller discards the output.
+        callback(module, query, key, attention_mask, kwargs)
+        batch, heads, length, dim = query.shape
+        return query.new_zeros(batch, length, heads, value.shape[-1]), None
+    out = _inner_implementation(module)(module, query, key, value, attention_mask, **kwargs)
     if callback is not None:
         callback(module, query, key, attention_mask, kwargs)
     return out

@@ -129,6 +129,19 @@ class Adapter:
     def install(self, state: PruneState, method: Method) -> None:
         requests = method.bind(self.encoder_info())
         self.state, self.method = state, method
+        self.decoder_cut = None
+        if getattr(method, "in_llm", False):
+            from .decoder_cut import DecoderCut
+
+            self.decoder_cut = DecoderCut(self, method, state)
+            self.decoder_cut.install()
+            mm = self.multimodal_module()
+            lm = self.language_model()
+            h1 = mm.register_forward_pre_hook(self._on_multimodal_call, with_kwargs=True)
+            h2 = lm.register_forward_pre_hook(self._on_language_model_call, with_kwargs=True)
+            h3 = lm.register_forward_hook(self._after_language_model)
+            state._removers.extend([h1.remove, h2.remove, h3.remove])
+            return
         by_layer: dict[int, list[SignalRequest]] = {}
         for req in requests:
             by_layer.setdefault(req.layer, []).append(req)
@@ -208,6 +221,8 @@ class Adapter:
         if kwargs.get("inputs_embeds") is None:
             return None
         past_len = _past_length(kwargs.get("past_key_values"))
+        if self.decoder_cut is not None:
+            return self._start_llm_call(kwargs, past_len)
         if past_len > 0:
             if state._plan is None:
                 return None
@@ -230,6 +245,47 @@ class Adapter:
         state._plan = plan
         state.last = PruneRecord(keep_mask=keep_mask, images=records, positions=state.positions, position_ids=positions)
         return args, new_kwargs
+
+    # ---- in-LLM methods: the language model's input is untouched; decoder layers cut ---------------
+    def _start_llm_call(self, kwargs, past_len: int):
+        state, cut = self.state, self.decoder_cut
+        if past_len > 0:
+            cut.start_decode(kwargs, past_len)
+            return None
+        call = state._call
+        state._call = {}
+        embeds = kwargs["inputs_embeds"]
+        batch, length = embeds.shape[:2]
+        vision = torch.zeros(batch, length, dtype=torch.bool, device=embeds.device)
+        records = []
+        if call:
+            for modality in self.feature_functions:
+                placeholders = self._placeholder_mask(modality, call).to(embeds.device)
+                vision |= placeholders
+                for b in range(batch):
+                    pos = torch.nonzero(placeholders[b], as_tuple=True)[0]
+                    if pos.numel():
+                        records.append(ImageRecord(sample=b, positions=pos, kept=torch.ones_like(pos, dtype=torch.bool),
+                                                   scores={}, budget=int(pos.numel()), grids=[], modality=modality))
+        keep_mask = torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
+        state.last = PruneRecord(keep_mask=keep_mask, images=records, positions=state.positions)
+        if bool(vision.any()):
+            cut.start_prefill(kwargs, vision)
+        else:
+            cut.context = None
+        return None
+
+    def _after_language_model(self, module, args, output):
+        cut, last = self.decoder_cut, self.state.last
+        ctx = cut.context
+        if ctx is None or ctx.phase != "prefill" or last is None:
+            return None
+        last.layer_masks = cut.seen_masks()
+        final = last.layer_masks[-1][1]
+        for im in last.images:
+            im.kept = final[im.sample, im.positions]
+        ctx.phase = "decode"
+        return None
 
     def _select(self, modality, call, fn_args, signals, embeds, keep_mask, records):
         """Run the method on every view of one modality; fill ``keep_mask`` and ``records`` in place.

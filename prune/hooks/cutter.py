@@ -1,13 +1,14 @@
-"""Drop rows before the language model and map every later step onto the shorter cache.
+"""Drop rows of a sequence and map every later step onto the shorter cache.
 
-Shared by all adapters: the prefill cut gathers ``inputs_embeds``, ``attention_mask`` and
-``position_ids`` (1-D or multi-axis such as M-RoPE's (3, B, L)) with the keep-mask and re-pads
-ragged rows on the left; decode steps get the kept prefix of the mask and positions that continue
-from the right logical value.
+Shared by all adapters and by the in-LLM decoder cut: the cut gathers hidden states / embeddings,
+the 2-D attention mask and position ids (1-D or multi-axis such as M-RoPE's (3, B, L)) with a
+keep-mask and re-pads ragged rows on the left; decode steps get the kept prefix of the mask and
+positions that continue from the right logical value.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,13 +16,50 @@ import torch
 from ..state import Plan
 
 
-def _logical_positions(position_ids: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
+@dataclass
+class Packing:
+    """Where each kept element of a (B, L) keep-mask goes when rows are re-padded on the left:
+    element (rows[i], cols[i]) moves to (rows[i], to[i]) of a (B, kept_len) sequence."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    to: torch.Tensor
+    kept_len: int
+
+    @classmethod
+    def of(cls, keep_mask: torch.Tensor) -> Packing:
+        counts = keep_mask.sum(1)  # (B,)
+        kept_len = int(counts.max()) if counts.numel() else 0
+        dest = (kept_len - counts)[:, None] + keep_mask.long().cumsum(1) - 1  # (B, L)
+        rows, cols = keep_mask.nonzero(as_tuple=True)
+        return cls(rows, cols, dest[rows, cols], kept_len)
+
+    def sequence(self, x: torch.Tensor, fill: float = 0) -> torch.Tensor:
+        """(B, L, *rest) -> (B, kept_len, *rest); new padding rows hold ``fill``."""
+        out = x.new_full((x.shape[0], self.kept_len, *x.shape[2:]), fill)
+        out[self.rows, self.to] = x[self.rows, self.cols]
+        return out
+
+    def positions(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., B, L) -> (..., B, kept_len); new padding positions are 0."""
+        out = x.new_zeros(*x.shape[:-1][:-1], x.shape[-2], self.kept_len)
+        out[..., self.rows, self.to] = x[..., self.rows, self.cols]
+        return out
+
+
+def logical_positions(position_ids: torch.Tensor | None, batch: int, length: int, device, start: int = 0):
     """Positions the unwrapped model would use: (..., B, L)."""
     if position_ids is None:
-        return torch.arange(length, device=device).expand(batch, length)
+        return torch.arange(start, start + length, device=device).expand(batch, length)
     if position_ids.shape[-2] == 1 and batch > 1:
         position_ids = position_ids.expand(*position_ids.shape[:-2], batch, length)
     return position_ids
+
+
+def compact(positions: torch.Tensor, keep_mask: torch.Tensor) -> torch.Tensor:
+    """Positions minus the number of removed elements before each one (same shape)."""
+    removed = (~keep_mask).long()
+    return positions - (removed.cumsum(1) - removed)
 
 
 def cut_prefill(
@@ -39,40 +77,24 @@ def cut_prefill(
     if mask is None:
         mask = torch.ones(batch, length, dtype=torch.long, device=device)
     elif mask.ndim != 2:
-        raise ValueError(
-            "prune needs a 2-D attention mask (batch, length); got one with shape " + str(tuple(mask.shape))
-        )
-    logical = _logical_positions(kwargs.get("position_ids"), batch, length, device)
+        raise ValueError("prune needs a 2-D attention mask (batch, length); got one with shape " + str(tuple(mask.shape)))
+    logical = logical_positions(kwargs.get("position_ids"), batch, length, device)
     keep_mask = keep_mask.to(device)
-
-    counts = keep_mask.sum(1)  # (B,)
-    kept_len = int(counts.max())
-    # Left re-padding: row b's kept tokens end at the last column.
-    dest = (kept_len - counts)[:, None] + keep_mask.long().cumsum(1) - 1  # (B, L)
-    rows, cols = keep_mask.nonzero(as_tuple=True)
-    to = dest[rows, cols]
-
-    new_embeds = embeds.new_zeros(batch, kept_len, embeds.shape[-1])
-    new_embeds[rows, to] = embeds[rows, cols]
-    new_mask = mask.new_zeros(batch, kept_len)
-    new_mask[rows, to] = mask[rows, cols]
-
-    removed = (~keep_mask).long()
+    packing = Packing.of(keep_mask)
     if mode == "compact":
-        logical = logical - (removed.cumsum(1) - removed)  # minus the tokens removed before each one
-        shift = removed.sum(1)
+        logical = compact(logical, keep_mask)
+        shift = (~keep_mask).long().sum(1)
     else:
         shift = torch.zeros(batch, dtype=torch.long, device=device)
-    new_positions = logical.new_zeros(*logical.shape[:-2], batch, kept_len)
-    new_positions[..., rows, to] = logical[..., rows, cols]
-
+    new_mask = packing.sequence(mask)
+    new_positions = packing.positions(logical)
     out = dict(kwargs)
-    out["inputs_embeds"] = new_embeds
+    out["inputs_embeds"] = packing.sequence(embeds)
     out["attention_mask"] = new_mask
     out["position_ids"] = new_positions
     if "cache_position" in out and out["cache_position"] is not None:  # transformers < 5.x kept it
-        out["cache_position"] = torch.arange(kept_len, device=device)
-    plan = Plan(prefill_len=length, kept_len=kept_len, prefix_mask=new_mask, shift=shift)
+        out["cache_position"] = torch.arange(packing.kept_len, device=device)
+    plan = Plan(prefill_len=length, kept_len=packing.kept_len, prefix_mask=new_mask, shift=shift)
     return out, plan, new_positions
 
 
@@ -94,14 +116,8 @@ def map_decode(kwargs: dict[str, Any], plan: Plan, past_len: int) -> dict[str, A
             f"logical sequence ({past_logical + q_len} columns), got shape {tuple(mask.shape)}"
         )
     new_mask = torch.cat([plan.prefix_mask.to(mask.dtype), mask[:, plan.prefill_len :]], dim=1)
-
-    positions = kwargs.get("position_ids")
-    if positions is None:
-        positions = torch.arange(past_logical, past_logical + q_len, device=device).expand(batch, q_len)
-    elif positions.shape[-2] == 1 and batch > 1:
-        positions = positions.expand(*positions.shape[:-2], batch, q_len)
+    positions = logical_positions(kwargs.get("position_ids"), batch, q_len, device, start=past_logical)
     positions = positions - plan.shift.to(device)[:, None]
-
     out = dict(kwargs)
     out["attention_mask"] = new_mask
     out["position_ids"] = positions

@@ -18,6 +18,7 @@ padded to the next power of two, which would waste tensor-core work.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -27,6 +28,56 @@ import triton.language as tl
 from ._triton_support import jit, next_pow2, num_sms
 
 _LOG2E = 1.4426950408889634
+
+
+def _load_tile(ptrs, row_ok, dmask, MASK_ROWS: tl.constexpr, MASK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """Load a (rows, head-dim chunk) tile, masking only what needs it; fp32 in the interpreter."""
+    if MASK_ROWS:
+        if MASK_D:
+            x = tl.load(ptrs, mask=row_ok[:, None] & dmask[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        if MASK_D:
+            x = tl.load(ptrs, mask=dmask[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    if UPCAST:  # the interpreter's 16-bit dot is unreliable: compute it in fp32 (exact products)
+        x = x.to(tl.float32)
+    return x
+
+
+def _lse_step(
+    q1, q2, k_head, start, k_hi, s_kn, s_kd, m_i, l_i, qk_scale, lo_r, LO,
+    D: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, HAS_SEG: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """One key tile of the online log-sum-exp (base 2). ``qk_scale`` >= 0."""
+    cols = start + tl.arange(0, BLOCK_N)
+    col_ok = cols < k_hi
+    offs_d1 = tl.arange(0, D1)
+    k_rows = k_head + cols[:, None] * s_kn
+    k1 = _load_tile(k_rows + offs_d1[None, :] * s_kd, col_ok, offs_d1 < D, MASKED, D1 > D, UPCAST)
+    s = tl.dot(q1, tl.trans(k1), input_precision=PREC)
+    if D2 > 0:
+        offs_d2 = D1 + tl.arange(0, D2)
+        k2 = _load_tile(k_rows + offs_d2[None, :] * s_kd, col_ok, offs_d2 < D, MASKED, D1 + D2 > D, UPCAST)
+        s += tl.dot(q2, tl.trans(k2), input_precision=PREC)
+    if HAS_SEG:
+        lo_c = tl.load(LO + cols, mask=col_ok, other=-1)
+        s = tl.where(lo_r[:, None] == lo_c[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+    elif MASKED:  # tail tile: key mask as a -inf bias (fuses into the scaling FMA)
+        s = s * qk_scale + tl.where(col_ok, 0.0, float("-inf"))[None, :]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+    else:  # full tile: max on raw logits (scale >= 0), then one FMA per element before exp2
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return m_new, l_i
 
 
 def _lse_kernel(
@@ -56,16 +107,12 @@ def _lse_kernel(
     q_rows = Q + (b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh) + rows[:, None] * s_qn
     k_head = K + (b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh)
     offs_d1 = tl.arange(0, D1)
-    q1 = tl.load(q_rows + offs_d1[None, :] * s_qd, mask=row_ok[:, None] & (offs_d1 < D)[None, :], other=0.0)
+    q1 = _load_tile(q_rows + offs_d1[None, :] * s_qd, row_ok, offs_d1 < D, True, D1 > D, UPCAST)
     if D2 > 0:
         offs_d2 = D1 + tl.arange(0, D2)
-        q2 = tl.load(
-            q_rows + offs_d2[None, :] * s_qd, mask=row_ok[:, None] & (offs_d2 < D)[None, :], other=0.0
-        )
-    if UPCAST:  # the interpreter's 16-bit dot is unreliable: compute it in fp32 (exact products)
-        q1 = q1.to(tl.float32)
-        if D2 > 0:
-            q2 = q2.to(tl.float32)
+        q2 = _load_tile(q_rows + offs_d2[None, :] * s_qd, row_ok, offs_d2 < D, True, D1 + D2 > D, UPCAST)
+    else:
+        q2 = q1
 
     if HAS_SEG:
         lo_r = tl.load(LO + rows, mask=row_ok, other=N)
@@ -73,6 +120,7 @@ def _lse_kernel(
         k_lo = tl.min(lo_r, 0)
         k_hi = tl.max(hi_r, 0)
     else:
+        lo_r = offs_i
         k_lo = 0
         k_hi = N
     if SPLIT_KEYS:
@@ -81,33 +129,24 @@ def _lse_kernel(
 
     m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
-    for start in range(k_lo, k_hi, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < k_hi
-        k_rows = k_head + cols[:, None] * s_kn
-        k1 = tl.load(
-            k_rows + offs_d1[None, :] * s_kd, mask=col_ok[:, None] & (offs_d1 < D)[None, :], other=0.0
-        )
-        if UPCAST:
-            k1 = k1.to(tl.float32)
-        s = tl.dot(q1, tl.trans(k1), input_precision=PREC)
-        if D2 > 0:
-            k2 = tl.load(
-                k_rows + offs_d2[None, :] * s_kd, mask=col_ok[:, None] & (offs_d2 < D)[None, :], other=0.0
-            )
-            if UPCAST:
-                k2 = k2.to(tl.float32)
-            s += tl.dot(q2, tl.trans(k2), input_precision=PREC)
-        if HAS_SEG:
-            lo_c = tl.load(LO + cols, mask=col_ok, other=-1)
-            s = tl.where(lo_r[:, None] == lo_c[None, :], s * qk_scale, float("-inf"))
-        else:  # key mask as a -inf bias: fuses into the scaling FMA
-            s = s * qk_scale + tl.where(col_ok, 0.0, float("-inf"))[None, :]
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+    if HAS_SEG:
+        for start in range(k_lo, k_hi, BLOCK_N):
+            m_i, l_i = _lse_step(
+                q1, q2, k_head, start, k_hi, s_kn, s_kd, m_i, l_i, qk_scale, lo_r, LO,
+                D, D1, D2, BLOCK_N, True, True, PREC, UPCAST,
+            )  # fmt: skip
+    else:
+        k_full = k_lo + ((k_hi - k_lo) // BLOCK_N) * BLOCK_N
+        for start in range(k_lo, k_full, BLOCK_N):
+            m_i, l_i = _lse_step(
+                q1, q2, k_head, start, k_hi, s_kn, s_kd, m_i, l_i, qk_scale, lo_r, LO,
+                D, D1, D2, BLOCK_N, False, False, PREC, UPCAST,
+            )  # fmt: skip
+        for start in range(k_full, k_hi, BLOCK_N):  # at most one partial tile
+            m_i, l_i = _lse_step(
+                q1, q2, k_head, start, k_hi, s_kn, s_kd, m_i, l_i, qk_scale, lo_r, LO,
+                D, D1, D2, BLOCK_N, True, False, PREC, UPCAST,
+            )  # fmt: skip
 
     out = split * BHR + bh * R + offs_i
     if SPLIT_KEYS:
@@ -159,17 +198,9 @@ def _colsum_kernel(
     kv_end = tl.minimum(HK, chunk * KV_PER_PROG + KV_PER_PROG)
     for kvh in range(chunk * KV_PER_PROG, kv_end):
         k_rows = K + (b.to(tl.int64) * s_kb + tl.cast(kvh, tl.int64) * s_kh) + cols[:, None] * s_kn
-        k1 = tl.load(
-            k_rows + offs_d1[None, :] * s_kd, mask=col_ok[:, None] & (offs_d1 < D)[None, :], other=0.0
-        )
+        k1 = _load_tile(k_rows + offs_d1[None, :] * s_kd, col_ok, offs_d1 < D, True, D1 > D, UPCAST)
         if D2 > 0:
-            k2 = tl.load(
-                k_rows + offs_d2[None, :] * s_kd, mask=col_ok[:, None] & (offs_d2 < D)[None, :], other=0.0
-            )
-        if UPCAST:
-            k1 = k1.to(tl.float32)
-            if D2 > 0:
-                k2 = k2.to(tl.float32)
+            k2 = _load_tile(k_rows + offs_d2[None, :] * s_kd, col_ok, offs_d2 < D, True, D1 + D2 > D, UPCAST)
         for g in range(0, GROUPS):
             h = kvh * GROUPS + g
             q_head = Q + (b.to(tl.int64) * s_qb + tl.cast(h, tl.int64) * s_qh)
@@ -182,20 +213,12 @@ def _colsum_kernel(
                 else:
                     rows = offs_i
                 q_rows = q_head + rows[:, None] * s_qn
-                q1 = tl.load(
-                    q_rows + offs_d1[None, :] * s_qd, mask=row_ok[:, None] & (offs_d1 < D)[None, :], other=0.0
-                )
-                if UPCAST:
-                    q1 = q1.to(tl.float32)
+                q1 = _load_tile(q_rows + offs_d1[None, :] * s_qd, row_ok, offs_d1 < D, True, D1 > D, UPCAST)
                 s = tl.dot(k1, tl.trans(q1), input_precision=PREC)
                 if D2 > 0:
-                    q2 = tl.load(
-                        q_rows + offs_d2[None, :] * s_qd,
-                        mask=row_ok[:, None] & (offs_d2 < D)[None, :],
-                        other=0.0,
+                    q2 = _load_tile(
+                        q_rows + offs_d2[None, :] * s_qd, row_ok, offs_d2 < D, True, D1 + D2 > D, UPCAST
                     )
-                    if UPCAST:
-                        q2 = q2.to(tl.float32)
                     s += tl.dot(k2, tl.trans(q2), input_precision=PREC)
                 if KSPLIT == 1:
                     lse = tl.load(M_IN + lse_base + offs_i, mask=row_ok, other=float("inf"))
@@ -226,6 +249,8 @@ def _colsum_kernel(
     tl.store(OUT + out, acc * inv_norm, mask=col_ok)
 
 
+_load_tile = jit(_load_tile)
+_lse_step = jit(_lse_step)
 _lse_kernel = jit(_lse_kernel)
 _colsum_kernel = jit(_colsum_kernel)
 
@@ -234,14 +259,14 @@ _colsum_kernel = jit(_colsum_kernel)
 class AttentionConfig:
     """Launch parameters (block sizes, splits, warps, pipelining) of the two passes."""
 
-    lse_block_m: int = 128
-    lse_block_n: int = 64
-    lse_warps: int = 8
+    lse_block_m: int = 64
+    lse_block_n: int = 128
+    lse_warps: int = 4
     lse_stages: int = 3
     key_splits: int = 1
     col_block_n: int = 128
     col_block_m: int = 64
-    col_warps: int = 8
+    col_warps: int = 4
     col_stages: int = 3
     kv_per_prog: int = 1
     row_splits: int = 1
@@ -261,12 +286,16 @@ def default_config(
     q: torch.Tensor, n: int, rows: int, hk: int, groups: int, has_idx: bool
 ) -> AttentionConfig:
     """Heuristic launch configuration (tuned on an H100, bf16, d = 64 / 80)."""
-    b = q.shape[0]
-    h = q.shape[1]
-    if not q.is_cuda:  # interpreter: small tiles keep numpy fast and exercise the tails
+    sms = num_sms(q) if q.is_cuda else 0
+    return _heuristic(q.is_cuda, sms, q.dtype == torch.float32, q.shape[0], q.shape[1], hk, n, rows, has_idx)
+
+
+@functools.lru_cache(maxsize=1024)
+def _heuristic(
+    is_cuda: bool, sms: int, fp32: bool, b: int, h: int, hk: int, n: int, rows: int, has_idx: bool
+) -> AttentionConfig:
+    if not is_cuda:  # interpreter: small tiles keep numpy fast and exercise the tails
         return AttentionConfig(16, 16, 1, 1, 1, 16, 16, 1, 1, 1, 1)
-    sms = num_sms(q)
-    fp32 = q.dtype == torch.float32
     if not has_idx:
         cfg = AttentionConfig()
         if fp32:  # ieee fp32 dots: smaller tiles, fewer registers
@@ -308,6 +337,11 @@ def default_config(
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _dummy(device: torch.device) -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
 def launch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -329,8 +363,10 @@ def launch(
     d1, d2 = head_dim_chunks(d)
     upcast = not q.is_cuda  # interpreter (CPU tensors)
     prec = "ieee" if (q.dtype == torch.float32 or upcast) else "tf32"
+    if scale < 0:  # the kernels assume a non-negative scale: s * scale == (-q) k^T * |scale|
+        q, scale = -q, -scale
     qk_scale = float(scale) * _LOG2E
-    dummy = torch.empty(1, dtype=torch.int32, device=q.device)
+    dummy = _dummy(q.device)
     idx_t = idx if has_idx else dummy
     lo_t = lo if has_seg else dummy
     hi_t = hi if has_seg else dummy

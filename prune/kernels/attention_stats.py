@@ -7,7 +7,7 @@ lazily), and :func:`attention_stats` the dispatcher between the two.
 
 from __future__ import annotations
 
-import contextlib
+from collections import OrderedDict
 
 import torch
 
@@ -59,6 +59,8 @@ def attention_stats_reference(
     query_index: torch.Tensor | None = None,
     segments: torch.Tensor | None = None,
     scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
     """Attention each key receives, averaged over heads and over the chosen query rows.
 
@@ -69,6 +71,8 @@ def attention_stats_reference(
         segments: optional cumulative lengths (S+1,) of block-diagonal windows (cu_seqlens); softmax
             is taken inside each window and a query only attends to keys of its own window.
         scale: logit scale, ``d ** -0.5`` when None.
+        key_mask: optional (B, N) bool; False keys (padding) take part in no softmax.
+        causal: query i only attends to keys j <= i (a decoder layer's own attention).
 
     Returns:
         (B, N) float32: ``sum_{h, i in rows} softmax(q_i k^T * scale)[j] / (H * Q)``.
@@ -95,7 +99,15 @@ def attention_stats_reference(
                 logits = (
                     torch.einsum("hqd,hkd->hqk", q[bi, :, r].float(), k_seg[bi]) * scale
                 )  # (H, Qc, n_seg)
-                out[bi, start:end] += logits.softmax(dim=-1).sum(dim=(0, 1))
+                if key_mask is not None or causal:
+                    allowed = torch.ones(r.numel(), end - start, dtype=torch.bool, device=q.device)
+                    if key_mask is not None:
+                        allowed &= key_mask[bi, start:end].bool()[None, :]
+                    if causal:
+                        allowed &= torch.arange(start, end, device=q.device)[None, :] <= r[:, None]
+                    logits = logits.masked_fill(~allowed, float("-inf"))
+                probs = logits.softmax(dim=-1).nan_to_num(0.0)  # a row with no allowed key adds nothing
+                out[bi, start:end] += probs.sum(dim=(0, 1))
     return out / (h * num_rows)
 
 
@@ -112,12 +124,60 @@ def _assert_async(cond: torch.Tensor, msg: str) -> None:
         torch._assert_async(cond)
 
 
+# Device copies of small host-resident index data (query rows, segment bounds), keyed by content:
+# a repeated call (the CLS row of every layer, the same windows every layer) then needs no
+# host-to-device copy, so it neither waits for the GPU nor blocks CUDA-graph capture.
+_DEVICE_CACHE: OrderedDict = OrderedDict()
+_DEVICE_CACHE_SIZE = 256
+_CACHEABLE_MAX = 1 << 16
+
+
+def _content_key(obj):
+    """Hashable content of small host-resident integer index data, or None (then nothing is cached)."""
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type != "cpu" or obj.numel() > _CACHEABLE_MAX or obj.is_floating_point():
+            return None
+        if obj.is_complex() or obj.dtype == torch.bool:
+            return None
+        return ("tensor", str(obj.dtype), tuple(obj.shape), obj.contiguous().numpy().tobytes())
+    if type(obj) is int:
+        return ("int", obj)
+    if isinstance(obj, (list, tuple)) and len(obj) <= _CACHEABLE_MAX:
+        if all(type(v) is int for v in obj):
+            return ("list", tuple(obj))
+        if all(isinstance(r, (list, tuple)) and all(type(v) is int for v in r) for r in obj):
+            return ("list2", tuple(tuple(r) for r in obj))
+    return None
+
+
+def _cached(key, build):
+    if key is None:
+        return build()
+    hit = _DEVICE_CACHE.get(key)
+    if hit is not None:
+        _DEVICE_CACHE.move_to_end(key)
+        return hit
+    value = build()
+    _DEVICE_CACHE[key] = value
+    while len(_DEVICE_CACHE) > _DEVICE_CACHE_SIZE:
+        _DEVICE_CACHE.popitem(last=False)
+    return value
+
+
+def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor to ``device`` without waiting for the GPU (through pinned memory)."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _query_rows_for_kernel(query_index, b: int, n: int, device: torch.device) -> torch.Tensor:
     """(B, Q) int32 contiguous row indices on ``device``.
 
-    Host-resident indices (lists, CPU tensors) are validated on the host (ValueError). Indices that
-    already live on the GPU are range-checked with ``torch._assert_async`` instead, so that no host
-    sync is needed (a bad index then raises a device-side assert at the next synchronization).
+    Host-resident indices (ints, lists, CPU tensors) are validated on the host (ValueError) and their
+    device copy is cached by content. Indices that already live on the GPU are range-checked with
+    ``torch._assert_async`` instead, so that no host sync is needed (a bad index then raises a
+    device-side assert at the next synchronization).
     """
     if isinstance(query_index, torch.Tensor) and query_index.device.type != "cpu":
         qi = query_index.to(device=device)
@@ -132,21 +192,21 @@ def _query_rows_for_kernel(query_index, b: int, n: int, device: torch.device) ->
         if qi.numel():
             _assert_async(((qi >= 0) & (qi < n)).all(), f"query_index values must lie in [0, {n - 1}]")
         return qi.to(torch.int32).contiguous()
-    rows = _normalize_query_index(query_index, b, n, torch.device("cpu"))
-    return rows.to(torch.int32).contiguous().to(device, non_blocking=True)
+
+    def build():
+        rows = _normalize_query_index(query_index, b, n, torch.device("cpu"))
+        return _upload(rows.to(torch.int32).contiguous(), device)
+
+    key = _content_key(query_index)
+    return _cached(None if key is None else ("rows", b, n, str(device), key), build)
 
 
 def _segment_arrays(segments, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Per-token segment bounds (lo, hi) as (N,) int32 on ``device``; None when there is one segment."""
     if segments is None:
         return None
-    seg = segments if isinstance(segments, torch.Tensor) else torch.as_tensor(segments)
-    if seg.device.type == "cpu":
-        bounds = _segment_bounds(seg, n)  # validates on the host
-        if len(bounds) <= 1:
-            return None
-        cu = seg.to(torch.int64).to(device, non_blocking=True)
-    else:
+    if isinstance(segments, torch.Tensor) and segments.device.type != "cpu":
+        seg = segments
         if seg.ndim != 1 or seg.numel() < 2:
             raise ValueError(
                 f"segments must be a 1-D tensor of cumulative lengths; got shape {tuple(seg.shape)}"
@@ -154,10 +214,26 @@ def _segment_arrays(segments, n: int, device: torch.device) -> tuple[torch.Tenso
         cu = seg.to(device=device, dtype=torch.int64)
         ok = (cu[0] == 0) & (cu[-1] == n) & (cu[1:] >= cu[:-1]).all()
         _assert_async(ok, f"segments must be non-decreasing cumulative lengths from 0 to N={n}")
-    seg_id = torch.searchsorted(cu[1:].contiguous(), torch.arange(n, device=device), right=True)
-    lo = cu[seg_id].to(torch.int32)
-    hi = cu[seg_id + 1].to(torch.int32)
-    return lo, hi
+        return _bounds_from_cu(cu, n)
+
+    def build():
+        bounds = _segment_bounds(segments, n)  # validates on the host
+        if len(bounds) <= 1:
+            return None
+        lo = torch.empty(n, dtype=torch.int32)
+        hi = torch.empty(n, dtype=torch.int32)
+        for a, e in bounds:
+            lo[a:e] = a
+            hi[a:e] = e
+        return _upload(lo, device), _upload(hi, device)
+
+    key = _content_key(segments)
+    return _cached(None if key is None else ("segments", n, str(device), key), build)
+
+
+def _bounds_from_cu(cu: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    seg_id = torch.searchsorted(cu[1:].contiguous(), torch.arange(n, device=cu.device), right=True)
+    return cu[seg_id].to(torch.int32), cu[seg_id + 1].to(torch.int32)
 
 
 def attention_stats_triton(
@@ -197,8 +273,10 @@ def attention_stats_triton(
     from ._attention_stats_triton import launch
 
     lo, hi = seg if seg is not None else (None, None)
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        return launch(q.detach(), k.detach(), idx, lo, hi, scale, config)
+    if q.is_cuda and q.device.index != torch.cuda.current_device():
+        with torch.cuda.device(q.device):
+            return launch(q.detach(), k.detach(), idx, lo, hi, scale, config)
+    return launch(q.detach(), k.detach(), idx, lo, hi, scale, config)
 
 
 def attention_stats(
@@ -208,14 +286,22 @@ def attention_stats(
     query_index: torch.Tensor | None = None,
     segments: torch.Tensor | None = None,
     scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
     """(B, N) fp32 attention received per key; see :func:`attention_stats_reference` for semantics.
 
     Dispatch: :func:`attention_stats_triton` when q and k are CUDA tensors and Triton imports (and
-    ``PRUNE_DISABLE_TRITON`` is unset), :func:`attention_stats_reference` otherwise.
+    ``PRUNE_DISABLE_TRITON`` is unset), :func:`attention_stats_reference` otherwise. Masked calls
+    (``key_mask`` / ``causal``: a few query rows of a decoder layer) take the reference path, which
+    costs O(H * Q * N) there.
     """
     from ._triton_support import use_triton
 
+    if key_mask is not None or causal:
+        return attention_stats_reference(
+            q, k, query_index=query_index, segments=segments, scale=scale, key_mask=key_mask, causal=causal
+        )
     if use_triton(q, k):
         return attention_stats_triton(q, k, query_index=query_index, segments=segments, scale=scale)
     return attention_stats_reference(q, k, query_index=query_index, segments=segments, scale=scale)

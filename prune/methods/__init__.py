@@ -34,7 +34,7 @@ def method_names() -> list[str]:
 
 
 # Import for registration side effects (after `register` exists).
-from . import cls, hiprune, pool, random  # noqa: E402,F401
+from . import cls, fastv, hiprune, pdrop, pool, random, transprune  # noqa: E402,F401
 
 __all__ = [
     "EncoderInfo",

@@ -1,0 +1,492 @@
+"""`prune bench`: what pruning saves at real scale, per method x keep.
+
+For one model (a shipped shape with random weights built on the device, or a local pretrained
+folder) and one batch of prompts with an image each, every row measures:
+
+- ``vision_ms``: the image encoder and projector (``get_image_features``), with the method's signal
+  collection when the model is wrapped;
+- ``prefill_ms``: one forward over the prompt (vision encoder + pruning + language-model prefill);
+- ``ttft_ms``: ``generate`` with one new token (prefill, first token, generate's own overhead);
+- ``decode_tok_s``: tokens per second of the batch over the decoding steps (``new_tokens`` - 1
+  steps, from the difference of two generate calls);
+- ``peak_mem_mb``: the allocator's peak during the longer generate call (CUDA only);
+- ``kv_cache_mb`` / ``kv_tokens``: the cache the prefill leaves (bytes of all layers' keys and values);
+- ``vision_gflops`` / ``prefill_gflops``: FLOPs counted by ``torch.utils.flop_counter`` (matmuls and
+  attention of the model; prune's own statistics kernels are not counted);
+- ``ideal_prefill_ms`` / ``ideal_decode_tok_s``: the unwrapped model on an input that simply has the
+  kept number of tokens (its vision encoder, plus the language model on ``kv_tokens`` rows), so
+  ``overhead_ms = prefill_ms - ideal_prefill_ms`` is what the pruning machinery costs.
+
+Times are medians over ``repeats`` runs after ``warmup`` runs, CUDA events on a GPU
+(``time.perf_counter`` on CPU). Rows of a method the model's family does not support, or that run
+out of memory, keep their place with a ``status`` saying why.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import platform
+import re
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import prune
+
+from . import models as M
+
+SCHEMA = "prune.bench/1"
+ROW_FIELDS = (
+    "method",
+    "keep",
+    "status",
+    "vision_tokens_before",
+    "vision_tokens_after",
+    "keep_ratio",
+    "seq_len",
+    "kv_tokens",
+    "vision_ms",
+    "prefill_ms",
+    "ttft_ms",
+    "decode_tok_s",
+    "peak_mem_mb",
+    "kv_cache_mb",
+    "vision_gflops",
+    "prefill_gflops",
+    "ideal_prefill_ms",
+    "ideal_decode_tok_s",
+    "overhead_ms",
+    "prefill_speedup",
+)
+
+
+@dataclass
+class BenchSettings:
+    batch: int = 1
+    image_size: tuple[int, int] | None = None  # (height, width); None: the shape's default
+    prompt_tokens: int = 64
+    new_tokens: int = 32
+    warmup: int = 2
+    repeats: int = 5
+    dtype: str = "bfloat16"
+    attn: str = "sdpa"
+    device: str = "cuda"
+    seed: int = 0
+
+
+class _Clock:
+    """Median milliseconds of a callable: CUDA events on a GPU, perf_counter elsewhere."""
+
+    def __init__(self, device: torch.device, warmup: int, repeats: int) -> None:
+        self.cuda = device.type == "cuda"
+        self.warmup, self.repeats = warmup, repeats
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def __call__(self, fn: Callable[[], Any]) -> tuple[float, Any]:
+        out = None
+        for _ in range(self.warmup):
+            out = fn()
+        times = []
+        for _ in range(self.repeats):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                import time
+
+                t0 = time.perf_counter()
+                out = fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times), out
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes held by a KV cache (transformers Cache objects or legacy tuples)."""
+    total = 0
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        for layer in layers:
+            for name in ("keys", "values"):
+                t = getattr(layer, name, None)
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total
+    for attr in ("key_cache", "value_cache"):  # older Cache classes
+        for t in getattr(cache, attr, None) or []:
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    if total or cache is None:
+        return total
+    stack = [cache]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            total += item.numel() * item.element_size()
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total
+
+
+def cache_length(cache: Any) -> int | None:
+    if cache is None:
+        return None
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return int(cache[0][0].shape[-2])
+
+
+def _gflops(fn: Callable[[], Any]) -> float | None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+    except Exception:  # noqa: BLE001 - some kernels have no FLOP formula; the number is optional
+        return None
+    return counter.get_total_flops() / 1e9
+
+
+def _feature_module(model: nn.Module) -> nn.Module:
+    inner = getattr(model, "model", None)
+    return inner if inner is not None and hasattr(inner, "get_image_features") else model
+
+
+def _pixel_kwargs(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    import inspect
+
+    params = inspect.signature(_feature_module(model).get_image_features).parameters
+    return {k: v for k, v in inputs.items() if k in params}
+
+
+def _reset_rope_deltas(model: nn.Module) -> None:
+    """Qwen-style models cache M-RoPE deltas of the last prompt; a text-only call must not reuse them."""
+    for module in (model, getattr(model, "model", None)):
+        if module is not None and hasattr(module, "rope_deltas"):
+            module.rope_deltas = None
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-") or "device"
+
+
+class _Runner:
+    def __init__(self, model: nn.Module, inputs: dict[str, torch.Tensor], settings: BenchSettings, device):
+        self.model, self.inputs, self.s = model, inputs, settings
+        self.device = device
+        self.clock = _Clock(device, settings.warmup, settings.repeats)
+        self.pixels = _pixel_kwargs(model, inputs)
+        self.gen = {"do_sample": False, "pad_token_id": model.generation_config.pad_token_id}
+
+    def _generate(self, n: int, **inputs):
+        return self.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **self.gen)
+
+    @torch.no_grad()
+    def measure(self) -> dict[str, Any]:
+        model, clock, s = self.model, self.clock, self.s
+        fm = _feature_module(model)
+        row: dict[str, Any] = {}
+        row["vision_ms"], _ = clock(lambda: fm.get_image_features(**self.pixels))
+        row["prefill_ms"], out = clock(lambda: model(**self.inputs, use_cache=True, logits_to_keep=1))
+        cache = getattr(out, "past_key_values", None)
+        row["kv_tokens"] = cache_length(cache)
+        row["kv_cache_mb"] = cache_bytes(cache) / 2**20
+        del out, cache
+        state = getattr(model, "prune_state", None)
+        if state is not None and state.last is not None:
+            batch = self.inputs["input_ids"].shape[0]
+            row["vision_tokens_before"] = state.last.vision_tokens_before / batch
+            row["vision_tokens_after"] = state.last.vision_tokens_after / batch
+        row["ttft_ms"], _ = clock(lambda: self._generate(1, **self.inputs))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        long_ms, _ = clock(lambda: self._generate(s.new_tokens, **self.inputs))
+        if self.device.type == "cuda":
+            row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        row["decode_tok_s"] = _rate(self.inputs["input_ids"].shape[0], s.new_tokens, row["ttft_ms"], long_ms)
+        row["vision_gflops"] = _gflops(lambda: fm.get_image_features(**self.pixels))
+        row["prefill_gflops"] = _gflops(lambda: model(**self.inputs, use_cache=True, logits_to_keep=1))
+        return row
+
+    @torch.no_grad()
+    def ideal(self, length: int) -> dict[str, float]:
+        """The unwrapped language model on ``length`` rows of embeddings (no images)."""
+        model, clock = self.model, self.clock
+        batch = self.inputs["input_ids"].shape[0]
+        dim = model.get_input_embeddings().weight.shape[1]
+        dtype = model.get_input_embeddings().weight.dtype
+        gen = torch.Generator(device=self.device).manual_seed(self.s.seed)
+        embeds = torch.randn(batch, length, dim, generator=gen, device=self.device, dtype=dtype) * 0.02
+        mask = torch.ones(batch, length, dtype=torch.long, device=self.device)
+
+        def prefill():
+            _reset_rope_deltas(model)
+            return model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
+
+        def generate(n):
+            _reset_rope_deltas(model)
+            return self._generate(n, inputs_embeds=embeds, attention_mask=mask)
+
+        lm_ms, _ = clock(prefill)
+        first, _ = clock(lambda: generate(1))
+        long_ms, _ = clock(lambda: generate(self.s.new_tokens))
+        return {"lm_prefill_ms": lm_ms, "decode_tok_s": _rate(batch, self.s.new_tokens, first, long_ms)}
+
+
+def _rate(batch: int, new_tokens: int, first_ms: float, long_ms: float) -> float | None:
+    if new_tokens < 2 or long_ms <= first_ms:
+        return None
+    return batch * (new_tokens - 1) / ((long_ms - first_ms) / 1e3)
+
+
+def _empty_row(method: str, keep: float | int) -> dict[str, Any]:
+    row = dict.fromkeys(ROW_FIELDS)
+    row.update(method=method, keep=keep, status="ok")
+    return row
+
+
+def run_bench(
+    spec: M.ModelSpec,
+    methods: Sequence[str],
+    keeps: Sequence[float | int],
+    settings: BenchSettings,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Build the model, measure the unpruned model and every method x keep; returns the JSON dict."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(settings.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise M.ModelSpecError("--device cuda but torch sees no CUDA device (use --device cpu)")
+    dtype = M.DTYPES[settings.dtype]
+    import time
+
+    t0 = time.perf_counter()
+    model = M.build_model(spec, device=device, dtype=dtype, attn_implementation=settings.attn, seed=settings.seed)
+    build_s = time.perf_counter() - t0
+    processor = M.build_image_processor(spec)
+    height, width = settings.image_size or spec.image_size
+    from .tasks.shapes import render_scene, random_scene
+
+    images = [render_scene(random_scene(settings.seed + b), size=(width, height)) for b in range(settings.batch)]
+    inputs = M.make_inputs(
+        model, processor, images, prompt_tokens=settings.prompt_tokens, seed=settings.seed, device=device, dtype=dtype, spec=spec
+    )
+    weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    log(
+        f"{spec.name}: {type(model).__name__}, {_params(M.parameter_count(model) / 1e9)} parameters "
+        f"({'pretrained' if spec.pretrained else 'random weights'}), built on {device} in {build_s:.1f} s; "
+        f"batch {settings.batch}, image {height}x{width}, prompt {inputs['input_ids'].shape[1]} tokens"
+    )
+    runner = _Runner(model, inputs, settings, device)
+    plan = [("none", 1.0)] + [(m, k) for m in methods for k in keeps]
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(plan, desc="bench", unit="row", disable=not progress)
+    for method, keep in bar:
+        bar.set_postfix_str(f"{method} keep={keep}")
+        row = _empty_row(method, keep)
+        try:
+            if method != "none":
+                prune.wrap(model, method, keep=keep)
+            row.update(runner.measure())
+        except (TypeError, ValueError) as exc:  # method or family not supported: keep the row, say why
+            row["status"] = f"unsupported: {exc}"
+        except RuntimeError as exc:
+            if not _is_oom(exc):
+                raise
+            row["status"] = "OOM"
+        finally:
+            if getattr(model, "prune_state", None) is not None:
+                prune.unwrap(model)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+    base = rows[0]
+    seq_len = int(inputs["input_ids"].shape[1])
+    n_vision = int(sum(M.feature_counts(model, runner.pixels)) / settings.batch)
+    if base["status"] == "ok":
+        base["vision_tokens_before"] = base["vision_tokens_after"] = n_vision
+    # the ideal: same model, an input with just the kept number of tokens
+    ideal_cache: dict[int, dict[str, float]] = {}
+    for row in tqdm([r for r in rows if r["status"] == "ok"], desc="ideal", unit="row", disable=not progress):
+        row["seq_len"] = seq_len
+        if row["vision_tokens_before"]:
+            row["keep_ratio"] = row["vision_tokens_after"] / row["vision_tokens_before"]
+        length = row["kv_tokens"]
+        if length not in ideal_cache:
+            try:
+                ideal_cache[length] = runner.ideal(length)
+            except RuntimeError as exc:
+                if not _is_oom(exc):
+                    raise
+                ideal_cache[length] = {}
+        ideal = ideal_cache[length]
+        if ideal:
+            row["ideal_prefill_ms"] = base["vision_ms"] + ideal["lm_prefill_ms"]
+            row["ideal_decode_tok_s"] = ideal["decode_tok_s"]
+            row["overhead_ms"] = row["prefill_ms"] - row["ideal_prefill_ms"]
+        if base["status"] == "ok" and row["prefill_ms"]:
+            row["prefill_speedup"] = base["prefill_ms"] / row["prefill_ms"]
+    return {
+        "schema": SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {
+            "name": spec.name,
+            "architecture": type(model).__name__,
+            "source": str(spec.path) if spec.pretrained else "shape (random weights)",
+            "parameters_b": round(M.parameter_count(model) / 1e9, 6),
+            "weights_mb": round(weights_mb, 1),
+            "build_s": round(build_s, 2),
+        },
+        "environment": {
+            "device": _device_name(device),
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "prune": prune.__version__,
+        },
+        "settings": {**asdict(settings), "image_size": [height, width]},
+        "rows": [_round(r) for r in rows],
+    }
+
+
+def _round(row: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key in ROW_FIELDS:
+        value = row.get(key)
+        if isinstance(value, float):
+            value = None if math.isnan(value) else round(value, 4)
+        out[key] = value
+    return out
+
+
+# ---- outputs --------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _params(billions: float) -> str:
+    return f"{billions:.2f}B" if billions >= 0.1 else f"{billions * 1e3:.2f}M"
+
+
+def _sig(value: float | None) -> str:
+    """Three significant digits (GFLOPs span 0.01 on tiny models to 10^4 at 7B)."""
+    if value is None:
+        return "-"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """A markdown table of a bench result."""
+    m, env, s = result["model"], result["environment"], result["settings"]
+    lines = [
+        f"### {m['name']} on {env['device']}",
+        "",
+        f"{m['architecture']}, {_params(m['parameters_b'])} parameters, {m['source']}; batch {s['batch']}, "
+        f"image {s['image_size'][0]}x{s['image_size'][1]}, {s['prompt_tokens']} text tokens, "
+        f"{s['new_tokens']} new tokens, {s['dtype']}, attention {s['attn']}; medians of {s['repeats']} runs "
+        f"after {s['warmup']} warm-up runs. torch {env['torch']}, transformers {env['transformers']}.",
+        "",
+        "| method | keep | vision tokens | vision ms | prefill ms | ideal prefill ms | overhead ms | speedup | "
+        "TTFT ms | decode tok/s | peak MiB | KV MiB | prefill GFLOPs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for r in result["rows"]:
+        if r["status"] != "ok":
+            notes.append(f"- {r['method']} keep={r['keep']}: {r['status']}")
+            lines.append(f"| {r['method']} | {r['keep']} | " + " | ".join(["n/a"] * 11) + " |")
+            continue
+        tokens = f"{_fmt(r['vision_tokens_after'], 0)}/{_fmt(r['vision_tokens_before'], 0)}"
+        lines.append(
+            f"| {r['method']} | {r['keep']} | {tokens} | {_fmt(r['vision_ms'])} | {_fmt(r['prefill_ms'])} | "
+            f"{_fmt(r['ideal_prefill_ms'])} | {_fmt(r['overhead_ms'])} | {_fmt(r['prefill_speedup'], 2)}x | "
+            f"{_fmt(r['ttft_ms'])} | {_fmt(r['decode_tok_s'])} | {_fmt(r['peak_mem_mb'], 0)} | "
+            f"{_fmt(r['kv_cache_mb'], 1)} | {_sig(r['prefill_gflops'])} |"
+        )
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: str | Path) -> Path:
+    """Prefill (with the ideal dashed), TTFT and decode rate against the kept fraction, per method."""
+    from . import plots
+
+    ok = [r for r in result["rows"] if r["status"] == "ok"]
+    base = next((r for r in ok if r["method"] == "none"), None)
+    fig, axes = plots.figure(3)
+    panels = [
+        ("prefill_ms", "prefill ms", "ideal_prefill_ms"),
+        ("ttft_ms", "time to first token, ms", None),
+        ("decode_tok_s", "decode tokens/s", "ideal_decode_tok_s"),
+    ]
+    for ax, (key, label, ideal_key) in zip(axes, panels):
+        series, ideal = {}, []
+        for r in ok:
+            if r["method"] == "none" or r["keep_ratio"] is None:
+                continue
+            series.setdefault(r["method"], []).append((r["keep_ratio"], r[key]))
+            if ideal_key:
+                ideal.append((r["keep_ratio"], r[ideal_key]))
+        plots.lines_vs_keep(ax, series, ylabel=label, title=label, baseline=base and base[key], ideal=ideal)
+    fig.suptitle(f"{result['model']['name']} on {result['environment']['device']}", fontsize=10)
+    return plots.save(fig, path)
+
+
+def write_outputs(result: dict[str, Any], out_dir: str | Path, *, log: Callable[[str], None] = print) -> dict[str, Path]:
+    """``bench_<model>_<device>.{json,md,png}`` in ``out_dir``; the PNG is skipped (with a note) when
+    matplotlib is missing."""
+    from .plots import PlotUnavailable
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"bench_{_slug(result['model']['name'])}_{_slug(result['environment']['device'])}"
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
+    text = markdown(result)
+    try:
+        paths["png"] = plot(result, out_dir / f"{stem}.png")
+        text += f"\n![{result['model']['name']}]({paths['png'].name})\n"
+    except PlotUnavailable as exc:
+        log(f"note: {exc}; wrote JSON and markdown only")
+    paths["md"].write_text(text)
+    return paths
+
+
+def load_result(path: str | Path) -> dict[str, Any]:
+    data = json.loads(Path(path).read_text())
+    if data.get("schema") != SCHEMA:
+        raise ValueError(f"{path} is not a prune bench result (schema {data.get('schema')!r})")
+    return data

@@ -1,0 +1,305 @@
+"""`prune eval`: lmms-eval sweeps over methods x keep on one loaded model, with an accuracy table and
+an accuracy-vs-keep plot.
+
+The base lmms-eval model is built once (through the ``pruned`` plugin); every point re-wraps the same
+Hugging Face model and calls ``lmms_eval.evaluator.simple_evaluate`` in process. ``keep`` 1.0 is
+evaluated once, unpruned (by prune's identity contract a method at keep 1.0 gives the same outputs).
+One process: for data parallelism run ``accelerate launch -m lmms_eval --model pruned ...`` per point
+and merge the output folders with ``prune report``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "prune.eval/1"
+ROW_FIELDS = (
+    "method",
+    "keep",
+    "task",
+    "metric",
+    "value",
+    "stderr",
+    "samples",
+    "vision_tokens_before",
+    "vision_tokens_after",
+    "keep_ratio",
+    "prefill_ms",
+)
+BASES = {  # transformers architecture -> lmms-eval model that loads it
+    "LlavaForConditionalGeneration": "llava_hf",
+    "LlavaNextForConditionalGeneration": "llava_hf",
+    "LlavaOnevisionForConditionalGeneration": "llava_hf",
+    "Qwen2VLForConditionalGeneration": "qwen2_vl",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+    "Qwen2_5OmniForConditionalGeneration": "qwen2_5_omni",
+}
+INSTALL_HINT = "prune eval needs lmms-eval: pip install 'vlm-prune[eval]'"
+
+
+class EvalError(ValueError):
+    """Bad input to prune eval (the CLI turns it into exit code 2)."""
+
+
+def lmms_eval_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("lmms_eval") is not None
+
+
+def guess_base(model_dir: Path) -> str:
+    config = json.loads((model_dir / "config.json").read_text())
+    for arch in config.get("architectures") or []:
+        if arch in BASES:
+            return BASES[arch]
+    raise EvalError(f"cannot tell which lmms-eval model loads {model_dir}; pass --base (e.g. llava_hf)")
+
+
+def task_manager(include: Sequence[str] = ()):
+    from lmms_eval.tasks import TaskManager
+
+    from .tasks import TASKS_DIR
+
+    return TaskManager("WARNING", include_path=[str(TASKS_DIR), *include])
+
+
+def check_tasks(manager, tasks: Sequence[str]) -> None:
+    known = set(manager.all_tasks)
+    missing = [t for t in tasks if t not in known]
+    if missing:
+        import difflib
+
+        hints = {t: difflib.get_close_matches(t, known, n=3) for t in missing}
+        detail = "; ".join(f"{t!r} (did you mean {', '.join(h)}?)" if h else repr(t) for t, h in hints.items())
+        raise EvalError(f"unknown lmms-eval task(s): {detail}")
+
+
+def metrics_of(task_result: dict[str, Any]) -> dict[str, tuple[float, float | None]]:
+    """metric -> (value, stderr) from one task's entry of lmms-eval's ``results``."""
+    out = {}
+    for key, value in task_result.items():
+        if "," not in key or "_stderr" in key or not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        metric, filt = key.split(",", 1)
+        stderr = task_result.get(f"{metric}_stderr,{filt}")
+        out[metric] = (float(value), float(stderr) if isinstance(stderr, (int, float)) else None)
+    return out
+
+
+def rows_from_results(
+    results: dict[str, Any], method: str, keep: float | int, stats: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Table rows of one lmms-eval result (``stats``: the plugin's prune_* numbers, if any)."""
+    stats = stats or {}
+    n_samples = results.get("n-samples", {})
+    rows = []
+    for task, entry in sorted(results.get("results", {}).items()):
+        for metric, (value, stderr) in sorted(metrics_of(entry).items()):
+            rows.append(
+                {
+                    "method": method,
+                    "keep": keep,
+                    "task": task,
+                    "metric": metric,
+                    "value": value,
+                    "stderr": stderr,
+                    "samples": (n_samples.get(task) or {}).get("effective"),
+                    "vision_tokens_before": stats.get("prune_vision_tokens_before"),
+                    "vision_tokens_after": stats.get("prune_vision_tokens_after"),
+                    "keep_ratio": stats.get("prune_keep_ratio"),
+                    "prefill_ms": stats.get("prune_prefill_ms"),
+                }
+            )
+    return rows
+
+
+def parse_lmms_results(path: Path) -> dict[str, Any] | None:
+    """A prune.eval-style dict from an lmms-eval ``*_results.json`` of ``--model pruned`` (else None)."""
+    data = json.loads(path.read_text())
+    config = data.get("config") or {}
+    args = config.get("model_args") or ""
+    if config.get("model") != "pruned" or not isinstance(args, str):
+        return None
+    pairs = dict(p.split("=", 1) for p in re.split(r",(?![^{]*})", args) if "=" in p)
+    method = pairs.get("method", "hiprune")
+    keep_text = pairs.get("keep", "0.33")
+    keep: float | int = float(keep_text) if any(c in keep_text for c in ".e") else int(keep_text)
+    stats = {k.removeprefix("avg_"): v for k, v in (data.get("throughput") or {}).items() if k.startswith("avg_prune_")}
+    return {
+        "schema": SCHEMA,
+        "created": data.get("date"),
+        "model": {"path": pairs.get("pretrained"), "base": pairs.get("base")},
+        "settings": {"limit": config.get("limit"), "source": str(path)},
+        "rows": rows_from_results(data, method, keep, stats),
+    }
+
+
+def run_eval(
+    model_dir: Path,
+    tasks: Sequence[str],
+    methods: Sequence[str],
+    keeps: Sequence[float | int],
+    *,
+    base: str | None = None,
+    limit: int | None = None,
+    device: str = "cpu",
+    dtype: str = "auto",
+    batch_size: int = 1,
+    model_args: dict[str, Any] | None = None,
+    include: Sequence[str] = (),
+    raw_dir: Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Evaluate the unpruned model and every method x keep (< 1) on ``tasks``; returns the JSON dict."""
+    from lmms_eval.evaluator import simple_evaluate
+    from tqdm.auto import tqdm
+
+    from prune.config import PruneConfig
+
+    from .lmms_plugin import build
+
+    base = base or guess_base(model_dir)
+    manager = task_manager(include)
+    check_tasks(manager, tasks)
+    plan: list[tuple[str, float | int]] = [("none", 1.0)]
+    plan += [(m, k) for m in methods for k in keeps if not (isinstance(k, float) and k >= 1.0)]
+    for method, keep in plan[1:]:
+        PruneConfig(method=method, keep=keep)  # bad names / keeps fail before the model loads
+    args = {"base": base, "pretrained": str(model_dir), "method": "none", "dtype": dtype, **(model_args or {})}
+    if base == "llava_hf":
+        args.setdefault("device_map", device)  # llava_hf's default device_map="" breaks on transformers 5
+    lm = build(args)
+    lm.prune_keep_model = True
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(plan, desc="eval", unit="point", disable=not progress)
+    try:
+        for method, keep in bar:
+            bar.set_postfix_str(f"{method} keep={keep}")
+            lm.prune_rewrap(None if method == "none" else PruneConfig(method=method, keep=keep))
+            results = simple_evaluate(
+                model=lm,
+                tasks=list(tasks),
+                limit=limit,
+                task_manager=manager,
+                batch_size=batch_size,
+                device=device,
+                log_samples=False,
+                verbosity="WARNING",
+                bootstrap_iters=0,
+            )
+            if results is None:  # not rank 0
+                continue
+            rows += rows_from_results(results, method, keep, lm.prune_summary)
+            if raw_dir is not None:
+                raw_dir.mkdir(parents=True, exist_ok=True)
+                name = f"{method}_keep{keep}.json"
+                (raw_dir / name).write_text(json.dumps({k: v for k, v in results.items() if k != "samples"}, indent=2, default=str))
+    finally:
+        lm.prune_keep_model = False
+        lm.clean()
+    return {
+        "schema": SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"path": str(model_dir), "base": base},
+        "settings": {"tasks": list(tasks), "limit": limit, "device": device, "dtype": dtype, "batch_size": batch_size},
+        "rows": rows,
+    }
+
+
+# ---- outputs --------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown(results: Sequence[dict[str, Any]]) -> str:
+    """One table: a row per (method, keep), a column per task/metric, then tokens and prefill ms."""
+    rows = [r for res in results for r in res["rows"]]
+    if not rows:
+        return "_no evaluation results_\n"
+    columns = sorted({(r["task"], r["metric"]) for r in rows})
+    points: dict[tuple[str, Any], dict[str, Any]] = {}
+    for r in rows:
+        p = points.setdefault((r["method"], r["keep"]), {"row": r})
+        p[(r["task"], r["metric"])] = r
+    head = "| method | keep | " + " | ".join(f"{t} {m}" for t, m in columns) + " | vision tokens | prefill ms |"
+    lines = [head, "|" + "---|" * (len(columns) + 4)]
+
+    def order(key):
+        method, keep = key
+        return (method != "none", method, -float(keep))
+
+    for key in sorted(points, key=order):
+        p = points[key]
+        first = p["row"]
+        cells = []
+        for col in columns:
+            r = p.get(col)
+            cells.append("-" if r is None else _fmt(r["value"]) + (f" ± {_fmt(r['stderr'])}" if r["stderr"] else ""))
+        tokens = (
+            f"{_fmt(first['vision_tokens_after'], 1)}/{_fmt(first['vision_tokens_before'], 1)}"
+            if first["vision_tokens_before"] is not None
+            else "-"
+        )
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + f" | {tokens} | {_fmt(first['prefill_ms'], 1)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Accuracy against the kept fraction, one panel per task/metric, one line per method."""
+    from . import plots
+
+    rows = [r for res in results for r in res["rows"]]
+    columns = sorted({(r["task"], r["metric"]) for r in rows})
+    if not columns:
+        raise ValueError("no evaluation rows to plot")
+    fig, axes = plots.figure(len(columns))
+    for ax, (task, metric) in zip(axes, columns):
+        series: dict[str, list[tuple[float, float]]] = {}
+        baseline = None
+        for r in rows:
+            if (r["task"], r["metric"]) != (task, metric):
+                continue
+            if r["method"] == "none":
+                baseline = r["value"]
+                continue
+            x = r["keep_ratio"] if r["keep_ratio"] is not None else (r["keep"] if isinstance(r["keep"], float) else None)
+            if x is not None:
+                series.setdefault(r["method"], []).append((x, r["value"]))
+        plots.lines_vs_keep(ax, series, ylabel=metric, title=f"{task}: {metric} vs keep", baseline=baseline)
+    return plots.save(fig, path)
+
+
+def write_outputs(result: dict[str, Any], out_dir: Path, *, log: Callable[[str], None] = print) -> dict[str, Path]:
+    from .plots import PlotUnavailable
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "eval.json", "md": out_dir / "eval.md"}
+    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
+    m = result["model"]
+    text = f"### accuracy: {m['path']} (lmms-eval model {m['base']})\n\n" + markdown([result])
+    try:
+        paths["png"] = plot([result], out_dir / "accuracy_vs_keep.png")
+        text += f"\n![accuracy vs keep]({paths['png'].name})\n"
+    except PlotUnavailable as exc:
+        log(f"note: {exc}; wrote JSON and markdown only")
+    paths["md"].write_text(text)
+    return paths
+
+
+def load_result(path: Path) -> dict[str, Any]:
+    data = json.loads(path.read_text())
+    if data.get("schema") != SCHEMA:
+        raise ValueError(f"{path} is not a prune eval result (schema {data.get('schema')!r})")
+    return data

@@ -1,0 +1,348 @@
+"""Pruning inside the language model: drop vision rows between decoder layers.
+
+Layers before the first cut see every token; at a cut layer K the hidden states lose the vision
+rows the method scores lowest, and every later layer gets the matching attention mask, position ids
+and position embeddings (cos, sin; M-RoPE for Qwen). Because each layer only ever sees its own rows,
+its KV cache holds exactly those tokens; every decode step gives each layer a mask built for its own
+cache length (``create_causal_mask(..., layer_idx=K)``), and positions that continue from the right
+logical value ("original") or from the renumbered one ("compact", what the TransPrune reference does).
+
+Signals (all from the layers' own tensors, never ``output_attentions``, never an N x N matrix):
+- last-token attention of layer K-1 (FastV, PyramidDrop): the attention tap on that layer, one
+  query row per prompt;
+- token transition variation (TransPrune): forward hooks on the sub-layers' inputs and outputs;
+- instruction-guided attention (TransPrune): layer K's attention called once in "stats only" mode on
+  the uncut sequence, so only its q and k are computed, for the instruction rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.masking_utils import create_causal_mask
+
+from ..kernels import attention_stats, transition_variation
+from ..methods.base import stable_topk
+from .attention_tap import STATS_ONLY_ATTR, install_tap
+from .cutter import Packing, compact, logical_positions
+
+if TYPE_CHECKING:
+    from ..methods.llm import LLMMethod
+    from ..state import PruneState
+
+
+@dataclass
+class Stage:
+    """The rows that layers ``layer`` .. (next stage's layer - 1) see during one prefill."""
+
+    layer: int
+    rows: torch.Tensor  # (B, Ls) column of each row in the language model's input, -1 for added padding
+    mask2d: torch.Tensor  # (B, Ls)
+    positions: torch.Tensor  # (..., B, Ls) positions as the language model takes them (maybe 4 rows)
+    shift: torch.Tensor  # (B,) rows removed so far (subtracted from decode positions in "compact")
+    embeddings: Any = None  # (cos, sin) for the prefill
+    causal: Any = None  # the prefill's 4-D (or backend-specific) mask
+    decode_step: int = -1
+    decode_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    """One prefill and its decode steps."""
+
+    vision: torch.Tensor  # (B, L0) vision rows of the language model's input
+    budget: torch.Tensor  # (B,) vision tokens of each prompt
+    stages: list[Stage]
+    cache: Any
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
+    ttv: torch.Tensor | None = None  # (B, L0) transition variation accumulated on input columns
+    phase: str = "prefill"
+    step: int = 0
+    lm_mask: torch.Tensor | None = None  # decode: the language model's 2-D mask of this step
+    lm_positions: torch.Tensor | None = None  # decode: its positions
+    iga_rows: list[torch.Tensor] | None = None  # rows whose attention the stats-only call reads
+    pending: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def stage_of(self, layer: int) -> Stage:
+        current = self.stages[0]
+        for stage in self.stages[1:]:
+            if stage.layer <= layer:
+                current = stage
+        return current
+
+
+def _split_positions(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(rope positions, text positions): Qwen passes [text; t; h; w] as a (4, B, L) tensor."""
+    if positions.ndim == 3 and positions.shape[0] == 4:
+        return positions[1:], positions[0]
+    return positions, positions if positions.ndim == 2 else None
+
+
+class DecoderCut:
+    """Installs and runs the in-LLM cut for one wrapped model."""
+
+    def __init__(self, adapter, method: LLMMethod, state: PruneState) -> None:
+        self.adapter, self.method, self.state = adapter, method, state
+        self.lm = adapter.language_model()
+        self.layers = list(self.lm.layers)
+        num_layers = len(self.layers)
+        self.schedule = method.schedule(num_layers, state.config.keep)
+        self.cut_layers = {layer: i for i, (layer, _) in enumerate(self.schedule)}
+        self.context: Context | None = None
+        types = getattr(self.lm.config, "layer_types", None) or []
+        if any(t != "full_attention" for t in types):
+            raise ValueError(f"{method.name} supports language models with full attention in every layer only")
+
+    # ---- installation -------------------------------------------------------------------------
+    def install(self) -> None:
+        state = self.state
+        if not self.schedule:
+            return  # keep=1.0: nothing to cut
+        first = self.schedule[0][0]
+        for index in range(first, len(self.layers)):
+            handle = self.layers[index].register_forward_pre_hook(self._layer_hook(index), with_kwargs=True)
+            state._removers.append(handle.remove)
+        for layer in self.method.last_token_layers(self.schedule):
+            state._removers.append(install_tap(self.layers[layer].self_attn, self._last_token_tap(layer)))
+        if self.method.instruction_attention():
+            for layer, _ in self.schedule:
+                state._removers.append(install_tap(self.layers[layer].self_attn, self._instruction_tap(layer)))
+        for layer in self.method.transition_layers(self.schedule, len(self.layers)):
+            state._removers.extend(self._transition_hooks(layer))
+
+    # ---- called by the adapter's language-model hook -----------------------------------------
+    def start_prefill(self, kwargs: dict[str, Any], vision: torch.Tensor) -> None:
+        embeds = kwargs["inputs_embeds"]
+        batch, length = embeds.shape[:2]
+        device = embeds.device
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.ndim != 2:
+            raise ValueError(f"{self.method.name} needs a 2-D attention mask; got shape {tuple(mask.shape)}")
+        mask = torch.ones(batch, length, dtype=torch.long, device=device) if mask is None else mask
+        positions = logical_positions(kwargs.get("position_ids"), batch, length, device)
+        base = Stage(
+            layer=0,
+            rows=torch.arange(length, device=device).expand(batch, length),
+            mask2d=mask,
+            positions=positions,
+            shift=torch.zeros(batch, dtype=torch.long, device=device),
+        )
+        vision = vision.to(device) & mask.bool()
+        self.context = Context(vision=vision, budget=vision.sum(1), stages=[base], cache=kwargs.get("past_key_values"))
+        if self.method.transition_layers(self.schedule, len(self.layers)):
+            self.context.ttv = torch.zeros(batch, length, device=device)
+
+    def start_decode(self, kwargs: dict[str, Any], past_len: int) -> None:
+        ctx = self.context
+        if ctx is None:
+            return
+        embeds = kwargs["inputs_embeds"]
+        batch, q_len = embeds.shape[:2]
+        base = ctx.stages[0]
+        prefill_len = base.rows.shape[1]
+        past_logical = prefill_len + ctx.step
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(batch, past_logical + q_len, dtype=base.mask2d.dtype, device=embeds.device)
+        ctx.phase = "decode"
+        ctx.lm_mask = mask
+        ctx.lm_positions = logical_positions(kwargs.get("position_ids"), batch, q_len, embeds.device, start=past_logical)
+        ctx.step += q_len
+
+    def seen_masks(self) -> list[tuple[int, torch.Tensor]]:
+        """(first layer, (B, L0) bool of the input columns that layer and the next ones saw) per stage."""
+        ctx = self.context
+        out = []
+        for stage in ctx.stages:
+            seen = torch.zeros_like(ctx.vision)
+            rows = stage.rows
+            valid = rows >= 0
+            seen[torch.nonzero(valid, as_tuple=True)[0], rows[valid]] = True
+            out.append((stage.layer, seen))
+        return out
+
+    # ---- per-layer hook -------------------------------------------------------------------------
+    def _layer_hook(self, index: int):
+        def hook(module, args, kwargs):
+            ctx = self.context
+            if ctx is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if ctx.phase == "prefill" and index in self.cut_layers:
+                hidden = self._cut(index, hidden, kwargs)
+            stage = ctx.stage_of(index)
+            if stage.layer == 0:
+                return None
+            new_kwargs = dict(kwargs)
+            if ctx.phase == "prefill":
+                new_kwargs.update(attention_mask=stage.causal, position_embeddings=stage.embeddings)
+                new_kwargs["position_ids"] = _split_positions(stage.positions)[1]
+            else:
+                new_kwargs.update(self._decode_kwargs(stage, hidden, kwargs))
+            if args:
+                return (hidden, *args[1:]), new_kwargs
+            new_kwargs["hidden_states"] = hidden
+            return args, new_kwargs
+
+        return hook
+
+    def _causal(self, stage: Stage, hidden: torch.Tensor, mask2d: torch.Tensor, text_positions):
+        return create_causal_mask(
+            config=self.lm.config,
+            inputs_embeds=hidden,
+            attention_mask=mask2d,
+            past_key_values=self.context.cache,
+            position_ids=text_positions,
+            layer_idx=stage.layer,
+        )
+
+    def _embeddings(self, hidden: torch.Tensor, positions: torch.Tensor):
+        return self.lm.rotary_emb(hidden, _split_positions(positions)[0])
+
+    def _decode_kwargs(self, stage: Stage, hidden: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, Any]:
+        ctx = self.context
+        if stage.decode_step != ctx.step:  # built once per stage and step
+            prefill_len = ctx.stages[0].rows.shape[1]
+            mask2d = torch.cat([stage.mask2d.to(ctx.lm_mask.dtype), ctx.lm_mask[:, prefill_len:]], dim=1)
+            positions = ctx.lm_positions
+            out: dict[str, Any] = {}
+            if self.state.positions == "compact":
+                positions = positions - stage.shift[:, None]
+                out["position_embeddings"] = self._embeddings(hidden, positions)
+            text = _split_positions(positions)[1]
+            out["position_ids"] = text
+            out["attention_mask"] = self._causal(stage, hidden, mask2d, text)
+            stage.decode_step, stage.decode_kwargs = ctx.step, out
+        return stage.decode_kwargs
+
+    # ---- the cut ----------------------------------------------------------------------------------
+    def _cut(self, index: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        ctx = self.context
+        prev = ctx.stages[-1]
+        stage_no = self.cut_layers[index]
+        fraction = self.schedule[stage_no][1]
+        valid_rows = prev.rows >= 0
+        vision = torch.zeros_like(valid_rows)
+        batch_idx = torch.nonzero(valid_rows, as_tuple=True)[0]
+        vision[valid_rows] = ctx.vision[batch_idx, prev.rows[valid_rows]]
+        if self.method.instruction_attention():
+            self._instruction_attention(index, hidden, prev, kwargs, vision)
+        signals = dict(ctx.pending.pop(index, {}))
+        if ctx.ttv is not None:
+            signals["ttv"] = torch.where(valid_rows, ctx.ttv.gather(1, prev.rows.clamp(min=0)), 0.0)
+        signals = {k: v.float() * vision for k, v in signals.items()}  # sums run over vision rows
+        score = self.method.score(stage_no, index, signals)
+        keep = ~vision  # text and padding stay
+        for b in range(hidden.shape[0]):
+            target = min(int(vision[b].sum()), round(fraction * int(ctx.budget[b])))
+            candidates = torch.nonzero(vision[b], as_tuple=True)[0]
+            chosen = candidates[stable_topk(score[b, candidates], target)]
+            keep[b, chosen] = True
+        packing = Packing.of(keep)
+        positions = prev.positions
+        shift = prev.shift
+        if self.state.positions == "compact":
+            positions = compact(positions, keep)
+            shift = shift + (~keep).long().sum(1)
+        new_hidden = packing.sequence(hidden)
+        stage = Stage(
+            layer=index,
+            rows=packing.sequence(prev.rows, fill=-1),
+            mask2d=packing.sequence(prev.mask2d),
+            positions=packing.positions(positions),
+            shift=shift,
+        )
+        stage.embeddings = self._embeddings(new_hidden, stage.positions)
+        stage.causal = self._causal(stage, new_hidden, stage.mask2d, _split_positions(stage.positions)[1])
+        ctx.stages.append(stage)
+        return new_hidden
+
+    # ---- signals ----------------------------------------------------------------------------------
+    def _last_token_tap(self, layer: int):
+        def callback(module, q, k, attention_mask, kwargs):
+            ctx = self.context
+            if ctx is None or ctx.phase != "prefill":
+                return
+            stage = ctx.stage_of(layer)
+            batch, length = q.shape[0], q.shape[2]
+            last = torch.full((batch, 1), length - 1, dtype=torch.long, device=q.device)  # left padding
+            stats = attention_stats(q.detach(), k.detach(), query_index=last, key_mask=stage.mask2d.bool(),
+                                    scale=kwargs.get("scaling"))
+            ctx.pending.setdefault(layer + 1, {})[f"last@{layer}"] = stats
+
+        return callback
+
+    def _instruction_tap(self, layer: int):
+        def callback(module, q, k, attention_mask, kwargs):
+            ctx = self.context
+            if ctx is None or ctx.iga_rows is None:
+                return
+            mask = ctx.stages[-1].mask2d.bool()
+            out = torch.zeros(q.shape[0], q.shape[2], device=q.device)
+            for b, rows in enumerate(ctx.iga_rows):
+                out[b] = attention_stats(q[b : b + 1].detach(), k[b : b + 1].detach(), query_index=rows[None],
+                                         key_mask=mask[b : b + 1], causal=True, scale=kwargs.get("scaling"))[0]
+            ctx.pending.setdefault(layer, {})[f"iga@{layer}"] = out
+
+        return callback
+
+    def _instruction_attention(self, index, hidden, prev: Stage, kwargs, vision) -> None:
+        """Layer ``index``'s attention of the instruction rows on the uncut sequence (q, k only)."""
+        ctx = self.context
+        layer = self.layers[index]
+        rows = []
+        for b in range(hidden.shape[0]):
+            real = prev.mask2d[b].bool()
+            vis = torch.nonzero(vision[b], as_tuple=True)[0]
+            after = torch.arange(hidden.shape[1], device=hidden.device) > (int(vis[-1]) if vis.numel() else -1)
+            chosen = torch.nonzero(real & after, as_tuple=True)[0]
+            rows.append(chosen if chosen.numel() else torch.tensor([hidden.shape[1] - 1], device=hidden.device))
+        causal = prev.causal if prev.layer else kwargs.get("attention_mask")
+        embeddings = prev.embeddings if prev.layer else kwargs.get("position_embeddings")
+        attn = layer.self_attn
+        ctx.iga_rows = rows
+        setattr(attn, STATS_ONLY_ATTR, True)
+        try:
+            with torch.no_grad():
+                attn(hidden_states=layer.input_layernorm(hidden), attention_mask=causal,
+                     position_embeddings=embeddings, past_key_values=None)
+        finally:
+            setattr(attn, STATS_ONLY_ATTR, False)
+            ctx.iga_rows = None
+
+    def _transition_hooks(self, index: int) -> list:
+        layer = self.layers[index]
+        seen: dict[str, torch.Tensor] = {}
+
+        def keep_output(name):
+            def hook(module, args, output):
+                if self.context is not None and self.context.phase == "prefill":
+                    seen[name] = (output[0] if isinstance(output, tuple) else output).detach()
+
+            return hook
+
+        def finish(module, args, output):
+            ctx = self.context
+            if ctx is None or ctx.phase != "prefill":
+                return
+            stage = ctx.stage_of(index)
+            valid = stage.mask2d.bool()
+            total = 0.0
+            for before, after in ((seen["attn_in"], seen["attn_out"]), (seen["mlp_in"], output.detach())):
+                ratio, one_minus_cos = transition_variation(before, after)  # (B, Ls) each
+                weights = one_minus_cos.masked_fill(~valid, float("-inf")).softmax(-1)  # per prompt
+                total = total + ratio * weights
+            rows = stage.rows
+            ok = rows >= 0
+            ctx.ttv.index_put_((torch.nonzero(ok, as_tuple=True)[0], rows[ok]), total[ok].float(), accumulate=True)
+            seen.clear()
+
+        handles = [
+            layer.input_layernorm.register_forward_hook(keep_output("attn_in")),
+            layer.self_attn.register_forward_hook(keep_output("attn_out")),
+            layer.post_attention_layernorm.register_forward_hook(keep_output("mlp_in")),
+            layer.mlp.register_forward_hook(finish),
+        ]
+        return [h.remove for h in handles]

@@ -1,0 +1,99 @@
+"""Shared parts of the methods that prune inside the language model (FastV, TransPrune, PyramidDrop).
+
+These methods drop vision tokens between decoder layers: layers before a cut see every token, later
+layers see fewer. ``keep`` is the average fraction of vision tokens per LLM layer (the equal-FLOPs
+convention of PyramidDrop / SparseVLM); each method solves it into a schedule
+``[(layer, fraction), ...]`` (fractions of the original vision tokens, from that layer on), and an
+explicit ``schedule=`` option overrides it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from .base import Method
+
+
+def average_fraction(schedule: list[tuple[int, float]], num_layers: int) -> float:
+    """Mean over layers of the fraction of vision tokens each layer sees."""
+    total, current, start = 0.0, 1.0, 0
+    for layer, fraction in sorted(schedule):
+        total += (layer - start) * current
+        start, current = layer, fraction
+    total += (num_layers - start) * current
+    return total / num_layers
+
+
+def solve_scale(make, num_layers: int, keep: float, hi: float = 1.0) -> list[tuple[int, float]]:
+    """Bisection on c in [0, hi] so that ``make(c)`` (a schedule, increasing in c) averages ``keep``."""
+    lo = 0.0
+    if average_fraction(make(hi), num_layers) < keep:
+        return make(hi)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if average_fraction(make(mid), num_layers) < keep:
+            lo = mid
+        else:
+            hi = mid
+    return make(hi)
+
+
+def scaled_layer(layer: int, num_layers: int, reference_depth: int = 32) -> int:
+    """A reference layer index (on a 32-layer LLM) on a model of another depth (at least 1)."""
+    return max(1, min(num_layers - 1, round(layer * num_layers / reference_depth)))
+
+
+def validate_schedule(schedule: Any, num_layers: int) -> list[tuple[int, float]]:
+    try:
+        items = [(int(layer), float(fraction)) for layer, fraction in schedule]
+    except (TypeError, ValueError):
+        raise ValueError("schedule must be a list of (layer, fraction) pairs") from None
+    previous_layer, previous = 0, 1.0
+    for layer, fraction in sorted(items):
+        if not 1 <= layer < num_layers:
+            raise ValueError(f"schedule layer {layer} must be in [1, {num_layers - 1}] for a {num_layers}-layer LLM")
+        if layer == previous_layer:
+            raise ValueError(f"schedule lists layer {layer} twice")
+        if not 0.0 <= fraction <= previous:
+            raise ValueError(f"schedule fractions must not grow: {fraction} after {previous} at layer {layer}")
+        previous_layer, previous = layer, fraction
+    return sorted(items)
+
+
+class LLMMethod(Method):
+    """Base of in-LLM methods. Subclasses give the schedule and the per-stage score."""
+
+    in_llm: ClassVar[bool] = True
+    #: position mode of the reference implementation (None: the family's preset)
+    preset_positions: ClassVar[str | None] = None
+
+    def schedule(self, num_layers: int, keep: float | int) -> list[tuple[int, float]]:
+        if self.options.get("schedule") is not None:
+            return validate_schedule(self.options["schedule"], num_layers)
+        if not isinstance(keep, float):
+            raise ValueError(
+                f"{self.name} reads keep as the average fraction of vision tokens per LLM layer (a float); "
+                "pass schedule=[(layer, fraction), ...] for explicit counts"
+            )
+        if keep >= 1.0:
+            return []
+        return self.solve(num_layers, keep)
+
+    def solve(self, num_layers: int, keep: float) -> list[tuple[int, float]]:
+        raise NotImplementedError
+
+    # Signals: which decoder layers' attention of the last token, and which layers' transitions.
+    def last_token_layers(self, schedule: list[tuple[int, float]]) -> list[int]:
+        return []
+
+    def transition_layers(self, schedule: list[tuple[int, float]], num_layers: int) -> list[int]:
+        return []
+
+    def instruction_attention(self) -> bool:
+        return False
+
+    def score(self, stage: int, layer: int, signals: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, L_stage) score of every row of the current sequence (only vision rows are read)."""
+        raise NotImplementedError
