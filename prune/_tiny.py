@@ -75,6 +75,7 @@ def tiny_llava_next(
     image_size: int = 16,
     patch: int = 4,
     vision_layers: int = 4,
+    text_layers: int = 2,
     attn_implementation: str = "eager",
     seed: int = 0,
 ) -> LlavaNextForConditionalGeneration:
@@ -83,7 +84,7 @@ def tiny_llava_next(
     s = image_size
     config = LlavaNextConfig(
         vision_config=_vision(image_size, patch, vision_layers, 32),
-        text_config=_text(64, 2),
+        text_config=_text(64, text_layers),
         image_token_id=IMAGE_TOKEN,
         image_grid_pinpoints=[[s, s], [s, 2 * s], [2 * s, s], [2 * s, 2 * s]],
         vision_feature_layer=-2,
@@ -150,7 +151,13 @@ QWEN_PATCH, QWEN_TEMPORAL, QWEN_MERGE = 4, 2, 2
 
 
 def tiny_qwen_vl(
-    version: str = "2.5", *, attn_implementation: str = "eager", depth: int = 4, patch: int = QWEN_PATCH, seed: int = 0
+    version: str = "2.5",
+    *,
+    attn_implementation: str = "eager",
+    depth: int = 4,
+    patch: int = QWEN_PATCH,
+    text_layers: int = 2,
+    seed: int = 0,
 ):
     """A Qwen2-VL / Qwen2.5-VL-shaped model: 4-pixel patches, 2x2 merge, M-RoPE text model.
 
@@ -166,7 +173,7 @@ def tiny_qwen_vl(
     text = {
         "hidden_size": 64,
         "intermediate_size": 128,
-        "num_hidden_layers": 2,
+        "num_hidden_layers": text_layers,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "vocab_size": QWEN_VOCAB,
@@ -284,3 +291,191 @@ def tiny_llava_onevision(
         model.model.image_newline.normal_()
     model.generation_config.pad_token_id = PAD_TOKEN
     return model.eval()
+
+
+# ---- Qwen2.5-Omni thinker ----------------------------------------------------------------------
+OMNI_VOCAB = 200
+OMNI_AUDIO, OMNI_IMAGE, OMNI_VIDEO = 190, 191, 192
+OMNI_AUDIO_START, OMNI_AUDIO_END, OMNI_VISION_START, OMNI_VISION_END = 193, 194, 195, 196
+OMNI_MEL = 16  # mel bins of the tiny audio encoder
+OMNI_PPS, OMNI_CHUNK_SECONDS = 25, 2  # TMRoPE: position ids per second, seconds per interleaved chunk
+
+
+def _omni_thinker_config(attn_implementation: str, depth: int):
+    from transformers import Qwen2_5OmniThinkerConfig
+
+    config = Qwen2_5OmniThinkerConfig(
+        audio_config={"num_mel_bins": OMNI_MEL, "encoder_layers": 2, "encoder_attention_heads": 2,
+                      "encoder_ffn_dim": 64, "d_model": 32, "output_dim": 64, "n_window": 8,
+                      "max_source_positions": 64},
+        vision_config={"depth": depth, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
+                       "patch_size": QWEN_PATCH, "spatial_merge_size": QWEN_MERGE, "temporal_patch_size": QWEN_TEMPORAL,
+                       "window_size": QWEN_PATCH * QWEN_MERGE * 2, "out_hidden_size": 64,
+                       "fullatt_block_indexes": [1, 3]},
+        text_config={"vocab_size": OMNI_VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+                     "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+                     "pad_token_id": PAD_TOKEN, "bos_token_id": 1, "eos_token_id": 2},
+        audio_token_index=OMNI_AUDIO,
+        image_token_index=OMNI_IMAGE,
+        video_token_index=OMNI_VIDEO,
+        audio_start_token_id=OMNI_AUDIO_START,
+        audio_end_token_id=OMNI_AUDIO_END,
+        vision_start_token_id=OMNI_VISION_START,
+        vision_end_token_id=OMNI_VISION_END,
+        position_id_per_seconds=OMNI_PPS,
+        seconds_per_chunk=OMNI_CHUNK_SECONDS,
+    )
+    config._attn_implementation = attn_implementation
+    for sub in ("audio_config", "vision_config", "text_config"):
+        getattr(config, sub)._attn_implementation = attn_implementation
+    return config
+
+
+def tiny_omni_thinker(*, attn_implementation: str = "eager", depth: int = 4, seed: int = 0):
+    """A Qwen2.5-Omni-shaped thinker: Whisper-style audio encoder (16 mel bins, 2 layers, 25 tokens
+    per second), Qwen2.5-VL ViT (4-pixel patches, 2x2 merge, windows, full attention at blocks 1 and 3),
+    2-layer text model with TMRoPE (25 position ids per second, 2-second chunks)."""
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen2_5OmniThinkerForConditionalGeneration(_omni_thinker_config(attn_implementation, depth))
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model.eval()
+
+
+def tiny_omni(*, attn_implementation: str = "eager", seed: int = 0, talker: bool = False):
+    """A full Qwen2_5OmniForConditionalGeneration around :func:`tiny_omni_thinker`'s thinker. With
+    ``talker=True`` a tiny talker and token2wav are built too (speech output); a speaker "Chelsie" is
+    registered either way so that ``generate`` runs without a downloaded speaker file."""
+    from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
+
+    torch.manual_seed(seed)
+    thinker = _omni_thinker_config(attn_implementation, 4)
+    talker_config = {"vocab_size": 64, "embedding_size": 64, "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+                     "audio_token_index": OMNI_AUDIO, "image_token_index": OMNI_IMAGE, "video_token_index": OMNI_VIDEO,
+                     "vision_start_token_id": OMNI_VISION_START, "vision_end_token_id": OMNI_VISION_END,
+                     "audio_start_token_id": OMNI_AUDIO_START, "audio_end_token_id": OMNI_AUDIO_END,
+                     "tts_codec_start_token_id": 60, "tts_codec_end_token_id": 61, "tts_codec_pad_token_id": 62,
+                     "tts_codec_mask_token_id": 63, "tts_text_start_token_id": 180, "tts_text_end_token_id": 181,
+                     "tts_text_pad_token_id": 182,
+                     "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}}
+    token2wav = {  # a tiny DiT + BigVGAN: built, never run by the tests (speech is refused when pruned)
+        "dit_config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "head_dim": 16,
+                       "emb_dim": 16, "num_embeds": 64, "mel_dim": 8, "enc_emb_dim": 8, "enc_dim": 16,
+                       "enc_channels": [16, 16, 16, 16, 48], "enc_attention_channels": 8, "enc_se_channels": 8,
+                       "look_ahead_layers": [1], "look_backward_layers": [0], "block_size": 4},
+        "bigvgan_config": {"mel_dim": 8, "upsample_initial_channel": 16, "upsample_rates": [2, 2],
+                           "upsample_kernel_sizes": [4, 4], "resblock_kernel_sizes": [3],
+                           "resblock_dilation_sizes": [[1, 3, 5]]},
+    }
+    config = Qwen2_5OmniConfig(thinker_config=thinker.to_dict(), talker_config=talker_config,
+                               token2wav_config=token2wav, enable_audio_output=talker)
+    config._attn_implementation = attn_implementation
+    model = Qwen2_5OmniForConditionalGeneration(config)
+    model.thinker.generation_config.pad_token_id = PAD_TOKEN
+    model.speaker_map = {"Chelsie": {"bos_token": 183, "cond": torch.zeros(1, 8), "ref_mel": torch.zeros(1, 8, 8)}}
+    return model.eval()
+
+
+def omni_audio_tokens(frames: int) -> int:
+    """LLM tokens of an audio clip of ``frames`` mel frames (100 per second): 25 per second."""
+    after_conv = (frames - 1) // 2 + 1
+    return (after_conv - 2) // 2 + 1
+
+
+def omni_video_times(grid: tuple[int, int, int], second_per_grid: float) -> torch.Tensor:
+    """TMRoPE temporal index of each merged video token, in token order (what ``get_rope_index``
+    computes: temporal slice s sits at ``int(s * second_per_grid * 25)``)."""
+    t, h, w = grid
+    per_slice = (h // QWEN_MERGE) * (w // QWEN_MERGE)
+    times = (torch.arange(t) * torch.tensor(float(second_per_grid)) * OMNI_PPS).long()
+    return times.repeat_interleave(per_slice)
+
+
+def _chunk_sizes(times: list[int], per_chunk: int) -> list[int]:
+    """Tokens of each consecutive 2-second chunk (the processor's ``get_chunked_index``)."""
+    sizes, chunk = [0], 1
+    for value in times:
+        while value >= chunk * per_chunk:
+            sizes.append(0)
+            chunk += 1
+        sizes[-1] += 1
+    return sizes
+
+
+def omni_item_tokens(item: tuple) -> list[int]:
+    """Token ids one item puts in the prompt, as Qwen2_5OmniProcessor lays it out.
+
+    item: ("image", (1, h, w)) | ("video", (t, h, w), second_per_grid) | ("audio", mel_frames)
+        | ("video+audio", (t, h, w), second_per_grid, mel_frames)  (``use_audio_in_video=True``:
+        <vision_bos><audio_bos> then per 2-second chunk its video tokens and its audio tokens,
+        <audio_eos><vision_eos>).
+    """
+    kind = item[0]
+    if kind == "image":
+        t, h, w = item[1]
+        return [OMNI_VISION_START] + [OMNI_IMAGE] * (t * h * w // QWEN_MERGE**2) + [OMNI_VISION_END]
+    if kind == "video":
+        t, h, w = item[1]
+        return [OMNI_VISION_START] + [OMNI_VIDEO] * (t * h * w // QWEN_MERGE**2) + [OMNI_VISION_END]
+    if kind == "audio":
+        return [OMNI_AUDIO_START] + [OMNI_AUDIO] * omni_audio_tokens(item[1]) + [OMNI_AUDIO_END]
+    if kind == "video+audio":
+        per_chunk = OMNI_PPS * OMNI_CHUNK_SECONDS
+        video = _chunk_sizes(omni_video_times(item[1], item[2]).tolist(), per_chunk)
+        audio = _chunk_sizes(list(range(omni_audio_tokens(item[3]))), per_chunk)
+        row = [OMNI_VISION_START, OMNI_AUDIO_START]
+        for j in range(max(len(video), len(audio))):
+            row += [OMNI_VIDEO] * (video[j] if j < len(video) else 0)
+            row += [OMNI_AUDIO] * (audio[j] if j < len(audio) else 0)
+        return row + [OMNI_AUDIO_END, OMNI_VISION_END]
+    raise ValueError(f"unknown item kind {kind!r}")
+
+
+def omni_inputs(items_per_prompt: list[list[tuple]], text_lens: list[int], *, seed: int = 0) -> dict:
+    """Thinker inputs for a batch (left padded): input_ids, attention_mask and the media tensors
+    (pixel_values / image_grid_thw, pixel_values_videos / video_grid_thw / video_second_per_grid,
+    input_features (n_audio, 16, frames) / feature_attention_mask), use_audio_in_video. Media of each
+    kind are in prompt order; a "video+audio" item's audio track takes its place among the audios.
+    A batch cannot mix "video" and "video+audio" items (the model's ``use_audio_in_video`` is one flag).
+    """
+    kinds = {item[0] for items in items_per_prompt for item in items}
+    if {"video", "video+audio"} <= kinds:
+        raise ValueError("a batch cannot mix plain videos and videos with their audio track")
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for items, n_text in zip(items_per_prompt, text_lens):
+        pieces = len(items) + 1
+        cuts = [n_text * i // pieces for i in range(pieces + 1)]
+        row = [1]
+        for i in range(pieces):
+            row += torch.randint(3, 150, (cuts[i + 1] - cuts[i],), generator=gen).tolist()
+            if i < len(items):
+                row += omni_item_tokens(items[i])
+        rows.append(row)
+    length = max(len(r) for r in rows)
+    out = {
+        "input_ids": torch.full((len(rows), length), PAD_TOKEN, dtype=torch.long),
+        "attention_mask": torch.zeros(len(rows), length, dtype=torch.long),
+    }
+    for b, row in enumerate(rows):
+        out["input_ids"][b, length - len(row) :] = torch.tensor(row)
+        out["attention_mask"][b, length - len(row) :] = 1
+    flat = [item for items in items_per_prompt for item in items]
+    images = [item[1] for item in flat if item[0] == "image"]
+    videos = [item for item in flat if item[0] in ("video", "video+audio")]
+    audios = [item[1] if item[0] == "audio" else item[3] for item in flat if item[0] in ("audio", "video+audio")]
+    if images:
+        out["pixel_values"], out["image_grid_thw"] = qwen_media(images, seed=seed + 1)
+    if videos:
+        out["pixel_values_videos"], out["video_grid_thw"] = qwen_media([v[1] for v in videos], seed=seed + 2)
+        out["video_second_per_grid"] = torch.tensor([float(v[2]) for v in videos])
+    if audios:
+        frames = max(audios)
+        out["input_features"] = torch.randn(len(audios), OMNI_MEL, frames, generator=gen)
+        out["feature_attention_mask"] = (torch.arange(frames)[None] < torch.tensor(audios)[:, None]).long()
+        out["input_features"] *= out["feature_attention_mask"][:, None]
+    out["use_audio_in_video"] = "video+audio" in kinds
+    return out

@@ -9,12 +9,12 @@ torch.set_num_threads(2)
 class Case:
     """A model with inputs for a batch of prompts."""
 
-    def __init__(self, family, attn="eager", prompts=((1,),), text_lens=(10,), seed=0):
+    def __init__(self, family, attn="eager", prompts=((1,),), text_lens=(10,), seed=0, text_layers=2):
         self.family = family
         if family == "llava":
-            self.model = tiny_llava(attn_implementation=attn)
+            self.model = tiny_llava(attn_implementation=attn, text_layers=text_layers)
         else:
-            self.model = tiny_llava_next(attn_implementation=attn)
+            self.model = tiny_llava_next(attn_implementation=attn, text_layers=text_layers)
         gen = torch.Generator().manual_seed(seed)
         self.prompts = prompts  # per prompt: a tuple of image "kinds" (index into sizes for next)
         n_images = sum(len(p) for p in prompts)

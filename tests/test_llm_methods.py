@@ -27,10 +27,12 @@ def _causal(q, kv):
 
 
 @torch.no_grad()
-def layer_loop(model, inputs, record, mode, steps=8):
-    """Run decoder layers one by one on what ``record`` says each layer saw; greedy-decode on."""
+def layer_loop(model, embeds, positions, record, mode, steps=8):
+    """Run decoder layers one by one on what ``record`` says each layer saw; greedy-decode on.
+
+    embeds: (1, L, D) the unwrapped model's LM input; positions: (P, L) its positions (P = 1 for
+    1-D RoPE, 3 for M-RoPE). Decoding continues at max(positions) + 1 (+ steps)."""
     lm = model.model.language_model
-    embeds = full_inputs_embeds(model, inputs)
     length = embeds.shape[1]
     cache = DynamicCache(config=lm.config)
     cols = torch.arange(length)
@@ -42,21 +44,23 @@ def layer_loop(model, inputs, record, mode, steps=8):
             hidden = hidden[:, torch.isin(cols, seen)]  # drop rows: run the rest on what is left
             cols = seen
         layer_cols.append(cols)
-        pos = cols if mode == "original" else torch.arange(cols.numel())
-        emb = lm.rotary_emb(hidden, pos[None])
+        pos = positions[:, cols] if mode == "original" else torch.arange(cols.numel())[None]
+        pos = pos[:, None] if pos.shape[0] == 3 else pos  # M-RoPE: (3, 1, L)
+        emb = lm.rotary_emb(hidden, pos)
         hidden = layer(hidden, attention_mask=_causal(cols.numel(), cols.numel()), position_embeddings=emb,
-                       position_ids=pos[None], past_key_values=cache, use_cache=True)
+                       past_key_values=cache, use_cache=True)
     logits = model.lm_head(lm.norm(hidden))[0]
     tokens, nxt = [], logits[-1].argmax()
+    start = int(positions.max()) + 1
     for step in range(steps):
         tokens.append(int(nxt))
         hidden = model.get_input_embeddings()(nxt.view(1, 1))
         for i, layer in enumerate(lm.layers):
             seen = layer_cols[i].numel()
-            pos = torch.tensor([[length + step if mode == "original" else seen + step]])
-            kv = seen + step + 1
-            hidden = layer(hidden, attention_mask=_causal(1, kv), position_embeddings=lm.rotary_emb(hidden, pos),
-                           position_ids=pos, past_key_values=cache, use_cache=True)
+            value = start + step if mode == "original" else seen + step
+            pos = torch.full((3, 1, 1), value) if positions.shape[0] == 3 else torch.tensor([[value]])
+            hidden = layer(hidden, attention_mask=_causal(1, seen + step + 1),
+                           position_embeddings=lm.rotary_emb(hidden, pos), past_key_values=cache, use_cache=True)
         nxt = model.lm_head(lm.norm(hidden))[0, -1].argmax()
     return logits, tokens
 
@@ -81,7 +85,8 @@ def test_oracle_layer_loop(method, positions):
         generated = model.generate(**inputs, **GEN)[0, inputs["input_ids"].shape[1] :].tolist()
     assert len(record.layer_masks) >= 2  # at least one cut happened
     prune.unwrap(model)
-    ref_logits, ref_tokens = layer_loop(model, inputs, record, positions)
+    embeds = full_inputs_embeds(model, inputs)
+    ref_logits, ref_tokens = layer_loop(model, embeds, torch.arange(embeds.shape[1])[None], record, positions)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
     assert generated == ref_tokens
 
@@ -223,3 +228,47 @@ def test_schedules_average_keep_and_bad_input():
         get_method("pdrop")(schedule=[(4, 0.5), (8, 0.7)]).schedule(32, 0.5)
     with pytest.raises(ValueError, match="average fraction"):
         get_method("fastv")().schedule(32, 100)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_qwen25_oracle_and_batch(method):
+    from prune._tiny import tiny_qwen_vl
+    from tests.oracle import qwen_full_inputs
+    from tests.test_qwen import make_inputs, select_rows
+
+    prompts = [[("image", (1, 8, 12))], [("image", (1, 12, 8)), ("video", (2, 8, 8))], []]
+    inputs = make_inputs(prompts, [5, 14, 9], seed=4)
+    model = prune.wrap(tiny_qwen_vl("2.5", text_layers=8), method, keep=0.45)
+    assert model.prune_state.positions == "original"  # M-RoPE keeps (t, h, w) ids
+    with torch.no_grad():
+        batch_tokens = model.generate(**inputs, **GEN)[:, inputs["input_ids"].shape[1] :]
+        for row in range(len(prompts)):
+            single = select_rows(prompts, inputs, [row])
+            tokens = model.generate(**single, **GEN)[0, single["input_ids"].shape[1] :]
+            assert tokens.tolist() == batch_tokens[row].tolist()
+        single = select_rows(prompts, inputs, [1])
+        logits = model(**single).logits[0]
+        record = model.prune_state.last
+        generated = model.generate(**single, **GEN)[0, single["input_ids"].shape[1] :].tolist()
+    assert len(record.layer_masks) >= 2
+    prune.unwrap(model)
+    embeds, positions = qwen_full_inputs(model, single)
+    ref_logits, ref_tokens = layer_loop(model, embeds, positions[:, 0], record, "original")
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    assert generated == ref_tokens
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_llava_next_batch_equals_singles(method):
+    from tests.conftest import Case
+
+    case = Case("llava_next", prompts=((0,), (1, 2), ()), text_lens=(5, 14, 9), seed=3, text_layers=8)
+    model = prune.wrap(case.model, method, keep=0.4)
+    with torch.no_grad():
+        batch = case.inputs()
+        out = model.generate(**batch, **GEN)[:, batch["input_ids"].shape[1] :]
+        assert len(model.prune_state.last.layer_masks) >= 2  # a cut happened
+        for row in range(3):
+            single = case.inputs([row])
+            tokens = model.generate(**single, **GEN)[0, single["input_ids"].shape[1] :]
+            assert tokens.tolist() == out[row].tolist()
