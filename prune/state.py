@@ -49,6 +49,7 @@ class PruneRecord:
     images: list[ImageRecord]
     positions: str
     position_ids: torch.Tensor | None = None  # what the language model got for the kept rows
+    padding: torch.Tensor | None = None  # (batch, prefill length) bool, True at padding positions
     #: in-LLM methods: (first decoder layer, (batch, prefill length) bool of what it and the layers up
     #: to the next entry saw); layer 0 sees everything
     layer_masks: list[tuple[int, torch.Tensor]] | None = None

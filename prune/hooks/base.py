@@ -72,6 +72,14 @@ def split_budget(total: int, caps: list[int], proportional: bool = False) -> lis
     return shares
 
 
+def _padding(kwargs: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: padding positions of the language model's input."""
+    mask = kwargs.get("attention_mask")
+    if mask is None or mask.ndim != 2:
+        return torch.zeros_like(like)
+    return ~mask.bool()
+
+
 def _past_length(past_key_values: Any) -> int:
     if past_key_values is None:
         return 0
@@ -236,14 +244,17 @@ class Adapter:
         if call:
             for modality, (fn_args, signals) in media.items():
                 embeds = self._select(modality, call, fn_args, signals, embeds, keep_mask, records)
+        padding = _padding(kwargs, keep_mask)
         if bool(keep_mask.all()):
             # no media, or nothing removed (keep=1.0): the model runs untouched
-            state.last = PruneRecord(keep_mask=keep_mask, images=records, positions=state.positions)
+            state.last = PruneRecord(keep_mask=keep_mask, images=records, positions=state.positions, padding=padding)
             return None
         kwargs = dict(kwargs, inputs_embeds=embeds)
         new_kwargs, plan, positions = cut_prefill(kwargs, keep_mask, state.positions)
         state._plan = plan
-        state.last = PruneRecord(keep_mask=keep_mask, images=records, positions=state.positions, position_ids=positions)
+        state.last = PruneRecord(
+            keep_mask=keep_mask, images=records, positions=state.positions, position_ids=positions, padding=padding
+        )
         return args, new_kwargs
 
     # ---- in-LLM methods: the language model's input is untouched; decoder layers cut ---------------
@@ -268,7 +279,9 @@ class Adapter:
                         records.append(ImageRecord(sample=b, positions=pos, kept=torch.ones_like(pos, dtype=torch.bool),
                                                    scores={}, budget=int(pos.numel()), grids=[], modality=modality))
         keep_mask = torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
-        state.last = PruneRecord(keep_mask=keep_mask, images=records, positions=state.positions)
+        state.last = PruneRecord(
+            keep_mask=keep_mask, images=records, positions=state.positions, padding=_padding(kwargs, keep_mask)
+        )
         if bool(vision.any()):
             cut.start_prefill(kwargs, vision)
         else:
