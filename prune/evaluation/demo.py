@@ -65,6 +65,7 @@ def run_demo(
         vision_layers=6,
         vision_hidden=64,
         text_hidden=128,
+        text_layers=8,  # enough depth for the in-LLM methods' cuts
         attn_implementation="sdpa",
         seed=seed,
     )
@@ -78,9 +79,14 @@ def run_demo(
     gen = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
 
     rows, tiles = [], [("original", image)]
+    skipped = []
     for method in ["none", *sorted(prune.available_methods())]:
         if method != "none":
-            prune.wrap(model, method, keep=keep)
+            try:
+                prune.wrap(model, method, keep=keep)
+            except (TypeError, ValueError) as err:  # e.g. a method for another model family
+                skipped.append(f"{method} ({err})")
+                continue
         with torch.no_grad():
             model(**inputs)  # warm-up
             prefill = _median_ms(lambda: model(**inputs))
@@ -92,16 +98,22 @@ def run_demo(
             continue
         last = model.prune_state.last
         rec = last.images[0]
-        rows.append((method, rec.tokens_before, rec.tokens_after, prefill, total, answer))
-        tiles.append(
-            (f"{method}: {rec.tokens_after}/{rec.tokens_before}", overlay_kept(image, rec.kept, (side, side)))
-        )
+        after = rec.tokens_after
+        if last.layer_masks:  # in-LLM: the average over decoder layers of the vision tokens each saw
+            layers = model.config.text_config.num_hidden_layers
+            after = round(sum(int(last.seen_by(i)[0, rec.positions].sum()) for i in range(layers)) / layers)
+        rows.append((method, rec.tokens_before, after, prefill, total, answer))
+        tiles.append((f"{method}: {after}/{rec.tokens_before}", overlay_kept(image, rec.kept, (side, side))))
         prune.unwrap(model)
 
     print(f"tiny random LLaVA (CLIP {SIZE}px/{PATCH}, {n} vision tokens), keep={keep}")
-    print(f"{'method':<9} {'tokens':>9} {'prefill ms':>11} {'generate ms':>12}  first tokens")
+    print(f"{'method':<11} {'tokens':>9} {'prefill ms':>11} {'generate ms':>12}  first tokens")
     for method, before, after, prefill, total, answer in rows:
-        print(f"{method:<9} {f'{after}/{before}':>9} {prefill:>11.1f} {total:>12.1f}  {answer[:6]}")
+        print(f"{method:<11} {f'{after}/{before}':>9} {prefill:>11.1f} {total:>12.1f}  {answer[:6]}")
+    for note in skipped:
+        print(f"skipped {note}")
+    print("in-LLM methods (fastv, pdrop, transprune): tokens = average per decoder layer; the picture shows")
+    print("what their last layers see")
     path = out_dir / "kept.png"
     labelled_grid(tiles, columns=3).save(path)
     print(f"kept patches: {path}")
