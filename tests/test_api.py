@@ -142,3 +142,23 @@ def test_budget_rule_and_record(make_case):
     with torch.no_grad():
         model(**case.inputs())
     assert model.prune_state.last.vision_tokens_after == 128
+
+
+def test_stale_encoder_call_and_precomputed_features(make_case):
+    import inspect
+
+    case = make_case("llava", prompts=((0,),))
+    inputs = case.inputs()
+    with torch.no_grad():
+        precomputed = case.model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
+        model = prune.wrap(case.model, "hiprune", keep=0.25)
+        model.model.get_image_features(pixel_values=inputs["pixel_values"])  # a user's own call
+        text_only = make_case("llava", prompts=((),), text_lens=(9,)).inputs()
+        model(**text_only)  # must not prune with the stale images
+        assert model.prune_state.last.images == []
+        if "mm_encoder_outputs" not in inspect.signature(model.forward).parameters:
+            return  # transformers < 5.2x has no pre-computed features
+        model.prune_state._media.clear()
+        with pytest.warns(UserWarning, match="not pruned"):
+            model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                  mm_encoder_outputs={"image": precomputed})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -242,8 +243,16 @@ class Adapter:
         keep_mask = torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
         records: list[ImageRecord] = []
         if call:
-            for modality, (fn_args, signals) in media.items():
-                embeds = self._select(modality, call, fn_args, signals, embeds, keep_mask, records)
+            for modality in self.feature_functions:
+                if modality in media:
+                    fn_args, signals = media[modality]
+                    embeds = self._select(modality, call, fn_args, signals, embeds, keep_mask, records)
+                elif bool(self._placeholder_mask(modality, call).any()):
+                    warnings.warn(
+                        f"the prompt holds {modality} tokens but the vision encoder did not run under prune "
+                        "(pre-computed features?): they are not pruned",
+                        stacklevel=2,
+                    )
         padding = _padding(kwargs, keep_mask)
         if bool(keep_mask.all()):
             # no media, or nothing removed (keep=1.0): the model runs untouched
@@ -306,6 +315,8 @@ class Adapter:
         layouts = self.layouts(modality, fn_args, signals)
         rows, cols = self._placeholder_mask(modality, call).nonzero(as_tuple=True)  # scatter order
         expected = sum(lay.num_tokens for lay in layouts)
+        if rows.numel() == 0:
+            return embeds  # the encoder ran for another call (e.g. get_image_features called directly)
         if rows.numel() != expected:
             raise RuntimeError(f"found {rows.numel()} {modality} placeholder tokens but the inputs give {expected}")
         config = self.state.config
