@@ -160,6 +160,7 @@ ATTN_CASES = {
     "bnhd": dict(b=2, h=2, hk=1, n=25, d=16, layout="bnhd", scale=0.7),
     "strided": dict(b=1, h=2, hk=2, n=18, d=8, layout="strided"),
     "n1": dict(b=1, h=2, hk=2, n=1, d=8),
+    "neg-scale": dict(b=1, h=2, hk=2, n=20, d=8, scale=-0.5),
 }
 
 

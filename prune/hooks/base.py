@@ -199,7 +199,7 @@ class Adapter:
             # FlashAttention gets all windows in one call with cu_seqlens; other backends one call each.
             segments = kwargs.get("cu_seq_lens_q")
             for req in requests:
-                query_index = torch.zeros(1, dtype=torch.long, device=q.device) if req.query == "cls" else None
+                query_index = [0] if req.query == "cls" else None  # host indices: no device sync
                 stats = attention_stats(
                     q.detach(), k.detach(), query_index=query_index, segments=segments, scale=kwargs.get("scaling")
                 )  # (batch, N) fp32

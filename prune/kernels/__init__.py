@@ -1,10 +1,15 @@
 """Attention statistics and token-selection kernels.
 
-Each public function dispatches to a Triton kernel for CUDA tensors (when Triton is importable and
-``PRUNE_DISABLE_TRITON`` is not set) and to its plain-torch reference elsewhere; all three variants
-(dispatcher, ``*_reference``, ``*_triton``) share one signature. Triton is imported lazily, only when
+Each public function dispatches to a Triton kernel for CUDA tensors (when Triton is importable) and to its plain-torch reference elsewhere; the three variants
+(dispatcher, ``*_reference``, ``*_triton``) share one signature (``attention_stats``'s ``key_mask`` /
+``causal`` exist in the reference only: the dispatcher sends such calls there). Triton is imported lazily, only when
 a Triton path runs, so importing this package works without Triton (e.g. on macOS). The ``*_triton``
 functions also run on CPU tensors when Triton was imported with ``TRITON_INTERPRET=1``.
+
+Host syncs: none on the Triton paths of ``attention_stats`` (index lists / CPU tensors given as
+``query_index`` or ``segments`` are validated on the host and their device copies cached by content;
+indices already on the GPU are checked with ``torch._assert_async``) and ``transition_variation``;
+``topk_gather`` syncs once when ``k`` is a per-row tensor (to size its output).
 """
 
 from __future__ import annotations

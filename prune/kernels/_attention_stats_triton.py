@@ -22,9 +22,9 @@ import functools
 from dataclasses import dataclass, replace
 
 import torch
-import triton
 import triton.language as tl
 
+from ._triton_support import cdiv as _cdiv
 from ._triton_support import jit, next_pow2, num_sms
 
 _LOG2E = 1.4426950408889634
@@ -287,52 +287,51 @@ def default_config(
 ) -> AttentionConfig:
     """Heuristic launch configuration (tuned on an H100, bf16, d = 64 / 80)."""
     sms = num_sms(q) if q.is_cuda else 0
-    return _heuristic(q.is_cuda, sms, q.dtype == torch.float32, q.shape[0], q.shape[1], hk, n, rows, has_idx)
+    b, h, _, d = q.shape
+    return _heuristic(q.is_cuda, sms, q.dtype == torch.float32, b, h, hk, n, d, rows, has_idx)
 
 
 @functools.lru_cache(maxsize=1024)
 def _heuristic(
-    is_cuda: bool, sms: int, fp32: bool, b: int, h: int, hk: int, n: int, rows: int, has_idx: bool
+    is_cuda: bool, sms: int, fp32: bool, b: int, h: int, hk: int, n: int, d: int, rows: int, has_idx: bool
 ) -> AttentionConfig:
+    """Block sizes from sweeps on an H100 (bf16, H=16, d=64/80, N=4096/16384; see bench_kernels)."""
     if not is_cuda:  # interpreter: small tiles keep numpy fast and exercise the tails
         return AttentionConfig(16, 16, 1, 1, 1, 16, 16, 1, 1, 1, 1)
     if not has_idx:
-        cfg = AttentionConfig()
         if fp32:  # ieee fp32 dots: smaller tiles, fewer registers
-            cfg = replace(
-                cfg, lse_block_m=64, lse_block_n=32, lse_warps=4, col_block_n=64, col_block_m=32, col_warps=4
-            )
-        key_blocks = triton.cdiv(n, cfg.col_block_n)
+            cfg = AttentionConfig(64, 32, 4, 3, 1, 64, 32, 4, 3, 1, 1)
+        elif head_dim_chunks(d)[1] == 0 and d <= 64:
+            cfg = AttentionConfig(64, 128, 4, 3, 1, 64, 128, 4, 3, 1, 1)
+        else:
+            cfg = AttentionConfig(64, 128, 4, 3, 1, 128, 64, 4, 3, 1, 1)
+        key_blocks = _cdiv(n, cfg.col_block_n)
         row_splits = 1
         while key_blocks * b * hk * row_splits < 2 * sms and rows // (row_splits * 2) >= 4 * cfg.col_block_m:
             row_splits *= 2
         return replace(cfg, row_splits=row_splits)
 
-    # query subset: few rows, so split the keys in pass 1 and fold heads in pass 2
+    # query subset: few rows. Pass 1 splits the keys so that enough programs run; pass 2 takes one
+    # kv head per program (the per-head partial sums cost one small reduction).
     bm = max(16, min(64, next_pow2(rows)))
     lse_bn = 64 if fp32 else 128
-    row_blocks = triton.cdiv(rows, bm)
+    row_blocks = _cdiv(rows, bm)
     key_splits = 1
     while (
-        row_blocks * b * h * key_splits < 2 * sms and n // (key_splits * 2) >= 2 * lse_bn and key_splits < 64
+        row_blocks * b * h * key_splits < 2 * sms and n // (key_splits * 2) >= 2 * lse_bn and key_splits < 16
     ):
         key_splits *= 2
-    col_bn = 64
-    key_blocks = triton.cdiv(n, col_bn)
-    kv_per_prog = hk
-    while kv_per_prog > 1 and key_blocks * b * triton.cdiv(hk, kv_per_prog) < 2 * sms:
-        kv_per_prog = (kv_per_prog + 1) // 2
     return AttentionConfig(
         lse_block_m=bm,
         lse_block_n=lse_bn,
         lse_warps=4,
         lse_stages=3,
         key_splits=key_splits,
-        col_block_n=col_bn,
+        col_block_n=64 if fp32 else 128,
         col_block_m=bm,
         col_warps=4,
         col_stages=2,
-        kv_per_prog=kv_per_prog,
+        kv_per_prog=1,
         row_splits=1,
     )
 
@@ -373,12 +372,12 @@ def launch(
 
     # pass 1: row log-sum-exp (base 2)
     key_splits = max(1, int(cfg.key_splits))
-    keys_per_split = triton.cdiv(triton.cdiv(n, key_splits), cfg.lse_block_n) * cfg.lse_block_n
-    key_splits = triton.cdiv(n, keys_per_split)
+    keys_per_split = _cdiv(_cdiv(n, key_splits), cfg.lse_block_n) * cfg.lse_block_n
+    key_splits = _cdiv(n, keys_per_split)
     bhr = b * h * rows
     m_buf = torch.empty((key_splits, b, h, rows), dtype=torch.float32, device=q.device)
     l_buf = m_buf if key_splits == 1 else torch.empty_like(m_buf)
-    grid1 = (triton.cdiv(rows, cfg.lse_block_m), b * h, key_splits)
+    grid1 = (_cdiv(rows, cfg.lse_block_m), b * h, key_splits)
     _lse_kernel[grid1](
         q, k, idx_t, lo_t, hi_t, m_buf, l_buf,
         *q.stride(), *k.stride(),
@@ -391,12 +390,12 @@ def launch(
 
     # pass 2: column sums over rows and heads
     kv_per_prog = max(1, min(int(cfg.kv_per_prog), hk))
-    n_chunks = triton.cdiv(hk, kv_per_prog)
+    n_chunks = _cdiv(hk, kv_per_prog)
     row_splits = max(1, int(cfg.row_splits))
-    rows_per_split = triton.cdiv(triton.cdiv(rows, row_splits), cfg.col_block_m) * cfg.col_block_m
-    row_splits = triton.cdiv(rows, rows_per_split)
+    rows_per_split = _cdiv(_cdiv(rows, row_splits), cfg.col_block_m) * cfg.col_block_m
+    row_splits = _cdiv(rows, rows_per_split)
     partial = torch.empty((n_chunks * row_splits, b, n), dtype=torch.float32, device=q.device)
-    grid2 = (triton.cdiv(n, cfg.col_block_n), b * n_chunks, row_splits)
+    grid2 = (_cdiv(n, cfg.col_block_n), b * n_chunks, row_splits)
     _colsum_kernel[grid2](
         q, k, idx_t, lo_t, hi_t, m_buf, l_buf, partial,
         *q.stride(), *k.stride(),

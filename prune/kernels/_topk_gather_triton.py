@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
+from ._triton_support import cdiv as _cdiv
 from ._triton_support import jit, next_pow2
 
 
@@ -47,7 +47,7 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     block_r = max(1, min(32, 4096 // block_d))
     if not x.is_cuda:
         block_d, block_r = min(block_d, 32), min(block_r, 8)
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(d, block_d))
+    grid = (_cdiv(rows, block_r), _cdiv(d, block_d))
     _gather_kernel[grid](
         x, idx.contiguous(), out, *x.stride(), rows, kk, d,
         BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,

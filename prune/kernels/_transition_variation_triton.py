@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
+from ._triton_support import cdiv as _cdiv
 from ._triton_support import jit, next_pow2
 
 
@@ -57,7 +57,7 @@ def launch(h_before: torch.Tensor, h_after: torch.Tensor, eps: float) -> tuple[t
     block_r = max(1, min(16, 2048 // block_d))
     if not h_before.is_cuda:
         block_d, block_r = min(block_d, 16), min(block_r, 4)
-    grid = (triton.cdiv(rows, block_r),)
+    grid = (_cdiv(rows, block_r),)
     _transition_kernel[grid](
         h_before, h_after, ratio, var,
         *h_before.stride(), *h_after.stride(),

@@ -9,11 +9,9 @@ than at the environment (which may have changed since).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-_DISABLE_ENV = "PRUNE_DISABLE_TRITON"
 
 
 @functools.cache
@@ -50,16 +48,10 @@ def jit(fn):
     return JITFunction(fn)
 
 
-def triton_disabled_by_env() -> bool:
-    return os.environ.get(_DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
-
-
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Dispatch rule shared by every kernel: Triton iff all tensors are on a CUDA (or ROCm) device,
-    Triton imports, and ``PRUNE_DISABLE_TRITON`` is not set."""
+    Triton imports. (No environment switch: call the ``*_reference`` function to bypass Triton.)"""
     if not tensors or not all(t.is_cuda for t in tensors):
-        return False
-    if triton_disabled_by_env():
         return False
     return triton_importable()
 
@@ -73,6 +65,11 @@ def check_runnable(t: torch.Tensor, name: str) -> None:
             f"{name}: tensors are on {t.device}; the Triton path on CPU needs TRITON_INTERPRET=1 "
             "set in the environment before triton is first imported"
         )
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of Python ints (``triton.cdiv`` is much slower to call from the host)."""
+    return -(-a // b)
 
 
 def next_pow2(x: int) -> int:

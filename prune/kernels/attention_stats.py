@@ -291,8 +291,7 @@ def attention_stats(
 ) -> torch.Tensor:
     """(B, N) fp32 attention received per key; see :func:`attention_stats_reference` for semantics.
 
-    Dispatch: :func:`attention_stats_triton` when q and k are CUDA tensors and Triton imports (and
-    ``PRUNE_DISABLE_TRITON`` is unset), :func:`attention_stats_reference` otherwise. Masked calls
+    Dispatch: :func:`attention_stats_triton` when q and k are CUDA tensors and Triton imports, :func:`attention_stats_reference` otherwise. Masked calls
     (``key_mask`` / ``causal``: a few query rows of a decoder layer) take the reference path, which
     costs O(H * Q * N) there.
     """

@@ -71,6 +71,22 @@ def _finish_indices(
     return torch.where(valid_sorted, idx, torch.full_like(idx, -1)), valid_sorted
 
 
+def _stable_descending_order(scores: torch.Tensor) -> torch.Tensor:
+    """(B, N) indices by descending score, lower index first among ties, NaN above +inf, -0.0 == +0.0.
+
+    Spelled out rather than left to ``torch.sort``, whose NaN placement differs between devices and
+    dtypes (seen: bf16 on CUDA).
+    """
+    if not scores.is_floating_point():
+        return torch.sort(scores, dim=1, descending=True, stable=True).indices
+    nan = torch.isnan(scores)
+    s = torch.where(nan, torch.full_like(scores, float("inf")), scores + 0.0)  # + 0.0: -0.0 -> +0.0
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    # NaNs tie with +inf so far; a second stable sort on "is NaN" moves them ahead, order kept
+    first = torch.sort(nan.gather(1, order).to(torch.uint8), dim=1, descending=True, stable=True).indices
+    return order.gather(1, first)
+
+
 def topk_gather_reference(
     x: torch.Tensor, scores: torch.Tensor, k: int | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +95,7 @@ def topk_gather_reference(
     Args:
         x: (B, N, D) tokens (any dtype, any strides).
         scores: (B, N) real scores; higher is kept. Ties: the lower index wins. NaN ranks above +inf
-            (as in ``torch.sort``); -0.0 and +0.0 tie.
+            (on every device and dtype); -0.0 and +0.0 tie.
         k: an int in [0, N], or a (B,) integer tensor of per-row counts (ragged).
 
     Returns:
@@ -89,7 +105,7 @@ def topk_gather_reference(
     """
     b, n, d = _check_inputs(x, scores)
     kmax, kvec = _normalize_k(k, b, n, x.device)
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :kmax]
+    order = _stable_descending_order(scores)[:, :kmax]
     idx, valid = _finish_indices(order, kvec, n)
     gathered = torch.gather(x, 1, idx.clamp_min(0)[:, :, None].expand(b, kmax, d))
     if valid is not None:
@@ -113,7 +129,7 @@ def _rank_order(scores: torch.Tensor, kmax: int, ranked: bool) -> torch.Tensor:
         tie = (n - 1) - torch.arange(n, device=scores.device, dtype=torch.int64)
         comp = key.to(torch.int64) * (1 << 32) + tie
         return torch.topk(comp, kmax, dim=1, largest=True, sorted=ranked).indices
-    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :kmax]
+    return _stable_descending_order(scores)[:, :kmax]
 
 
 def topk_gather_triton(
@@ -148,8 +164,7 @@ def topk_gather(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k tokens per row, kept in order; see :func:`topk_gather_reference` for semantics.
 
-    Dispatch: :func:`topk_gather_triton` when x and scores are CUDA tensors and Triton imports (and
-    ``PRUNE_DISABLE_TRITON`` is unset), :func:`topk_gather_reference` otherwise.
+    Dispatch: :func:`topk_gather_triton` when x and scores are CUDA tensors and Triton imports, :func:`topk_gather_reference` otherwise.
     """
     from ._triton_support import use_triton
 

@@ -86,8 +86,7 @@ def transition_variation_triton(
 def transition_variation(h_before: torch.Tensor, h_after: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(ratio, 1 - cosine) per token, fp32 (B, N); see :func:`transition_variation_reference`.
 
-    Dispatch: :func:`transition_variation_triton` when both are CUDA tensors and Triton imports (and
-    ``PRUNE_DISABLE_TRITON`` is unset), :func:`transition_variation_reference` otherwise.
+    Dispatch: :func:`transition_variation_triton` when both are CUDA tensors and Triton imports, :func:`transition_variation_reference` otherwise.
     """
     from ._triton_support import use_triton
 

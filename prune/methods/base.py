@@ -121,17 +121,20 @@ class Method:
 
 
 def stable_topk(scores: torch.Tensor, k: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
-    """Indices of the k largest scores, ties to the lower index, returned in descending-score order.
+    """Ascending indices of the k largest scores (ties: the lower index wins), through the
+    ``prune.kernels.topk_gather`` dispatcher. Positions where ``allowed`` is False are never chosen
+    (k is capped at their count)."""
+    from ..kernels import topk_gather
 
-    Positions where ``allowed`` is False are never chosen (k is capped at their count).
-    """
     scores = scores.float()
     if allowed is not None:
         k = min(k, int(allowed.sum()))
         scores = scores.masked_fill(~allowed, float("-inf"))
     k = max(0, min(k, scores.numel()))
-    order = torch.sort(scores, descending=True, stable=True).indices
-    return order[:k]
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long, device=scores.device)
+    _, indices = topk_gather(scores.new_zeros(1, scores.numel(), 1), scores[None], k)
+    return indices[0]
 
 
 def layer_index(layer: int, num_layers: int, name: str) -> int:
