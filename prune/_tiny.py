@@ -306,7 +306,7 @@ def _omni_thinker_config(attn_implementation: str, depth: int):
 
     config = Qwen2_5OmniThinkerConfig(
         audio_config={"num_mel_bins": OMNI_MEL, "encoder_layers": 2, "encoder_attention_heads": 2,
-                      "encoder_ffn_dim": 64, "d_model": 32, "output_dim": 64, "n_window": 8,
+                      "encoder_ffn_dim": 64, "d_model": 32, "output_dim": 64, "n_window": 50,
                       "max_source_positions": 64},
         vision_config={"depth": depth, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
                        "patch_size": QWEN_PATCH, "spatial_merge_size": QWEN_MERGE, "temporal_patch_size": QWEN_TEMPORAL,
@@ -478,4 +478,76 @@ def omni_inputs(items_per_prompt: list[list[tuple]], text_lens: list[int], *, se
         out["feature_attention_mask"] = (torch.arange(frames)[None] < torch.tensor(audios)[:, None]).long()
         out["input_features"] *= out["feature_attention_mask"][:, None]
     out["use_audio_in_video"] = "video+audio" in kinds
+    return out
+
+
+_OMNI_SPECIAL = {
+    "audio_token": ("<|AUDIO|>", OMNI_AUDIO),
+    "image_token": ("<|IMAGE|>", OMNI_IMAGE),
+    "video_token": ("<|VIDEO|>", OMNI_VIDEO),
+    "audio_bos_token": ("<|audio_bos|>", OMNI_AUDIO_START),
+    "audio_eos_token": ("<|audio_eos|>", OMNI_AUDIO_END),
+    "vision_bos_token": ("<|vision_bos|>", OMNI_VISION_START),
+    "vision_eos_token": ("<|vision_eos|>", OMNI_VISION_END),
+}
+OMNI_VIDEO_SIZE = {"shortest_edge": 16 * 16, "longest_edge": 32 * 48}  # pixels per frame (tiny grids)
+
+
+def tiny_omni_processor():
+    """A Qwen2_5OmniProcessor for :func:`tiny_omni_thinker`, built offline: a word-level tokenizer
+    (``w3`` ... ``w189`` are words 3..189; the Omni special tokens have the thinker's ids), a
+    16-mel Whisper feature extractor, Qwen2-VL image / video processors with 4-pixel patches.
+    Call it through :func:`omni_process` (the processor's audio-in-video arguments differ between
+    transformers releases)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2_5OmniProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+        WhisperFeatureExtractor,
+    )
+
+    vocab = {"<pad>": PAD_TOKEN, "<s>": 1, "</s>": 2}
+    vocab.update({f"w{i}": i for i in range(3, OMNI_AUDIO)})
+    vocab.update({token: i for token, i in _OMNI_SPECIAL.values()})
+    vocab.update({f"x{i}": i for i in range(OMNI_VISION_END + 1, OMNI_VOCAB)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        extra_special_tokens={name: token for name, (token, _) in _OMNI_SPECIAL.items()},
+    )
+    tokenizer.padding_side = "left"
+    return Qwen2_5OmniProcessor(
+        image_processor=Qwen2VLImageProcessor(patch_size=QWEN_PATCH, temporal_patch_size=QWEN_TEMPORAL,
+                                              merge_size=QWEN_MERGE, size=OMNI_VIDEO_SIZE),
+        video_processor=Qwen2VLVideoProcessor(patch_size=QWEN_PATCH, temporal_patch_size=QWEN_TEMPORAL,
+                                              merge_size=QWEN_MERGE, size=OMNI_VIDEO_SIZE),
+        feature_extractor=WhisperFeatureExtractor(feature_size=OMNI_MEL, sampling_rate=16000),
+        tokenizer=tokenizer,
+    )
+
+
+def omni_process(processor, text, *, videos=None, audio=None, images=None, use_audio_in_video=False,
+                 fps: float = 2.0) -> dict:
+    """Run the Omni processor the same way on every transformers release.
+
+    text: a str or list of str with ``<|vision_bos|><|VIDEO|><|vision_eos|>``,
+    ``<|audio_bos|><|AUDIO|><|audio_eos|>`` and ``<|vision_bos|><|IMAGE|><|vision_eos|>`` where the
+    media go; videos: (T, H, W, 3) uint8 frames already sampled at ``fps``; audio: mono float32 16 kHz
+    waveforms, in prompt order (with ``use_audio_in_video=True`` the i-th video's track is audio[i]
+    and no other audio may be given). Returns the model inputs with ``use_audio_in_video``.
+    """
+    kwargs = {"return_tensors": "pt", "padding": True,
+              "videos_kwargs": {"size": OMNI_VIDEO_SIZE, "do_sample_frames": False, "fps": fps},
+              "images_kwargs": {"size": OMNI_VIDEO_SIZE}}
+    if use_audio_in_video and videos:
+        if hasattr(processor, "load_audio_from_video"):  # transformers >= 5.2x: OmniModalProcessorMixin
+            kwargs.update(load_audio_from_video=True, audio_from_video_indices=list(range(len(videos))))
+        else:  # 5.17: the audio list is consumed by videos and audio placeholders in prompt order
+            kwargs["use_audio_in_video"] = True
+    out = processor(text=text, videos=videos, audio=audio, images=images, **kwargs)
+    out = {k: v for k, v in out.items() if k != "num_audio_tokens"}
+    out["use_audio_in_video"] = bool(use_audio_in_video and videos)
     return out

@@ -88,3 +88,52 @@ def run_reduced_mrope(model, embeds, positions, steps=8):
                  past_key_values=cache, use_cache=True)
         nxt = model.lm_head(out.last_hidden_state)[0, -1].argmax()
     return logits[0], tokens
+
+
+# ---- Qwen2.5-Omni thinker ---------------------------------------------------------------------
+def omni_language_model(thinker):
+    """The thinker's text model (transformers 5.17: ``thinker.model``; later: ``thinker.model.language_model``)."""
+    inner = thinker.model
+    return inner.language_model if hasattr(inner, "language_model") else inner
+
+
+@torch.no_grad()
+def omni_full_inputs(thinker, inputs):
+    """(inputs_embeds (B, L, D), TMRoPE position ids (3, B, L)) that the *unwrapped* thinker hands its
+    language model for ``inputs``, read with a pre-hook on the language model (no re-implementation)."""
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen.setdefault("embeds", kwargs["inputs_embeds"].clone())
+        seen.setdefault("positions", kwargs["position_ids"].clone())
+
+    handle = omni_language_model(thinker).register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        thinker(**inputs)
+    finally:
+        handle.remove()
+    positions = seen["positions"]
+    return seen["embeds"], positions[-3:] if positions.ndim == 3 else positions
+
+
+@torch.no_grad()
+def run_reduced_omni(thinker, embeds, positions, steps=8):
+    """Prefill logits and greedy tokens of one unpadded prompt on the thinker's language model:
+    embeds (L', D), positions (3, L'); decoding continues at max(prompt positions) + 1."""
+    lm = omni_language_model(thinker)
+    device = embeds.device
+    cache = DynamicCache(config=lm.config)
+    mask = torch.ones(1, embeds.shape[0], dtype=torch.long, device=device)
+    out = lm(inputs_embeds=embeds[None], position_ids=positions[:, None], attention_mask=mask,
+             past_key_values=cache, use_cache=True)
+    logits = thinker.lm_head(out.last_hidden_state)
+    tokens, nxt, pos = [], logits[0, -1].argmax(), int(positions.max())
+    for _ in range(steps):
+        tokens.append(int(nxt))
+        pos += 1
+        mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long, device=device)], 1)
+        e = thinker.get_input_embeddings()(nxt.view(1, 1))
+        out = lm(inputs_embeds=e, position_ids=torch.full((3, 1, 1), pos, device=device), attention_mask=mask,
+                 past_key_values=cache, use_cache=True)
+        nxt = thinker.lm_head(out.last_hidden_state)[0, -1].argmax()
+    return logits[0], tokens

@@ -169,3 +169,75 @@ def run_video_demo(path: str | Path, out_dir: str | Path = "prune-demo", keep: f
     labelled_grid(strips, columns=t).save(out)
     print(f"kept tokens per frame: {out}")
     return out
+
+
+def _audio_strip(kept: torch.Tensor, window: torch.Tensor, cell: int = 4, height: int = 24) -> Image.Image:
+    """A row of audio tokens (25 per second): kept ones bright, pruned dark, 2-second windows ticked."""
+    n = kept.numel()
+    img = Image.new("RGB", (max(1, n) * cell, height), (40, 40, 40))
+    draw = ImageDraw.Draw(img)
+    for i in range(n):
+        if kept[i]:
+            draw.rectangle((i * cell, 0, (i + 1) * cell - 1, height - 1), fill=(80, 200, 120))
+        if i and window[i] != window[i - 1]:
+            draw.line((i * cell, 0, i * cell, height - 1), fill=(255, 255, 255))
+    return img
+
+
+def run_omni_demo(path: str | Path, out_dir: str | Path = "prune-demo", keep: float = 0.25, seed: int = 0,
+                  fps: float = 2.0, new_tokens: int = 8) -> Path:
+    """Prune a video file *with its sound* on a small Qwen2.5-Omni thinker built in code.
+
+    The frames (``fps`` per second) and the audio track interleave in 2-second chunks
+    (``use_audio_in_video``); ``avpool`` budgets both in one pool, ``avpool`` with
+    ``budget="per_modality"`` keeps ``keep`` of each, ``hiprune`` and ``random`` prune the video part
+    only. Prints tokens kept per modality and timings; writes ``kept_omni.png`` (per method: one tile
+    per temporal slice of 2 frames, then the audio tokens with the 2-second windows ticked).
+    """
+    from .._tiny import OMNI_AUDIO, OMNI_VIDEO, omni_process, tiny_omni_processor, tiny_omni_thinker
+    from ..io import load_video
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frames, wave = load_video(path, fps=fps, audio=True)
+    processor = tiny_omni_processor()
+    text = "w10 w11 <|vision_bos|><|VIDEO|><|vision_eos|> w12 w13 w14"
+    inputs = omni_process(processor, text, videos=[frames], audio=[wave], use_audio_in_video=True, fps=fps)
+    t, h, w = inputs["video_grid_thw"][0].tolist()
+    grid = (h // 2, w // 2)
+    ids = inputs["input_ids"][0]
+    video_pos, audio_pos = (ids == OMNI_VIDEO).nonzero()[:, 0], (ids == OMNI_AUDIO).nonzero()[:, 0]
+    model = tiny_omni_thinker(attn_implementation="sdpa", seed=seed)
+    gen = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+    runs = [("none", None, {}), ("avpool", "avpool", {}), ("avpool/modality", "avpool", {"budget": "per_modality"}),
+            ("hiprune", "hiprune", {}), ("random", "random", {})]
+    rows, tiles = [], []
+    for label, method, options in runs:
+        if method is not None:
+            prune.wrap(model, method, keep=keep, **options)
+        with torch.no_grad():
+            model(**inputs)  # warm-up
+            prefill = _median_ms(lambda: model(**inputs))
+            answer = model.generate(**inputs, **gen)[0, ids.numel() :].tolist()
+        if method is None:
+            kept = torch.ones(ids.numel(), dtype=torch.bool)
+        else:
+            kept = model.prune_state.last.keep_mask[0].cpu()
+            prune.unwrap(model)
+        kv, ka = kept[video_pos], kept[audio_pos]
+        rows.append((label, f"{int(kv.sum())}/{kv.numel()}", f"{int(ka.sum())}/{ka.numel()}", prefill, answer))
+        per = grid[0] * grid[1]
+        for i in range(t):
+            frame = Image.fromarray(frames[min(2 * i, len(frames) - 1)])
+            tiles.append((f"{label} t={i}", overlay_kept(frame, kv[i * per : (i + 1) * per], grid)))
+        window = torch.arange(ka.numel()) // 50  # 25 audio tokens per second, 2-second windows
+        tiles.append((f"{label} audio", _audio_strip(ka, window)))
+    print(f"tiny random Qwen2.5-Omni thinker, {path}: {len(frames)} frames -> {t} x {grid[0]}x{grid[1]} video "
+          f"tokens + {audio_pos.numel()} audio tokens (2-second chunks interleaved), keep={keep}")
+    print(f"{'method':<16} {'video':>8} {'audio':>8} {'prefill ms':>11}  first tokens")
+    for label, video, audio, prefill, answer in rows:
+        print(f"{label:<16} {video:>8} {audio:>8} {prefill:>11.1f}  {answer[:6]}")
+    out = out_dir / "kept_omni.png"
+    labelled_grid(tiles, columns=t + 1).save(out)
+    print(f"kept video tokens per frame and audio tokens: {out}")
+    return out

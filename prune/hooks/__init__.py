@@ -8,6 +8,7 @@ from .base import Adapter, ImageLayout
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
+from .qwen2_5_omni import Qwen25OmniAdapter
 from .qwen2_5_vl import Qwen25VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
@@ -17,6 +18,7 @@ ADAPTERS: tuple[type[Adapter], ...] = (
     LlavaOnevisionAdapter,
     Qwen2VLAdapter,
     Qwen25VLAdapter,
+    Qwen25OmniAdapter,
 )
 
 

@@ -35,6 +35,7 @@ def method_names() -> list[str]:
 
 # Import for registration side effects (after `register` exists).
 from . import cls, fastv, hiprune, pdrop, pool, random, transprune  # noqa: E402,F401
+from . import avpool  # noqa: E402,F401  (audio-visual joint pool, Qwen2.5-Omni)
 
 __all__ = [
     "EncoderInfo",
