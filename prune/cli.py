@@ -80,7 +80,9 @@ def _image_size(text: str) -> tuple[int, int]:
     if len(values) == 1:
         values *= 2
     if len(values) != 2 or min(values) < 8:
-        raise argparse.ArgumentTypeError(f"image size must be N or HEIGHTxWIDTH with sides >= 8, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"image size must be N or HEIGHTxWIDTH with sides >= 8, got {text!r}"
+        )
     return values[0], values[1]
 
 
@@ -155,9 +157,19 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .evaluation.demo import run_demo
+    from .evaluation.demo import run_demo, run_omni_demo, run_video_demo
 
-    run_demo(out_dir=args.out, keep=args.keep, seed=args.seed)
+    if args.video is not None and args.omni is not None:
+        raise UsageError("pass --video or --omni, not both")
+    for path in (args.video, args.omni):
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"no video file at {path}")
+    if args.video is not None:
+        run_video_demo(args.video, out_dir=args.out, keep=args.keep, seed=args.seed)
+    elif args.omni is not None:
+        run_omni_demo(args.omni, out_dir=args.out, keep=args.keep, seed=args.seed)
+    else:
+        run_demo(out_dir=args.out, keep=args.keep, seed=args.seed)
     return 0
 
 
@@ -176,7 +188,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
         device=args.device or _default_device(),
         options=_options(args.option),
     )
-    print(f"{args.method} keep={args.keep}: kept {record.tokens_after}/{record.tokens_before} tokens; wrote {path}")
+    print(
+        f"{args.method} keep={args.keep}: kept {record.tokens_after}/{record.tokens_before} tokens; wrote {path}"
+    )
     return 0
 
 
@@ -260,17 +274,38 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="prune", description="Prune the vision tokens of Hugging Face VLMs.", epilog=EXAMPLES, formatter_class=fmt
+        prog="prune",
+        description="Prune the vision tokens of Hugging Face VLMs.",
+        epilog=EXAMPLES,
+        formatter_class=fmt,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("methods", help="list methods, their options and defaults")
     p.set_defaults(func=_cmd_methods)
 
-    p = sub.add_parser("demo", help="prune a generated image with every method on a small LLaVA built in code")
+    p = sub.add_parser(
+        "demo", help="prune a generated image with every method on a small LLaVA built in code"
+    )
     p.add_argument("--out", default="prune-demo", help="folder for kept.png (default: %(default)s)")
-    p.add_argument("--keep", type=_keep, default=0.25, help="fraction or count of vision tokens (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model and the image (default: %(default)s)")
+    p.add_argument(
+        "--keep", type=_keep, default=0.25, help="fraction or count of vision tokens (default: %(default)s)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the model and the image (default: %(default)s)"
+    )
+    p.add_argument(
+        "--video",
+        default=None,
+        metavar="FILE",
+        help="prune this video's frames on a small Qwen2.5-VL instead (needs the video extra)",
+    )
+    p.add_argument(
+        "--omni",
+        default=None,
+        metavar="FILE",
+        help="prune a video file with its sound (avpool) on a small Qwen2.5-Omni thinker (needs the video extra)",
+    )
     p.set_defaults(func=_cmd_demo)
 
     models_help = (
@@ -286,11 +321,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="an image file, or a video file (.mp4 .avi .mov .mkv .webm .gif)")
     p.add_argument("--model", required=True, help=models_help)
     p.add_argument("--method", default="hiprune", help="a method from 'prune methods' (default: %(default)s)")
-    p.add_argument("--keep", type=_keep, default=0.25, help="fraction in (0, 1] or token count (default: %(default)s)")
+    p.add_argument(
+        "--keep", type=_keep, default=0.25, help="fraction in (0, 1] or token count (default: %(default)s)"
+    )
     p.add_argument("--option", action="append", metavar="NAME=VALUE", help="a method option (repeatable)")
     p.add_argument("--out", default="kept.png", help="PNG to write (default: %(default)s)")
-    p.add_argument("--size", type=_positive, default=336, help="longer side of each view in pixels (default: %(default)s)")
-    p.add_argument("--frames", type=_positive, default=8, help="frames sampled from a video (default: %(default)s)")
+    p.add_argument(
+        "--size",
+        type=_positive,
+        default=336,
+        help="longer side of each view in pixels (default: %(default)s)",
+    )
+    p.add_argument(
+        "--frames", type=_positive, default=8, help="frames sampled from a video (default: %(default)s)"
+    )
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=_cmd_show)
 
@@ -304,19 +348,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help=models_help)
     p.add_argument("--methods", type=_name_list, default=None, help="comma-separated methods (default: all)")
     p.add_argument(
-        "--keep", type=_keep_list, default=[1.0, 0.33, 0.11],
+        "--keep",
+        type=_keep_list,
+        default=[1.0, 0.33, 0.11],
         help="comma-separated fractions (1 = all tokens) or token counts >= 2 (default: 1,0.33,0.11)",
     )
-    p.add_argument("--batch", type=_positive, default=1, help="prompts per batch, one image each (default: %(default)s)")
-    p.add_argument("--image-size", type=_image_size, default=None, help="input image N or HEIGHTxWIDTH (default: the shape's)")
-    p.add_argument("--prompt-tokens", type=_positive, default=64, help="text tokens per prompt (default: %(default)s)")
-    p.add_argument("--new-tokens", type=_positive, default=32, help="tokens generated for decode timing (default: %(default)s)")
-    p.add_argument("--warmup", type=_non_negative, default=2, help="warm-up runs per measurement (default: %(default)s)")
-    p.add_argument("--repeats", type=_positive, default=5, help="timed runs per measurement, median kept (default: %(default)s)")
+    p.add_argument(
+        "--batch", type=_positive, default=1, help="prompts per batch, one image each (default: %(default)s)"
+    )
+    p.add_argument(
+        "--image-size",
+        type=_image_size,
+        default=None,
+        help="input image N or HEIGHTxWIDTH (default: the shape's)",
+    )
+    p.add_argument(
+        "--prompt-tokens", type=_positive, default=64, help="text tokens per prompt (default: %(default)s)"
+    )
+    p.add_argument(
+        "--new-tokens",
+        type=_positive,
+        default=32,
+        help="tokens generated for decode timing (default: %(default)s)",
+    )
+    p.add_argument(
+        "--warmup", type=_non_negative, default=2, help="warm-up runs per measurement (default: %(default)s)"
+    )
+    p.add_argument(
+        "--repeats",
+        type=_positive,
+        default=5,
+        help="timed runs per measurement, median kept (default: %(default)s)",
+    )
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2"], default="sdpa", help="attention implementation (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights, image and prompt (default: %(default)s)")
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        help="default: bfloat16 on cuda, float32 on cpu",
+    )
+    p.add_argument(
+        "--attn",
+        choices=["sdpa", "eager", "flash_attention_2"],
+        default="sdpa",
+        help="attention implementation (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of weights, image and prompt (default: %(default)s)"
+    )
     p.add_argument("--out", default="benchmarks/results", help="output folder (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_bench)
@@ -328,15 +406,38 @@ def build_parser() -> argparse.ArgumentParser:
         "Needs lmms-eval: pip install 'vlm-prune[eval]'. Shipped offline tasks: prune_shapes, prune_easyvqa "
         "(tag prune_offline).",
     )
-    p.add_argument("--model", required=True, help="a local pretrained folder, or 'tiny' for a tiny random LLaVA saved under --out")
-    p.add_argument("--tasks", type=_name_list, default=["prune_shapes"], help="comma-separated lmms-eval tasks (default: prune_shapes)")
-    p.add_argument("--methods", type=_name_list, default=["random", "hiprune"], help="comma-separated methods (default: random,hiprune)")
-    p.add_argument("--keep", type=_keep_list, default=[1.0, 0.33, 0.11], help="comma-separated fractions or counts (default: 1,0.33,0.11)")
-    p.add_argument("--base", help="lmms-eval model that loads --model (default: from its architecture, e.g. llava_hf)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a local pretrained folder, or 'tiny' for a tiny random LLaVA saved under --out",
+    )
+    p.add_argument(
+        "--tasks",
+        type=_name_list,
+        default=["prune_shapes"],
+        help="comma-separated lmms-eval tasks (default: prune_shapes)",
+    )
+    p.add_argument(
+        "--methods",
+        type=_name_list,
+        default=["random", "hiprune"],
+        help="comma-separated methods (default: random,hiprune)",
+    )
+    p.add_argument(
+        "--keep",
+        type=_keep_list,
+        default=[1.0, 0.33, 0.11],
+        help="comma-separated fractions or counts (default: 1,0.33,0.11)",
+    )
+    p.add_argument(
+        "--base", help="lmms-eval model that loads --model (default: from its architecture, e.g. llava_hf)"
+    )
     p.add_argument("--limit", type=_positive, help="examples per task (default: all)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default="auto", help="dtype for the base model (default: %(default)s)")
-    p.add_argument("--batch-size", type=_positive, default=1, help="lmms-eval batch size (default: %(default)s)")
+    p.add_argument(
+        "--batch-size", type=_positive, default=1, help="lmms-eval batch size (default: %(default)s)"
+    )
     p.add_argument("--model-args", help="extra base-model arguments, lmms-eval style: k=v,k=v")
     p.add_argument("--include-path", action="append", help="an extra lmms-eval task folder (repeatable)")
     p.add_argument("--out", default="prune-eval", help="output folder (default: %(default)s)")
@@ -349,7 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read bench_*.json, eval.json and lmms-eval *_results.json (from --model pruned) under the "
         "given folders and write OUT/report.md with its plots.",
     )
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders (searched recursively) or result files")
+    p.add_argument(
+        "runs", nargs="+", metavar="RUN_DIR", help="folders (searched recursively) or result files"
+    )
     p.add_argument("--out", default="prune-report", help="output folder (default: %(default)s)")
     p.set_defaults(func=_cmd_report)
     return parser

@@ -7,9 +7,9 @@ folder) and one batch of prompts with an image each, every row measures:
   collection when the model is wrapped;
 - ``prefill_ms``: one forward over the prompt (vision encoder + pruning + language-model prefill);
 - ``ttft_ms``: ``generate`` with one new token (prefill, first token, generate's own overhead);
-- ``decode_tok_s``: tokens per second of the batch over the decoding steps (``new_tokens`` - 1
-  steps, from the difference of two generate calls);
-- ``peak_mem_mb``: the allocator's peak during the longer generate call (CUDA only);
+- ``decode_tok_s``: tokens per second of the batch over the decoding steps (the ``new_tokens`` - 1
+  steps after the first new token, timestamped inside one generate call);
+- ``peak_mem_mb``: the allocator's peak during the decode-timing generate calls (CUDA only);
 - ``kv_cache_mb`` / ``kv_tokens``: the cache the prefill leaves (bytes of all layers' keys and values);
 - ``vision_gflops`` / ``prefill_gflops``: FLOPs counted by ``torch.utils.flop_counter`` (matmuls and
   attention of the model; prune's own statistics kernels are not counted);
@@ -114,6 +114,32 @@ class _Clock:
         return statistics.median(times), out
 
 
+class _Steps:
+    """A generate() streamer that timestamps every step (after a device sync): the decode rate of one
+    call, without subtracting two noisy timings."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.times: list[float] = []
+
+    def put(self, value) -> None:  # first call: the prompt; then one call per new token
+        import time
+
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def rate(self, batch: int) -> float | None:
+        """Tokens per second of the batch over the steps after the first new token."""
+        steps = len(self.times) - 2
+        if steps < 1 or self.times[-1] <= self.times[1]:
+            return None
+        return batch * steps / (self.times[-1] - self.times[1])
+
+
 def cache_bytes(cache: Any) -> int:
     """Bytes held by a KV cache (transformers Cache objects or legacy tuples)."""
     total = 0
@@ -149,13 +175,35 @@ def cache_length(cache: Any) -> int | None:
     return int(cache[0][0].shape[-2])
 
 
-def _gflops(fn: Callable[[], Any]) -> float | None:
+def gqa_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """FLOPs of a fused SDPA kernel, also when keys/values have fewer heads than its queries
+    (grouped-query attention, ``enable_gqa``: torch's own formula asserts equal heads; each query
+    head still attends over every key, so count with the keys' heads expanded to the queries')."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    b, h = query_shape[0], query_shape[1]
+    return sdpa_flop_count(tuple(query_shape), (b, h, *key_shape[2:]), (b, h, *value_shape[2:]))
+
+
+def _gqa_mapping() -> dict:
+    names = (
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",  # torch counts nothing for it otherwise
+    )
+    return {getattr(torch.ops.aten, n): gqa_sdpa_flops for n in names if hasattr(torch.ops.aten, n)}
+
+
+def _gflops(fn: Callable[[], Any], log: Callable[[str], None] | None = None) -> float | None:
     from torch.utils.flop_counter import FlopCounterMode
 
     try:
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=_gqa_mapping()) as counter:
             fn()
-    except Exception:  # noqa: BLE001 - some kernels have no FLOP formula; the number is optional
+    except Exception as exc:  # noqa: BLE001 - the number is optional; say why it is missing
+        if log is not None:
+            log(f"note: FLOP counting failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
         return None
     return counter.get_total_flops() / 1e9
 
@@ -194,8 +242,11 @@ def _slug(text: str) -> str:
 
 
 class _Runner:
-    def __init__(self, model: nn.Module, inputs: dict[str, torch.Tensor], settings: BenchSettings, device):
+    def __init__(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], settings: BenchSettings, device, log=print
+    ):
         self.model, self.inputs, self.s = model, inputs, settings
+        self.log = log
         self.device = device
         self.clock = _Clock(device, settings.warmup, settings.repeats)
         self.pixels = _pixel_kwargs(model, inputs)
@@ -204,9 +255,22 @@ class _Runner:
     def _generate(self, n: int, **inputs):
         return self.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **self.gen)
 
+    def _decode_rate(self, **inputs) -> float | None:
+        """Median decode rate (tokens/s of the batch) over timed generate calls of ``new_tokens``."""
+        rates: list[float | None] = []
+
+        def run():
+            steps = _Steps(self.device.type == "cuda")
+            self._generate(self.s.new_tokens, streamer=steps, **inputs)
+            rates.append(steps.rate(inputs["attention_mask"].shape[0]))
+
+        self.clock(run)
+        timed = [r for r in rates[-self.s.repeats :] if r is not None]
+        return statistics.median(timed) if timed else None
+
     @torch.no_grad()
     def measure(self) -> dict[str, Any]:
-        model, clock, s = self.model, self.clock, self.s
+        model, clock = self.model, self.clock
         fm = _feature_module(model)
         row: dict[str, Any] = {}
         row["vision_ms"], _ = clock(lambda: fm.get_image_features(**self.pixels))
@@ -224,12 +288,13 @@ class _Runner:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        long_ms, _ = clock(lambda: self._generate(s.new_tokens, **self.inputs))
+        row["decode_tok_s"] = self._decode_rate(**self.inputs)
         if self.device.type == "cuda":
             row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        row["decode_tok_s"] = _rate(self.inputs["input_ids"].shape[0], s.new_tokens, row["ttft_ms"], long_ms)
-        row["vision_gflops"] = _gflops(lambda: fm.get_image_features(**self.pixels))
-        row["prefill_gflops"] = _gflops(lambda: model(**self.inputs, use_cache=True, logits_to_keep=1))
+        row["vision_gflops"] = _gflops(lambda: fm.get_image_features(**self.pixels), self.log)
+        row["prefill_gflops"] = _gflops(
+            lambda: model(**self.inputs, use_cache=True, logits_to_keep=1), self.log
+        )
         return row
 
     @torch.no_grad()
@@ -247,20 +312,12 @@ class _Runner:
             _reset_rope_deltas(model)
             return model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
 
-        def generate(n):
-            _reset_rope_deltas(model)
-            return self._generate(n, inputs_embeds=embeds, attention_mask=mask)
-
         lm_ms, _ = clock(prefill)
-        first, _ = clock(lambda: generate(1))
-        long_ms, _ = clock(lambda: generate(self.s.new_tokens))
-        return {"lm_prefill_ms": lm_ms, "decode_tok_s": _rate(batch, self.s.new_tokens, first, long_ms)}
-
-
-def _rate(batch: int, new_tokens: int, first_ms: float, long_ms: float) -> float | None:
-    if new_tokens < 2 or long_ms <= first_ms:
-        return None
-    return batch * (new_tokens - 1) / ((long_ms - first_ms) / 1e3)
+        _reset_rope_deltas(model)
+        return {
+            "lm_prefill_ms": lm_ms,
+            "decode_tok_s": self._decode_rate(inputs_embeds=embeds, attention_mask=mask),
+        }
 
 
 def _empty_row(method: str, keep: float | int) -> dict[str, Any]:
@@ -288,15 +345,26 @@ def run_bench(
     import time
 
     t0 = time.perf_counter()
-    model = M.build_model(spec, device=device, dtype=dtype, attn_implementation=settings.attn, seed=settings.seed)
+    model = M.build_model(
+        spec, device=device, dtype=dtype, attn_implementation=settings.attn, seed=settings.seed
+    )
     build_s = time.perf_counter() - t0
     processor = M.build_image_processor(spec)
     height, width = settings.image_size or spec.image_size
-    from .tasks.shapes import render_scene, random_scene
+    from .tasks.shapes import random_scene, render_scene
 
-    images = [render_scene(random_scene(settings.seed + b), size=(width, height)) for b in range(settings.batch)]
+    images = [
+        render_scene(random_scene(settings.seed + b), size=(width, height)) for b in range(settings.batch)
+    ]
     inputs = M.make_inputs(
-        model, processor, images, prompt_tokens=settings.prompt_tokens, seed=settings.seed, device=device, dtype=dtype, spec=spec
+        model,
+        processor,
+        images,
+        prompt_tokens=settings.prompt_tokens,
+        seed=settings.seed,
+        device=device,
+        dtype=dtype,
+        spec=spec,
     )
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     log(
@@ -304,7 +372,12 @@ def run_bench(
         f"({'pretrained' if spec.pretrained else 'random weights'}), built on {device} in {build_s:.1f} s; "
         f"batch {settings.batch}, image {height}x{width}, prompt {inputs['input_ids'].shape[1]} tokens"
     )
-    runner = _Runner(model, inputs, settings, device)
+    runner = _Runner(model, inputs, settings, device, log)
+    with torch.no_grad():  # untimed: kernels selected, allocator and clocks warm before the first row
+        for _ in range(max(1, settings.warmup)):
+            model(**inputs, use_cache=True, logits_to_keep=1)
+            runner._generate(min(4, settings.new_tokens), **inputs)
+    runner.clock.sync()
     plan = [("none", 1.0)] + [(m, k) for m in methods for k in keeps]
     rows: list[dict[str, Any]] = []
     bar = tqdm(plan, desc="bench", unit="row", disable=not progress)
@@ -411,7 +484,7 @@ def markdown(result: dict[str, Any]) -> str:
     """A markdown table of a bench result."""
     m, env, s = result["model"], result["environment"], result["settings"]
     lines = [
-        f"### {m['name']} on {env['device']}",
+        f"### {m['name']} on {env['device']}, batch {s['batch']}",
         "",
         f"{m['architecture']}, {_params(m['parameters_b'])} parameters, {m['source']}; batch {s['batch']}, "
         f"image {s['image_size'][0]}x{s['image_size'][1]}, {s['prompt_tokens']} text tokens, "
@@ -465,7 +538,9 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
     return plots.save(fig, path)
 
 
-def write_outputs(result: dict[str, Any], out_dir: str | Path, *, log: Callable[[str], None] = print) -> dict[str, Path]:
+def write_outputs(
+    result: dict[str, Any], out_dir: str | Path, *, log: Callable[[str], None] = print
+) -> dict[str, Path]:
     """``bench_<model>_<device>.{json,md,png}`` in ``out_dir``; the PNG is skipped (with a note) when
     matplotlib is missing."""
     from .plots import PlotUnavailable
@@ -473,6 +548,8 @@ def write_outputs(result: dict[str, Any], out_dir: str | Path, *, log: Callable[
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"bench_{_slug(result['model']['name'])}_{_slug(result['environment']['device'])}"
+    if result["settings"]["batch"] != 1:
+        stem += f"_b{result['settings']['batch']}"
     paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
     paths["json"].write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)

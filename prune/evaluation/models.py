@@ -132,7 +132,9 @@ def _check_keys(config_cls, kwargs: dict[str, Any], where: str) -> None:
     if not dataclasses.is_dataclass(config_cls):  # older transformers: nothing reliable to check against
         return
     known = {f.name for f in dataclasses.fields(config_cls)} | {"model_type"}
-    known |= set(inspect.signature(config_cls.__init__).parameters) | set(getattr(config_cls, "attribute_map", {}))
+    known |= set(inspect.signature(config_cls.__init__).parameters) | set(
+        getattr(config_cls, "attribute_map", {})
+    )
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise ModelSpecError(f"{where}: {config_cls.__name__} has no field(s) {', '.join(unknown)}")
@@ -306,22 +308,38 @@ def text_inputs(
     start/end tokens where the family has them). All prompts have the same length when the
     counts are equal; otherwise they are left padded."""
     config = model.config
-    names = ("image_token_id", "image_token_index") if modality == "image" else ("video_token_id", "video_token_index")
+    names = (
+        ("image_token_id", "image_token_index")
+        if modality == "image"
+        else ("video_token_id", "video_token_index")
+    )
     image_id = _config_id(config, *names)
     if image_id is None:
         raise ModelSpecError(f"{type(model).__name__}'s config names no {modality} token id")
     type_code = 1 if modality == "image" else 2
-    start = vision_start_token_id if vision_start_token_id is not None else _config_id(config, "vision_start_token_id")
-    end = vision_end_token_id if vision_end_token_id is not None else _config_id(config, "vision_end_token_id")
+    start = (
+        vision_start_token_id
+        if vision_start_token_id is not None
+        else _config_id(config, "vision_start_token_id")
+    )
+    end = (
+        vision_end_token_id if vision_end_token_id is not None else _config_id(config, "vision_end_token_id")
+    )
     text = config.get_text_config()
     vocab = int(text.vocab_size)
     bos = getattr(text, "bos_token_id", None)
-    special = {i for i in (image_id, start, end, bos, getattr(text, "eos_token_id", None)) if isinstance(i, int)}
+    special = {
+        i for i in (image_id, start, end, bos, getattr(text, "eos_token_id", None)) if isinstance(i, int)
+    }
     gen = torch.Generator().manual_seed(seed)
     low, high = min(10, vocab // 4), min(vocab, 30000)
     rows, types = [], []
     for n in counts:
-        words = [w for w in torch.randint(low, high, (prompt_tokens + 8,), generator=gen).tolist() if w not in special]
+        words = [
+            w
+            for w in torch.randint(low, high, (prompt_tokens + 8,), generator=gen).tolist()
+            if w not in special
+        ]
         words = words[:prompt_tokens]
         head, tail = words[: len(words) // 4], words[len(words) // 4 :]
         row = ([bos] if isinstance(bos, int) else []) + head
@@ -367,7 +385,11 @@ def make_inputs(
     pixels = pixel_inputs(image_processor, images)
     pixels = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in pixels.items()}
     counts = feature_counts(model, pixels)
-    extra = {k: int(spec.inputs[k]) for k in ("vision_start_token_id", "vision_end_token_id") if spec and k in spec.inputs}
+    extra = {
+        k: int(spec.inputs[k])
+        for k in ("vision_start_token_id", "vision_end_token_id")
+        if spec and k in spec.inputs
+    }
     ids = text_inputs(model, counts, prompt_tokens=prompt_tokens, seed=seed, **extra)
     return {**{k: v.to(device) for k, v in ids.items()}, **pixels}
 
@@ -408,7 +430,9 @@ def make_video_inputs(
     pixels = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
     pixels = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in pixels.items()}
     counts = feature_counts(model, pixels, "video")
-    extra = {k: int(spec.inputs[k]) for k in ("vision_start_token_id", "vision_end_token_id") if k in spec.inputs}
+    extra = {
+        k: int(spec.inputs[k]) for k in ("vision_start_token_id", "vision_end_token_id") if k in spec.inputs
+    }
     ids = text_inputs(model, counts, prompt_tokens=prompt_tokens, seed=seed, modality="video", **extra)
     return {**{k: v.to(device) for k, v in ids.items()}, **pixels}
 

@@ -13,7 +13,6 @@ import json
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from . import bench, sweep
 
@@ -64,7 +63,10 @@ def write_report(paths: Sequence[Path], out_dir: Path, *, log: Callable[[str], N
 
     benches, evals = collect(paths)
     if not benches and not evals:
-        raise ReportError("no prune bench/eval results (bench_*.json, eval.json, lmms-eval *_results.json) under " + ", ".join(map(str, paths)))
+        raise ReportError(
+            "no prune bench/eval results (bench_*.json, eval.json, lmms-eval *_results.json) under "
+            + ", ".join(map(str, paths))
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
     lines = [

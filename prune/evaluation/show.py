@@ -53,7 +53,9 @@ def _view_of_pixels(pixel_values: torch.Tensor, processor) -> Image.Image:
     return Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
 
 
-def _views(record, images: list[Image.Image], inputs: dict[str, torch.Tensor], processor) -> list[tuple[Image.Image, torch.Tensor, tuple[int, int]]]:
+def _views(
+    record, images: list[Image.Image], inputs: dict[str, torch.Tensor], processor
+) -> list[tuple[Image.Image, torch.Tensor, tuple[int, int]]]:
     grids = list(record.grids)
     if record.kept.numel() != sum(h * w for h, w in grids):
         raise ShowError(
@@ -110,7 +112,9 @@ def show(
     if video:
         inputs = M.make_video_inputs(model, spec, images, device=device, dtype=dtype)
     else:
-        inputs = M.make_inputs(model, processor, images, device=device, dtype=dtype, spec=spec, prompt_tokens=8)
+        inputs = M.make_inputs(
+            model, processor, images, device=device, dtype=dtype, spec=spec, prompt_tokens=8
+        )
     prune.wrap(model, method, keep=keep, **(options or {}))
     with torch.no_grad():
         model(**inputs)
@@ -119,9 +123,17 @@ def show(
     for view, kept, grid in _views(record, images, inputs, processor):
         tile = overlay_kept(view, kept, grid)
         scale = size / max(tile.size)
-        tiles.append(tile.resize((max(1, round(tile.width * scale)), max(1, round(tile.height * scale))), Image.NEAREST))
+        tiles.append(
+            tile.resize(
+                (max(1, round(tile.width * scale)), max(1, round(tile.height * scale))), Image.NEAREST
+            )
+        )
     gap = 4 if len(tiles) > 1 else 0
-    sheet = Image.new("RGB", (sum(t.width for t in tiles) + gap * (len(tiles) - 1), max(t.height for t in tiles)), (255, 255, 255))
+    sheet = Image.new(
+        "RGB",
+        (sum(t.width for t in tiles) + gap * (len(tiles) - 1), max(t.height for t in tiles)),
+        (255, 255, 255),
+    )
     x = 0
     for tile in tiles:
         sheet.paste(tile, (x, 0))

@@ -75,7 +75,9 @@ def check_tasks(manager, tasks: Sequence[str]) -> None:
         import difflib
 
         hints = {t: difflib.get_close_matches(t, known, n=3) for t in missing}
-        detail = "; ".join(f"{t!r} (did you mean {', '.join(h)}?)" if h else repr(t) for t, h in hints.items())
+        detail = "; ".join(
+            f"{t!r} (did you mean {', '.join(h)}?)" if h else repr(t) for t, h in hints.items()
+        )
         raise EvalError(f"unknown lmms-eval task(s): {detail}")
 
 
@@ -83,7 +85,12 @@ def metrics_of(task_result: dict[str, Any]) -> dict[str, tuple[float, float | No
     """metric -> (value, stderr) from one task's entry of lmms-eval's ``results``."""
     out = {}
     for key, value in task_result.items():
-        if "," not in key or "_stderr" in key or not isinstance(value, (int, float)) or isinstance(value, bool):
+        if (
+            "," not in key
+            or "_stderr" in key
+            or not isinstance(value, (int, float))
+            or isinstance(value, bool)
+        ):
             continue
         metric, filt = key.split(",", 1)
         stderr = task_result.get(f"{metric}_stderr,{filt}")
@@ -129,7 +136,11 @@ def parse_lmms_results(path: Path) -> dict[str, Any] | None:
     method = pairs.get("method", "hiprune")
     keep_text = pairs.get("keep", "0.33")
     keep: float | int = float(keep_text) if any(c in keep_text for c in ".e") else int(keep_text)
-    stats = {k.removeprefix("avg_"): v for k, v in (data.get("throughput") or {}).items() if k.startswith("avg_prune_")}
+    stats = {
+        k.removeprefix("avg_"): v
+        for k, v in (data.get("throughput") or {}).items()
+        if k.startswith("avg_prune_")
+    }
     return {
         "schema": SCHEMA,
         "created": data.get("date"),
@@ -171,7 +182,15 @@ def run_eval(
     plan += [(m, k) for m in methods for k in keeps if not (isinstance(k, float) and k >= 1.0)]
     for method, keep in plan[1:]:
         PruneConfig(method=method, keep=keep)  # bad names / keeps fail before the model loads
-    args = {"base": base, "pretrained": str(model_dir), "method": "none", "dtype": dtype, **(model_args or {})}
+    args = {
+        "base": base,
+        "pretrained": str(model_dir),
+        "method": "none",
+        "dtype": dtype,
+        "device": device,
+        "batch_size": batch_size,
+        **(model_args or {}),
+    }
     if base == "llava_hf":
         args.setdefault("device_map", device)  # llava_hf's default device_map="" breaks on transformers 5
     lm = build(args)
@@ -199,7 +218,9 @@ def run_eval(
             if raw_dir is not None:
                 raw_dir.mkdir(parents=True, exist_ok=True)
                 name = f"{method}_keep{keep}.json"
-                (raw_dir / name).write_text(json.dumps({k: v for k, v in results.items() if k != "samples"}, indent=2, default=str))
+                (raw_dir / name).write_text(
+                    json.dumps({k: v for k, v in results.items() if k != "samples"}, indent=2, default=str)
+                )
     finally:
         lm.prune_keep_model = False
         lm.clean()
@@ -207,7 +228,13 @@ def run_eval(
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": {"path": str(model_dir), "base": base},
-        "settings": {"tasks": list(tasks), "limit": limit, "device": device, "dtype": dtype, "batch_size": batch_size},
+        "settings": {
+            "tasks": list(tasks),
+            "limit": limit,
+            "device": device,
+            "dtype": dtype,
+            "batch_size": batch_size,
+        },
         "rows": rows,
     }
 
@@ -233,7 +260,9 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
     for r in rows:
         p = points.setdefault((r["method"], r["keep"]), {"row": r})
         p[(r["task"], r["metric"])] = r
-    head = "| method | keep | " + " | ".join(f"{t} {m}" for t, m in columns) + " | vision tokens | prefill ms |"
+    head = (
+        "| method | keep | " + " | ".join(f"{t} {m}" for t, m in columns) + " | vision tokens | prefill ms |"
+    )
     lines = [head, "|" + "---|" * (len(columns) + 4)]
 
     def order(key):
@@ -246,13 +275,19 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
         cells = []
         for col in columns:
             r = p.get(col)
-            cells.append("-" if r is None else _fmt(r["value"]) + (f" ± {_fmt(r['stderr'])}" if r["stderr"] else ""))
+            cells.append(
+                "-" if r is None else _fmt(r["value"]) + (f" ± {_fmt(r['stderr'])}" if r["stderr"] else "")
+            )
         tokens = (
             f"{_fmt(first['vision_tokens_after'], 1)}/{_fmt(first['vision_tokens_before'], 1)}"
             if first["vision_tokens_before"] is not None
             else "-"
         )
-        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + f" | {tokens} | {_fmt(first['prefill_ms'], 1)} |")
+        lines.append(
+            f"| {key[0]} | {key[1]} | "
+            + " | ".join(cells)
+            + f" | {tokens} | {_fmt(first['prefill_ms'], 1)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -274,14 +309,28 @@ def plot(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
             if r["method"] == "none":
                 baseline = r["value"]
                 continue
-            x = r["keep_ratio"] if r["keep_ratio"] is not None else (r["keep"] if isinstance(r["keep"], float) else None)
+            x = (
+                r["keep_ratio"]
+                if r["keep_ratio"] is not None
+                else (r["keep"] if isinstance(r["keep"], float) else None)
+            )
             if x is not None:
                 series.setdefault(r["method"], []).append((x, r["value"]))
+        if baseline is not None:  # every method at keep 1 is the unpruned model
+            for points in series.values():
+                points.append((1.0, baseline))
         plots.lines_vs_keep(ax, series, ylabel=metric, title=f"{task}: {metric} vs keep", baseline=baseline)
+        values = [v for points in series.values() for _, v in points] + (
+            [baseline] if baseline is not None else []
+        )
+        if values and all(0.0 <= v <= 1.0 for v in values):
+            ax.set_ylim(-0.02, 1.02)
     return plots.save(fig, path)
 
 
-def write_outputs(result: dict[str, Any], out_dir: Path, *, log: Callable[[str], None] = print) -> dict[str, Path]:
+def write_outputs(
+    result: dict[str, Any], out_dir: Path, *, log: Callable[[str], None] = print
+) -> dict[str, Path]:
     from .plots import PlotUnavailable
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -100,7 +100,13 @@ def generate_docs(n: int = N_DOCS, seed: int = 0) -> list[dict[str, Any]]:
             continue
         kind, question, answer = picked
         docs.append(
-            {"id": len(docs), "question": question, "answer": answer, "kind": kind, "scene": json.dumps(objects)}
+            {
+                "id": len(docs),
+                "question": question,
+                "answer": answer,
+                "kind": kind,
+                "scene": json.dumps(objects),
+            }
         )
     return docs
 

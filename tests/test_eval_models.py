@@ -1,0 +1,113 @@
+"""Model shapes: shipped configs build the real architectures, random weights materialize correctly,
+inputs carry the right number of placeholder tokens."""
+
+import pytest
+import torch
+from PIL import Image
+
+import prune
+from prune.evaluation import models as M
+
+REAL = {
+    # name: (class, billions of parameters of the published checkpoint, +-)
+    "llava-1.5-7b": ("LlavaForConditionalGeneration", 7.06),
+    "llava-next-7b": ("LlavaNextForConditionalGeneration", 7.06),
+    "llava-onevision-7b": ("LlavaOnevisionForConditionalGeneration", 8.03),
+    "qwen2.5-vl-7b": ("Qwen2_5_VLForConditionalGeneration", 8.29),
+    "qwen2.5-omni-7b": ("Qwen2_5OmniThinkerForConditionalGeneration", 8.93),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_size_shapes_build_the_published_architectures(name):
+    spec = M.resolve_model(name)
+    cls = M._model_class(spec)
+    assert cls.__name__ == REAL[name][0]
+    with torch.device("meta"):
+        model = cls(M.build_config(spec))
+    billions = M.parameter_count(model) / 1e9
+    assert billions == pytest.approx(REAL[name][1], abs=0.05)
+
+
+def test_every_shipped_shape_resolves_and_has_a_processor():
+    names = set(M.shipped_models())
+    assert set(REAL) | {"tiny-llava", "tiny-qwen2.5-vl"} <= names
+    for name in names:
+        spec = M.resolve_model(name)
+        assert spec.name == name and not spec.pretrained
+        assert M.build_image_processor(spec) is not None
+
+
+def test_qwen_shape_keeps_the_7b_layout():
+    config = M.build_config(M.resolve_model("qwen2.5-vl-7b"))
+    assert config.vision_config.fullatt_block_indexes == [7, 15, 23, 31]
+    assert config.vision_config.window_size == 112 and config.vision_config.out_hidden_size == 3584
+    text = config.get_text_config()
+    assert (text.hidden_size, text.num_hidden_layers, text.num_key_value_heads, text.vocab_size) == (
+        3584,
+        28,
+        4,
+        152064,
+    )
+    assert text.rope_parameters["mrope_section"] == [16, 24, 24]
+
+
+def test_misspelled_config_key_is_refused():
+    spec = M.resolve_model("qwen2.5-vl-7b")
+    spec.config["vision_config"]["in_chans"] = 3
+    with pytest.raises(M.ModelSpecError, match="in_chans"):
+        M.build_config(spec)
+
+
+def test_unknown_model_names_the_choices(tmp_path):
+    with pytest.raises(M.ModelSpecError, match="unknown model 'nope'.*llava-1.5-7b"):
+        M.resolve_model("nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(M.ModelSpecError, match="no config.json"):
+        M.resolve_model(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2.5-vl"])
+def test_meta_built_model_matches_a_normal_construction(name):
+    spec = M.resolve_model(name)
+    model = M.build_model(spec, dtype=torch.float32, attn_implementation="eager")
+    reference = M._model_class(spec)(M.build_config(spec))
+    buffers = dict(model.named_buffers())
+    assert buffers, "expected RoPE / position buffers"
+    for key, value in reference.named_buffers():
+        assert torch.equal(buffers[key], value), key  # e.g. RoPE inverse frequencies, not garbage
+    expected = dict(reference.named_parameters())
+    for key, p in model.named_parameters():  # initialized by the model's own scheme, not left empty
+        p, ref = p.detach(), expected[key].detach()
+        assert torch.isfinite(p).all(), key
+        if p.numel() >= 256:
+            assert float(p.std()) == pytest.approx(float(ref.std()), rel=0.25), key
+            assert float(p.mean()) == pytest.approx(float(ref.mean()), abs=0.25 * float(ref.std()) + 1e-6), (
+                key
+            )
+
+
+def test_random_weights_are_seeded():
+    spec = M.resolve_model("tiny-llava")
+    a = M.build_model(spec, dtype=torch.float32, seed=3)
+    b = M.build_model(spec, dtype=torch.float32, seed=3)
+    c = M.build_model(spec, dtype=torch.float32, seed=4)
+    wa, wb, wc = (m.get_input_embeddings().weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+@pytest.mark.parametrize("name, before", [("tiny-llava", 64), ("tiny-qwen2.5-vl", 16)])
+def test_inputs_have_one_placeholder_per_feature_and_prune(name, before):
+    spec = M.resolve_model(name)
+    model = M.build_model(spec, dtype=torch.float32, attn_implementation="eager")
+    processor = M.build_image_processor(spec)
+    images = [Image.new("RGB", spec.image_size[::-1], (120, 30, 200))] * 2
+    inputs = M.make_inputs(model, processor, images, prompt_tokens=12, spec=spec)
+    image_id = model.config.image_token_id
+    assert (inputs["input_ids"] == image_id).sum(1).tolist() == [before, before]
+    prune.wrap(model, "random", keep=0.25)
+    with torch.no_grad():
+        model(**inputs)
+    record = model.prune_state.last
+    assert record.vision_tokens_before == 2 * before
+    assert record.vision_tokens_after == 2 * round(0.25 * before)
