@@ -155,7 +155,10 @@ class Adapter:
         for req in requests:
             by_layer.setdefault(req.layer, []).append(req)
         attn = self.vision_attention_modules()
+        keep_all = isinstance(state.config.keep, float) and state.config.keep >= 1.0
         for layer, reqs in by_layer.items():
+            if keep_all:
+                break  # keep=1.0 keeps every token: no statistic is needed
             state._removers.append(install_tap(attn[layer], self._tap_callback(reqs)))
         mm = self.multimodal_module()
         for modality, name in self.feature_functions.items():
@@ -340,6 +343,9 @@ class Adapter:
             score = torch.full((n,), float("nan"), device=device)
             for v, (h, w) in enumerate(lay.grids):
                 here = token_view == v
+                if shares[v] >= caps[v]:
+                    kept[here] = True  # the whole view fits its budget: nothing to rank
+                    continue
                 n_patch = h * w
                 valid = torch.zeros(n_patch, dtype=torch.bool, device=device)
                 valid[token_patch[here]] = True
