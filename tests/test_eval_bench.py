@@ -67,9 +67,9 @@ def test_bench_numbers_are_present_and_show_the_pruning(bench_dir):
         assert cut["kv_tokens"] == none["kv_tokens"] - 48  # the cache holds only kept rows
         assert cut["kv_cache_mb"] < full["kv_cache_mb"]
         assert cut["prefill_gflops"] < full["prefill_gflops"]  # fewer rows through the language model
-        assert cut["vision_gflops"] == pytest.approx(
-            full["vision_gflops"], rel=0.05
-        )  # the encoder sees every patch
+        # the encoder sees every patch; a pruned row also computes the attention statistics of its
+        # tapped layers (2 of this tiny encoder's 4), which keep=1.0 skips
+        assert cut["vision_gflops"] == pytest.approx(full["vision_gflops"], rel=0.15)
 
 
 def test_bench_markdown_and_png(bench_dir):

@@ -314,9 +314,14 @@ class Adapter:
 
     def _select(self, modality, call, fn_args, signals, embeds, keep_mask, records):
         """Run the method on every view of one modality; fill ``keep_mask`` and ``records`` in place.
-        Returns the (possibly merged) embeddings."""
+        Returns the (possibly merged) embeddings.
+
+        Ranking runs on the host: a view holds a few hundred to a few thousand scores, which the CPU
+        ranks in microseconds while on a GPU every small op is a launch (and many a sync). Only the
+        statistics travel (once per call), and merged rows are computed on the model's device."""
+        signals = {key: stats.detach().float().cpu() for key, stats in signals.items()}
         layouts = self.layouts(modality, fn_args, signals)
-        rows, cols = self._placeholder_mask(modality, call).nonzero(as_tuple=True)  # scatter order
+        rows, cols = self._placeholder_mask(modality, call).cpu().nonzero(as_tuple=True)  # scatter order
         expected = sum(lay.num_tokens for lay in layouts)
         if rows.numel() == 0:
             return embeds  # the encoder ran for another call (e.g. get_image_features called directly)
@@ -333,39 +338,40 @@ class Adapter:
             if not bool((rows[start : start + n] == sample).all()):
                 raise RuntimeError(f"one {modality}'s placeholder tokens span two prompts")
             start += n
-            token_view = lay.token_view.to(device)
-            token_patch = lay.token_patch.to(device)
+            token_view = lay.token_view.cpu()
+            token_patch = lay.token_patch.cpu()
             prunable = token_view >= 0
-            caps = [int((token_view == v).sum()) for v in range(len(lay.grids))]
+            caps = torch.bincount(token_view[prunable], minlength=len(lay.grids)).tolist()
             budget = config.budget(int(prunable.sum()))
             shares = split_budget(budget, caps, proportional=lay.split == "proportional")
             kept = ~prunable
-            score = torch.full((n,), float("nan"), device=device)
+            score = torch.full((n,), float("nan"))
             for v, (h, w) in enumerate(lay.grids):
                 here = token_view == v
                 if shares[v] >= caps[v]:
                     kept[here] = True  # the whole view fits its budget: nothing to rank
                     continue
                 n_patch = h * w
-                valid = torch.zeros(n_patch, dtype=torch.bool, device=device)
+                valid = torch.zeros(n_patch, dtype=torch.bool)
                 valid[token_patch[here]] = True
                 features = None
                 if self.method.needs_features:
                     features = embeds.new_zeros(n_patch, embeds.shape[-1])
-                    features[token_patch[here]] = embeds[sample, pos[here]]
-                view_signals = {key: s.to(device).float() for key, s in lay.signals[v].items()}
+                    features[token_patch[here].to(device)] = embeds[sample, pos[here].to(device)]
+                view_signals = {key: sig.cpu().float() for key, sig in lay.signals[v].items()}
                 view = View(grid=(h, w), budget=shares[v], valid=valid, signals=view_signals, features=features, index=v)
                 sel = self.method.select(view)
-                keep_patch = torch.zeros(n_patch, dtype=torch.bool, device=device)
-                keep_patch[sel.keep.to(device)] = True
+                keep_patch = torch.zeros(n_patch, dtype=torch.bool)
+                keep_patch[sel.keep.cpu()] = True
                 kept[here] = keep_patch[token_patch[here]]
                 if sel.score is not None:
-                    score[here] = sel.score.to(device).float()[token_patch[here]]
+                    score[here] = sel.score.cpu().float()[token_patch[here]]
                 if sel.assign is not None:
                     if not merged_any:
                         embeds, merged_any = embeds.clone(), True
-                    _merge_into(embeds, sample, pos[here], token_patch[here], sel.assign.to(device), features)
-            keep_mask[sample, pos] = kept
+                    _merge_into(embeds, sample, pos[here].to(device), token_patch[here].to(device),
+                                sel.assign.to(device), features)
+            keep_mask[sample, pos.to(device)] = kept.to(device)
             records.append(
                 ImageRecord(
                     sample=sample,
@@ -375,7 +381,7 @@ class Adapter:
                     budget=budget,
                     grids=list(lay.grids),
                     modality=modality,
-                    merged=embeds[sample, pos[kept]].detach() if self.method.needs_features else None,
+                    merged=embeds[sample, pos[kept].to(device)].detach() if self.method.needs_features else None,
                 )
             )
         return embeds
