@@ -233,13 +233,16 @@ class DecoderCut:
         if ctx.ttv is not None:
             signals["ttv"] = torch.where(valid_rows, ctx.ttv.gather(1, prev.rows.clamp(min=0)), 0.0)
         signals = {k: v.float() * vision for k, v in signals.items()}  # sums run over vision rows
-        score = self.method.score(stage_no, index, signals)
-        keep = ~vision  # text and padding stay
+        score = self.method.score(stage_no, index, signals).float().cpu()
+        # Rank on the host (one transfer, no per-prompt syncs); move the keep-mask back once.
+        vision_cpu = vision.cpu()
+        budget = ctx.budget.cpu().tolist()
+        keep = ~vision_cpu  # text and padding stay
         for b in range(hidden.shape[0]):
-            target = min(int(vision[b].sum()), round(fraction * int(ctx.budget[b])))
-            candidates = torch.nonzero(vision[b], as_tuple=True)[0]
-            chosen = candidates[stable_topk(score[b, candidates], target)]
-            keep[b, chosen] = True
+            candidates = torch.nonzero(vision_cpu[b], as_tuple=True)[0]
+            target = min(candidates.numel(), round(fraction * int(budget[b])))
+            keep[b, candidates[stable_topk(score[b, candidates], target)]] = True
+        keep = keep.to(hidden.device)
         packing = Packing.of(keep)
         positions = prev.positions
         shift = prev.shift

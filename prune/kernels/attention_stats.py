@@ -85,6 +85,19 @@ def attention_stats_reference(
     if num_rows == 0:
         return out
     groups = h // hk
+    if segments is None and b * h * num_rows * n <= _CHUNK_ELEMENTS:
+        # A few rows (a decoder layer's last token, a [CLS] row): one batched product, no loops.
+        q_rows = torch.gather(q, 2, rows[:, None, :, None].expand(b, h, num_rows, d)).float()  # (B, H, Q, d)
+        keys = k.float().repeat_interleave(groups, dim=1) if groups > 1 else k.float()
+        logits = torch.einsum("bhqd,bhkd->bhqk", q_rows, keys) * scale  # (B, H, Q, N)
+        if key_mask is not None or causal:
+            allowed = torch.ones(b, 1, num_rows, n, dtype=torch.bool, device=q.device)
+            if key_mask is not None:
+                allowed = allowed & key_mask.bool()[:, None, None, :]
+            if causal:
+                allowed = allowed & (torch.arange(n, device=q.device)[None, None, None, :] <= rows[:, None, :, None])
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        return logits.softmax(dim=-1).nan_to_num(0.0).sum(dim=(1, 2)) / (h * num_rows)
     for start, end in _segment_bounds(segments, n):
         k_seg = k[:, :, start:end].float()
         if groups > 1:
