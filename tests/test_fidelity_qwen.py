@@ -66,7 +66,7 @@ def test_hiprune_qwen25_matches_reference(keep):
         model(**inputs)
     record = model.prune_state.last
     first = 0
-    for im, (t, h, w) in zip(record.images, grids):
+    for im, (_, h, w) in zip(record.images, grids):
         n = h * w // 4
         budget = round(keep * n)
         expected = _hiprune_reference(scores[1][first : first + n], scores[3][first : first + n], budget, w // 2, 0.5)

@@ -126,7 +126,7 @@ def run_video_demo(path: str | Path, out_dir: str | Path = "prune-demo", keep: f
     ``kept_video.png`` (one row per method, one tile per temporal slice of 2 frames)."""
     from transformers import Qwen2VLVideoProcessor
 
-    from .._tiny import QWEN_MERGE, QWEN_START, QWEN_END, QWEN_VIDEO, tiny_qwen_vl
+    from .._tiny import QWEN_END, QWEN_MERGE, QWEN_START, QWEN_VIDEO, tiny_qwen_vl
     from ..io import load_video
 
     out_dir = Path(out_dir)

@@ -13,7 +13,6 @@ import functools
 import torch
 
 
-
 @functools.cache
 def triton_importable() -> bool:
     """True when ``import triton`` works (False e.g. on macOS or CPU-only installs without it)."""

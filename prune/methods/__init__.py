@@ -34,8 +34,16 @@ def method_names() -> list[str]:
 
 
 # Import for registration side effects (after `register` exists).
-from . import cls, fastv, hiprune, pdrop, pool, random, transprune  # noqa: E402,F401
-from . import avpool  # noqa: E402,F401  (audio-visual joint pool, Qwen2.5-Omni)
+from . import (  # noqa: E402,F401
+    avpool,  # noqa: E402,F401  (audio-visual joint pool, Qwen2.5-Omni)
+    cls,
+    fastv,
+    hiprune,
+    pdrop,
+    pool,
+    random,
+    transprune,
+)
 
 __all__ = [
     "EncoderInfo",
