@@ -89,10 +89,20 @@ def _past_length(past_key_values: Any) -> int:
     return int(past_key_values[0][0].shape[-2])  # legacy tuple cache
 
 
+@functools.lru_cache(maxsize=256)
+def _parameter_names(fn) -> tuple[str, ...]:
+    return tuple(inspect.signature(fn).parameters)
+
+
 def bind_arguments(fn, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Positional and keyword arguments of a call to ``fn`` as one dict (defaults not filled)."""
-    params = list(inspect.signature(fn).parameters)
-    return {**dict(zip(params, args)), **kwargs}
+    if not args:
+        return dict(kwargs)
+    # the function behind a bound method (a new object at every attribute access) keys the cache
+    names = _parameter_names(getattr(fn, "__func__", fn))
+    if hasattr(fn, "__func__"):
+        names = names[1:]  # drop self
+    return {**dict(zip(names, args)), **kwargs}
 
 
 class Adapter:
