@@ -95,5 +95,6 @@ class PruneState:
     _call: dict[str, Any] = field(default_factory=dict, repr=False)
     _collecting: dict[str, list] | None = field(default=None, repr=False)
     _media: dict[str, Any] = field(default_factory=dict, repr=False)
+    _encoded: dict[str, Any] = field(default_factory=dict, repr=False)  # modality -> (output, media) of the last run
     _plan: Plan | None = field(default=None, repr=False)
     _removers: list = field(default_factory=list, repr=False)

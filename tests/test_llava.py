@@ -115,3 +115,15 @@ def test_llava_next_keeps_newlines_and_splits_budget(make_case):
     assert record.budget == round(0.2 * prunable)
     assert int(record.kept[~newline].sum()) == record.budget
     assert ids.shape[1] - model.prune_state.last.keep_mask.sum() == prunable - record.budget
+
+
+def test_generate_without_kv_cache_prunes_every_step(make_case):
+    # use_cache=False re-runs the prefill at every step (with the same encoder outputs in new
+    # transformers): each step must prune the same way, so the tokens equal the cached run's.
+    case = make_case("llava", prompts=((0, 1),), text_lens=(10,))
+    model = prune.wrap(case.model, "hiprune", keep=0.25)
+    with torch.no_grad():
+        cached = model.generate(**case.inputs(), **GEN)
+        uncached = model.generate(**case.inputs(), **GEN, use_cache=False)
+    assert torch.equal(cached, uncached)
+    assert model.prune_state.last.vision_tokens_after == 32

@@ -194,6 +194,8 @@ class Adapter:
                 state._collecting = None
             signals = {k: torch.cat(v, dim=-1) if len(v) > 1 else v[0] for k, v in collected.items()}
             state._media[modality] = (bind_arguments(original, args, kwargs), signals)
+            # generate(use_cache=False) passes these same encoder outputs to every step's prefill
+            state._encoded[modality] = (out, state._media[modality])
             return out
 
         setattr(mm, name, feature_function)
@@ -226,6 +228,10 @@ class Adapter:
         if _past_length(kwargs.get("past_key_values")) > 0:
             return None  # a decode step: the language-model hook maps it
         self.state._call = {"input_ids": kwargs.get("input_ids"), "inputs_embeds": kwargs.get("inputs_embeds")}
+        for modality, output in (kwargs.get("mm_encoder_outputs") or {}).items():
+            cached = self.state._encoded.get(modality)
+            if modality not in self.state._media and cached is not None and cached[0] is output:
+                self.state._media[modality] = cached[1]  # a re-used encoder output (no KV cache)
         return None
 
     def _placeholder_mask(self, modality: str, call: dict[str, Any]) -> torch.Tensor:
