@@ -29,7 +29,23 @@ class ImageRecord:
     budget: int
     grids: list[tuple[int, int]]
     modality: str = "image"
-    merged: torch.Tensor | None = None  # (kept, D) rows a merging method produced (e.g. pool), else None
+    merged: torch.Tensor | None = None
+    #: (n,) the view (index into ``grids``) and the patch inside it of each token; -1 for tokens that
+    #: are never candidates (newlines). None where the adapter does not map tokens to views.
+    token_view: torch.Tensor | None = None
+    token_patch: torch.Tensor | None = None
+
+    def view_masks(self) -> list[torch.Tensor]:
+        """Per view, a (h*w,) bool of the kept patches (False where the layout dropped a patch)."""
+        if self.token_view is None:
+            raise ValueError("this record does not map tokens to views")
+        out = []
+        for v, (h, w) in enumerate(self.grids):
+            mask = torch.zeros(h * w, dtype=torch.bool)
+            here = self.token_view.cpu() == v
+            mask[self.token_patch.cpu()[here]] = self.kept.cpu()[here]
+            out.append(mask)
+        return out  # (kept, D) rows a merging method produced (e.g. pool), else None
 
     @property
     def tokens_before(self) -> int:

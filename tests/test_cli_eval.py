@@ -123,3 +123,28 @@ def test_report_merges_bench_and_eval(tmp_path, capsys):
             assert (out / line[line.index("(") + 1 : -1]).is_file()
     if pytest.importorskip("matplotlib"):
         assert "![accuracy vs keep](accuracy_vs_keep.png)" in text
+
+
+def test_show_views_of_anyres_records_map_every_kept_token():
+    """LLaVA-NeXT / OneVision records map tokens to views, so `prune show` can draw their crops."""
+    import torch
+    from PIL import Image
+
+    import prune
+    from prune.evaluation.show import _views
+    from tests.conftest import Case
+
+    case = Case("llava_next", prompts=((3,),))
+    inputs = case.inputs()
+    model = prune.wrap(case.model, "hiprune", keep=0.3)
+    with torch.no_grad():
+        model(**inputs)
+    record = model.prune_state.last.images[0]
+    newline = record.token_view < 0
+    from transformers import CLIPImageProcessor
+
+    views = _views(record, [Image.new("RGB", (32, 30))], {"pixel_values": inputs["pixel_values"]},
+                   CLIPImageProcessor())
+    assert len(views) == len(record.grids) > 1
+    assert sum(int(mask.sum()) for _, mask, _ in views) == int(record.kept[~newline].sum()) == record.budget
+    assert all(mask.numel() == h * w for _, mask, (h, w) in views)

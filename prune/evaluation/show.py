@@ -1,9 +1,9 @@
 """`prune show`: the image a model saw with the patches a method kept highlighted (pruned ones dimmed);
 for a video, a strip of its frames (one per temporal patch group).
 
-Works for families whose vision tokens map one-to-one to patch-grid cells (LLaVA-1.5, Qwen2-VL /
-Qwen2.5-VL: one token per merged 2x2 unit). LLaVA-NeXT / OneVision interleave image_newline tokens
-and unpadded crops, which the prune record does not map back to views yet.
+Each view of the record (an image, an anyres crop, a frame) becomes one tile: the record maps every
+token to its view and patch, so LLaVA-NeXT's crops (unpadded patches stay dark) and OneVision's crop
+grid are drawn too; newline tokens are not patches and are not drawn.
 """
 
 from __future__ import annotations
@@ -57,18 +57,22 @@ def _views(
     record, images: list[Image.Image], inputs: dict[str, torch.Tensor], processor
 ) -> list[tuple[Image.Image, torch.Tensor, tuple[int, int]]]:
     grids = list(record.grids)
-    if record.kept.numel() != sum(h * w for h, w in grids):
-        raise ShowError(
-            f"prune show cannot map this family's tokens to patches yet ({record.kept.numel()} tokens, "
-            f"views {grids}): supported are one-token-per-cell encoders (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL)"
-        )
-    kept = record.kept.cpu()
-    out, start = [], 0
+    if record.token_view is not None:
+        masks = record.view_masks()
+    elif record.kept.numel() == sum(h * w for h, w in grids):
+        masks = list(record.kept.cpu().split([h * w for h, w in grids]))
+    else:
+        raise ShowError(f"prune show cannot map these {record.kept.numel()} tokens to the views {grids}")
+    out = []
     pixels = inputs.get("pixel_values")
+    if pixels is not None and pixels.dim() == 5:  # anyres: (images, views, 3, H, W)
+        pixels = pixels[0]
+    # the processor's own pixels of each view, when views and pixel crops correspond (LLaVA-1.5, NeXT)
+    exact = pixels is not None and pixels.dim() == 4 and len(images) == 1 and pixels.shape[0] >= len(grids)
+    exact = exact and all(h == w for h, w in grids) and len(grids) in (1, pixels.shape[0])
     for v, (h, w) in enumerate(grids):
-        part = kept[start : start + h * w]
-        start += h * w
-        if pixels is not None and pixels.dim() == 4 and len(images) == 1:  # (views, 3, H, W): exact view
+        part = masks[v]
+        if exact:
             view = _view_of_pixels(pixels[v], processor)
         else:  # flattened patches (Qwen): the input resized to the processor's patch grid
             frame = images[min(v * len(images) // len(grids), len(images) - 1)]

@@ -398,6 +398,8 @@ class Adapter:
                     grids=list(lay.grids),
                     modality=modality,
                     merged=embeds[sample, pos[kept].to(device)].detach() if self.method.needs_features else None,
+                    token_view=token_view,
+                    token_patch=token_patch,
                 )
             )
         return embeds
