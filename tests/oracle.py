@@ -69,12 +69,14 @@ def qwen_full_inputs(model, inputs):
 
 
 @torch.no_grad()
-def run_reduced_mrope(model, embeds, positions, steps=8):
+def run_reduced_mrope(model, embeds, positions, steps=8, lm=None):
     """Prefill logits and greedy tokens of one unpadded prompt: embeds (L', D), positions (3, L').
-    Decoding continues at max(prompt positions) + 1 on all three axes, as Qwen's rope_deltas do."""
-    lm = model.model.language_model
+    Decoding continues at max(prompt positions) + 1 on all three axes, as Qwen's rope_deltas do.
+    ``lm`` defaults to ``model.model.language_model``."""
+    lm = model.model.language_model if lm is None else lm
+    device = embeds.device
     cache = DynamicCache(config=lm.config)
-    mask = torch.ones(1, embeds.shape[0], dtype=torch.long)
+    mask = torch.ones(1, embeds.shape[0], dtype=torch.long, device=device)
     out = lm(inputs_embeds=embeds[None], position_ids=positions[:, None], attention_mask=mask,
              past_key_values=cache, use_cache=True)
     logits = model.lm_head(out.last_hidden_state)
@@ -82,15 +84,14 @@ def run_reduced_mrope(model, embeds, positions, steps=8):
     for _ in range(steps):
         tokens.append(int(nxt))
         pos += 1
-        mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], 1)
+        mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long, device=device)], 1)
         e = model.get_input_embeddings()(nxt.view(1, 1))
-        out = lm(inputs_embeds=e, position_ids=torch.full((3, 1, 1), pos), attention_mask=mask,
+        out = lm(inputs_embeds=e, position_ids=torch.full((3, 1, 1), pos, device=device), attention_mask=mask,
                  past_key_values=cache, use_cache=True)
         nxt = model.lm_head(out.last_hidden_state)[0, -1].argmax()
     return logits[0], tokens
 
 
-# ---- Qwen2.5-Omni thinker ---------------------------------------------------------------------
 def omni_language_model(thinker):
     """The thinker's text model (transformers 5.17: ``thinker.model``; later: ``thinker.model.language_model``)."""
     inner = thinker.model
@@ -116,24 +117,6 @@ def omni_full_inputs(thinker, inputs):
     return seen["embeds"], positions[-3:] if positions.ndim == 3 else positions
 
 
-@torch.no_grad()
 def run_reduced_omni(thinker, embeds, positions, steps=8):
-    """Prefill logits and greedy tokens of one unpadded prompt on the thinker's language model:
-    embeds (L', D), positions (3, L'); decoding continues at max(prompt positions) + 1."""
-    lm = omni_language_model(thinker)
-    device = embeds.device
-    cache = DynamicCache(config=lm.config)
-    mask = torch.ones(1, embeds.shape[0], dtype=torch.long, device=device)
-    out = lm(inputs_embeds=embeds[None], position_ids=positions[:, None], attention_mask=mask,
-             past_key_values=cache, use_cache=True)
-    logits = thinker.lm_head(out.last_hidden_state)
-    tokens, nxt, pos = [], logits[0, -1].argmax(), int(positions.max())
-    for _ in range(steps):
-        tokens.append(int(nxt))
-        pos += 1
-        mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long, device=device)], 1)
-        e = thinker.get_input_embeddings()(nxt.view(1, 1))
-        out = lm(inputs_embeds=e, position_ids=torch.full((3, 1, 1), pos, device=device), attention_mask=mask,
-                 past_key_values=cache, use_cache=True)
-        nxt = thinker.lm_head(out.last_hidden_state)[0, -1].argmax()
-    return logits[0], tokens
+    """:func:`run_reduced_mrope` on the thinker's language model."""
+    return run_reduced_mrope(thinker, embeds, positions, steps, lm=omni_language_model(thinker))

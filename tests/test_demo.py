@@ -17,18 +17,11 @@ def test_image_demo_writes_png(tmp_path, capsys):
 
 
 def test_video_demo_and_bad_path(tmp_path, capsys):
-    av = pytest.importorskip("av")
+    pytest.importorskip("av")
     pytest.importorskip("decord")
-    path = tmp_path / "clip.mp4"
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.width, stream.height, stream.pix_fmt = 112, 84, "yuv420p"
-        for i in range(8):
-            frame = np.full((84, 112, 3), 20 * i, np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
+    from tests.media import write_clip
+
+    path = write_clip(tmp_path / "clip.mp4", [np.full((84, 112, 3), 20 * i, np.uint8) for i in range(8)])
     assert main(["demo", "--video", str(path), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "kept_video.png").is_file()
     assert "hiprune" in capsys.readouterr().out

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from prune.io import frame_indices, load_video
+from tests.media import write_clip
 
-av = pytest.importorskip("av")
+pytest.importorskip("av")
 pytest.importorskip("decord")
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
@@ -14,27 +15,9 @@ COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     """2 s at 8 fps: frames cycle through 4 colours in blocks of 4; a 440 Hz tone at 16 kHz."""
-    path = tmp_path_factory.mktemp("video") / "clip.mp4"
-    with av.open(str(path), "w") as container:
-        video = container.add_stream("mpeg4", rate=8)
-        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
-        audio = container.add_stream("aac", rate=16000)
-        audio.layout = "mono"
-        for i in range(16):
-            frame = np.zeros((48, 64, 3), np.uint8)
-            frame[:] = COLOURS[(i // 4) % 4]
-            for packet in video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(32000) / 16000)).astype(np.float32)
-        for start in range(0, 32000, 1024):
-            chunk = av.AudioFrame.from_ndarray(tone[None, start : start + 1024], format="fltp", layout="mono")
-            chunk.sample_rate = 16000
-            for packet in audio.encode(chunk):
-                container.mux(packet)
-        for stream in (video, audio):
-            for packet in stream.encode(None):
-                container.mux(packet)
-    return path
+    frames = [np.full((48, 64, 3), COLOURS[(i // 4) % 4], np.uint8) for i in range(16)]
+    tone = 0.5 * np.sin(2 * np.pi * 440 * np.arange(32000) / 16000)
+    return write_clip(tmp_path_factory.mktemp("video") / "clip.mp4", frames, audio=tone)
 
 
 def test_num_frames_spread_over_clip(clip):

@@ -7,9 +7,10 @@ import torch
 
 import prune
 from prune._tiny import omni_item_tokens, omni_process, tiny_omni_processor, tiny_omni_thinker
+from tests.media import write_clip
 from tests.oracle import omni_full_inputs, run_reduced_omni
 
-av = pytest.importorskip("av")
+pytest.importorskip("av")
 pytest.importorskip("decord")
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
@@ -18,29 +19,15 @@ COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     """3 s at 8 fps, 64x48: one colour per second; audio: 1 s silence then a 440 Hz tone (16 kHz)."""
-    path = tmp_path_factory.mktemp("omni") / "clip.mp4"
-    with av.open(str(path), "w") as container:
-        video = container.add_stream("mpeg4", rate=8)
-        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
-        audio = container.add_stream("aac", rate=16000)
-        audio.layout = "mono"
-        for i in range(24):
-            frame = np.zeros((48, 64, 3), np.uint8)
-            frame[:] = COLOURS[i // 8]
-            frame[8:20, 8 + 4 * (i % 8) : 20 + 4 * (i % 8)] = 255  # a moving white square
-            for packet in video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        t = np.arange(48000) / 16000
-        tone = np.where(t >= 1.0, 0.5 * np.sin(2 * np.pi * 440 * t), 0.0).astype(np.float32)
-        for start in range(0, 48000, 1024):
-            chunk = av.AudioFrame.from_ndarray(tone[None, start : start + 1024], format="fltp", layout="mono")
-            chunk.sample_rate = 16000
-            for packet in audio.encode(chunk):
-                container.mux(packet)
-        for stream in (video, audio):
-            for packet in stream.encode(None):
-                container.mux(packet)
-    return path
+    frames = []
+    for i in range(24):
+        frame = np.zeros((48, 64, 3), np.uint8)
+        frame[:] = COLOURS[i // 8]
+        frame[8:20, 8 + 4 * (i % 8) : 20 + 4 * (i % 8)] = 255  # a moving white square
+        frames.append(frame)
+    t = np.arange(48000) / 16000
+    tone = np.where(t >= 1.0, 0.5 * np.sin(2 * np.pi * 440 * t), 0.0)
+    return write_clip(tmp_path_factory.mktemp("omni") / "clip.mp4", frames, audio=tone)
 
 
 @pytest.fixture(scope="module")
