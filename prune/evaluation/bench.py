@@ -41,6 +41,7 @@ from torch import nn
 import prune
 
 from . import models as M
+from ._format import fmt as _fmt
 
 SCHEMA = "prune.bench/1"
 ROW_FIELDS = (
@@ -459,14 +460,6 @@ def _round(row: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- outputs --------------------------------------------------------------------------------------
-
-
-def _fmt(value: Any, digits: int = 1) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
 
 
 def _params(billions: float) -> str:

@@ -13,14 +13,7 @@ import torch
 from torch import nn
 
 from prune.config import PruneConfig
-
-
-def _past_length(past: Any) -> int:
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    return int(past[0][0].shape[-2])
+from prune.hooks.base import _past_length
 
 
 @dataclass

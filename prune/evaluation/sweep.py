@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._format import fmt as _fmt
+
 SCHEMA = "prune.eval/1"
 ROW_FIELDS = (
     "method",
@@ -242,14 +244,6 @@ def run_eval(
 # ---- outputs --------------------------------------------------------------------------------------
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
 def markdown(results: Sequence[dict[str, Any]]) -> str:
     """One table: a row per (method, keep), a column per task/metric, then tokens and prefill ms."""
     rows = [r for res in results for r in res["rows"]]
@@ -276,7 +270,7 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
         for col in columns:
             r = p.get(col)
             cells.append(
-                "-" if r is None else _fmt(r["value"]) + (f" ± {_fmt(r['stderr'])}" if r["stderr"] else "")
+                "-" if r is None else _fmt(r["value"], 3) + (f" ± {_fmt(r['stderr'], 3)}" if r["stderr"] else "")
             )
         tokens = (
             f"{_fmt(first['vision_tokens_after'], 1)}/{_fmt(first['vision_tokens_before'], 1)}"

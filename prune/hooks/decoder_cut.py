@@ -56,7 +56,6 @@ class Context:
     budget: torch.Tensor  # (B,) vision tokens of each prompt
     stages: list[Stage]
     cache: Any
-    signals: dict[str, torch.Tensor] = field(default_factory=dict)
     ttv: torch.Tensor | None = None  # (B, L0) transition variation accumulated on input columns
     phase: str = "prefill"
     step: int = 0
