@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import (
     CLIPVisionConfig,
+    Dinov2Config,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -26,6 +27,18 @@ def _vision(image_size: int, patch: int, layers: int, hidden: int) -> CLIPVision
         image_size=image_size,
         patch_size=patch,
         projection_dim=hidden,
+    )
+
+
+def _dinov2(image_size: int, patch: int, layers: int, hidden: int) -> Dinov2Config:
+    return Dinov2Config(
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch,
+        layerscale_value=1.0,
     )
 
 
@@ -54,14 +67,19 @@ def tiny_llava(
     text_layers: int = 2,
     attn_implementation: str = "eager",
     seed: int = 0,
+    vision: str = "clip",
 ) -> LlavaForConditionalGeneration:
-    """A LLaVA-1.5-shaped model: CLIP encoder with [CLS], features from layer -2, Llama decoder."""
+    """A LLaVA-1.5-shaped model: CLIP encoder with [CLS], features from layer -2, Llama decoder.
+    ``vision="dinov2"``: a DINOv2 encoder (as the proxy VLM's), features from the last layer."""
+    if vision not in ("clip", "dinov2"):
+        raise ValueError(f"vision must be 'clip' or 'dinov2', got {vision!r}")
     torch.manual_seed(seed)
+    build = _vision if vision == "clip" else _dinov2
     config = LlavaConfig(
-        vision_config=_vision(image_size, patch, vision_layers, vision_hidden),
+        vision_config=build(image_size, patch, vision_layers, vision_hidden),
         text_config=_text(text_hidden, text_layers),
         image_token_id=IMAGE_TOKEN,
-        vision_feature_layer=-2,
+        vision_feature_layer=-2 if vision == "clip" else -1,
         vision_feature_select_strategy="default",
     )
     config._attn_implementation = attn_implementation

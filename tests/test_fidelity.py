@@ -28,6 +28,11 @@ def _kept_patches(model, pixel_values, method, keep, **options):
     return [set(torch.nonzero(row).view(-1).tolist()) for row in mask]
 
 
+def _feature_layer(model, atts):
+    """The encoder layer LLaVA reads (hidden_states[k] is layer k-1's output): -2 -> L-2, -1 -> L-1."""
+    return len(atts) + model.config.vision_feature_layer
+
+
 def _topk(scores, k):
     return torch.topk(scores, k).indices.tolist()
 
@@ -60,10 +65,11 @@ def _hiprune(atts, image, obj, deep_layer, budget, width, alpha=0.1, wrap=True):
     return set(chosen.tolist()) | set(registers.tolist())
 
 
-@pytest.fixture(scope="module")
-def big():
+@pytest.fixture(scope="module", params=["clip", "dinov2"])
+def big(request):
     # 12x12 grid and 6 layers so that layers differ and HiPrune has anchors (T >= 25).
-    model = tiny_llava(image_size=48, patch=4, vision_layers=6, vision_hidden=32, seed=1)
+    # dinov2: the proxy VLM's encoder family (features from the last layer, not -2).
+    model = tiny_llava(image_size=48, patch=4, vision_layers=6, vision_hidden=32, seed=1, vision=request.param)
     pixel_values = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(5))
     return model, pixel_values
 
@@ -75,7 +81,7 @@ def test_cls_fastervlm_matches_reference(big, keep):
     kept = _kept_patches(model, pv, "cls", keep)
     budget = keep if isinstance(keep, int) else round(keep * 144)
     for image in range(2):
-        assert kept[image] == _fastervlm(atts, image, len(atts) - 2, budget)
+        assert kept[image] == _fastervlm(atts, image, _feature_layer(model, atts), budget)
 
 
 @pytest.mark.parametrize("start", [2, 3])
@@ -95,7 +101,7 @@ def test_hiprune_matches_reference(big, keep, wrap_rows):
     kept = _kept_patches(model, pv, "hiprune", keep, object_layer=1, wrap_rows=wrap_rows, alpha=0.5)
     budget = round(keep * 144)
     for image in range(2):
-        expected = _hiprune(atts, image, 1, len(atts) - 2, budget, width=12, alpha=0.5, wrap=wrap_rows)
+        expected = _hiprune(atts, image, 1, _feature_layer(model, atts), budget, width=12, alpha=0.5, wrap=wrap_rows)
         assert kept[image] == expected
         assert len(kept[image]) == budget
 

@@ -11,6 +11,10 @@ from ..methods import EncoderInfo
 from .base import Adapter, ImageLayout, slice_view_signals
 
 
+# vision encoders whose sequence starts with a [CLS] token (SigLIP has none)
+CLS_ENCODERS = ("clip_vision_model", "clip", "dinov2", "vit")
+
+
 class LlavaAdapter(Adapter):
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration",)
@@ -27,7 +31,14 @@ class LlavaAdapter(Adapter):
 
     def vision_attention_modules(self) -> list[nn.Module]:
         encoder = self.vision_model().encoder
-        return [layer.self_attn for layer in encoder.layers]
+        if hasattr(encoder, "layers"):  # CLIP, SigLIP
+            return [layer.self_attn for layer in encoder.layers]
+        # DINOv2 / ViT: layer.attention is the attention module, or (older transformers) wraps it
+        modules = []
+        for layer in encoder.layer:
+            inner = getattr(layer.attention, "attention", None)
+            modules.append(inner if isinstance(inner, nn.Module) else layer.attention)
+        return modules
 
     def placeholder_id(self, modality: str) -> int:
         return int(self.model.config.image_token_id)
@@ -43,7 +54,7 @@ class LlavaAdapter(Adapter):
 
     def encoder_info(self) -> EncoderInfo:
         cfg = self.model.config.vision_config
-        has_cls = getattr(cfg, "model_type", "") in ("clip_vision_model", "clip")
+        has_cls = getattr(cfg, "model_type", "") in CLS_ENCODERS
         return EncoderInfo(
             num_layers=len(self.vision_attention_modules()),
             feature_layer=self.feature_layer_index(),
@@ -51,8 +62,15 @@ class LlavaAdapter(Adapter):
             family=self.family,
         )
 
-    def patch_grid(self) -> int:
+    def patch_grid(self, pixel_values: torch.Tensor | None = None) -> int:
+        """Patches per side: of the pixels given (encoders that interpolate positions, e.g. DINOv2,
+        take other sizes than their config's), else of the config's image size."""
         cfg = self.model.config.vision_config
+        if pixel_values is not None:
+            height, width = pixel_values.shape[-2:]
+            if height != width:
+                raise ValueError(f"LLaVA images must be square, got {height} x {width} pixels")
+            return height // cfg.patch_size
         return cfg.image_size // cfg.patch_size
 
     def _check_strategy(self) -> None:
@@ -74,7 +92,7 @@ class LlavaAdapter(Adapter):
         pixel_values = args["pixel_values"]
         if args.get("image_sizes") is not None:
             raise ValueError("LlavaForConditionalGeneration with image_sizes (variable-size vision towers) is not supported")
-        side = self.patch_grid()
+        side = self.patch_grid(pixel_values)
         n = side * side
         offset = self.patch_offset()
         return [
