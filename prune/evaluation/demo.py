@@ -241,3 +241,66 @@ def run_omni_demo(path: str | Path, out_dir: str | Path = "prune-demo", keep: fl
     labelled_grid(tiles, columns=t + 1).save(out)
     print(f"kept video tokens per frame and audio tokens: {out}")
     return out
+
+
+PROXY_METHODS = ("random", "pool", "cls", "hiprune", "fastv", "transprune")
+
+
+def run_proxy_demo(
+    out_dir: str | Path = "prune-demo",
+    keep: float | int = 0.11,
+    seed: int = 0,
+    *,
+    cache: str | Path | None = None,
+    device: str = "cpu",
+    methods=PROXY_METHODS,
+) -> Path:
+    """Ask the real-weights proxy VLM a question about a generated scene, unpruned and with each method;
+    print the answers and write ``proxy_kept.png``."""
+    from .proxy import POST_PROMPT, load_proxy, prompt
+    from .tasks import shapes
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, processor = load_proxy(cache=cache, device=device)
+    # a question from the training generator's distribution, on a scene no split uses
+    doc = shapes.generate_docs(1, seed=10_000 + seed)[0]
+    image = shapes.doc_to_visual(doc)[0]
+    text = prompt(processor, doc["question"], post_prompt=POST_PROMPT)
+    inputs = processor(images=[image], text=[text], return_tensors="pt").to(device)
+    side = inputs["pixel_values"].shape[-1] // model.config.vision_config.patch_size
+
+    def answer() -> tuple[str, float]:
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+            ms = (time.perf_counter() - t0) * 1e3
+        return processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip(), ms
+
+    rows = [("none", side * side, *answer())]
+    tiles = [(f"unpruned: {rows[0][2]}", image.resize((224, 224)))]
+    for method in methods:
+        prune.wrap(model, method, keep=keep)
+        try:
+            text_out, ms = answer()
+            last = model.prune_state.last
+            rec = last.images[0]
+            after = rec.tokens_after
+            if last.layer_masks:  # in-LLM: average over decoder layers
+                layers = model.config.text_config.num_hidden_layers
+                after = round(sum(int(last.seen_by(i)[0, rec.positions].sum()) for i in range(layers)) / layers)
+            rows.append((method, after, text_out, ms))
+            tiles.append((f"{method} {after}: {text_out}", overlay_kept(image.resize((224, 224)), rec.kept, (side, side))))
+        finally:
+            prune.unwrap(model)
+
+    print(f"proxy VLM (DINOv2 ViT-S/14 + SmolLM2-135M, real weights), keep={keep}")
+    print(f"Q: {doc['question']}   (truth: {doc['answer']})")
+    print(f"{'method':<11} {'tokens':>7} {'generate ms':>12}  answer")
+    for method, tokens, text_out, ms in rows:
+        mark = "ok" if shapes.exact_match(text_out, doc["answer"]) else "WRONG"
+        print(f"{method:<11} {tokens:>7} {ms:>12.1f}  {text_out!r} {mark}")
+    path = out_dir / "proxy_kept.png"
+    labelled_grid(tiles, columns=4).save(path)
+    print(f"kept patches: {path}")
+    return path

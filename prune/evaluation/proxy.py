@@ -41,6 +41,7 @@ IMAGE_TOKEN = "<image>"
 IMAGE_SIZE = 224  # pixels; 16 x 16 = 256 patch tokens per image
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+POST_PROMPT = "\nAnswer the question using a single word."  # the offline tasks' lmms-eval post prompt
 SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 # Processor chat template (ChatML, as SmolLM2's own): content lists with image entries, as lmms-eval's
 # chat models and prune demo send them; an image becomes "<image>\n" before the text.
@@ -305,6 +306,47 @@ def onnx_reference(path: str | Path, pixel_values: torch.Tensor) -> dict[str, to
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     outs = session.run(names, {graph.input[0].name: pixel_values.float().numpy()})
     return {"layers": torch.stack([torch.from_numpy(o) for o in outs[:-1]]), "last_hidden_state": torch.from_numpy(outs[-1])}
+
+
+SAMPLE_IMAGES = ("astronaut", "coffee", "chelsea", "rocket")  # scikit-image's bundled photographs
+
+
+def sample_pixels(names=SAMPLE_IMAGES) -> torch.Tensor:
+    """scikit-image sample photographs, resized to 224 (bicubic) and normalised as the proxy's processor does."""
+    _require("skimage")
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    rows = []
+    for name in names:
+        image = Image.fromarray(getattr(data, name)()).convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        rows.append((x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None])
+    return torch.stack(rows)
+
+
+def check_port(onnx_path: str | Path | None = None, *, cache: str | Path | None = None, names=SAMPLE_IMAGES) -> list[dict[str, Any]]:
+    """Max |difference| between the Dinov2 port and onnxruntime, per sample image: over every encoder
+    layer's output and over the final (layer-normed) output, with the output's scale for reference."""
+    path = Path(onnx_path) if onnx_path is not None else locate_parts(cache)["vision"]
+    model = vision_from_onnx(path)
+    rows = []
+    for name in names:
+        x = sample_pixels([name])
+        ref = onnx_reference(path, x)
+        with torch.no_grad():
+            out = model(x, output_hidden_states=True)
+        layers = torch.stack(out.hidden_states[1:])
+        rows.append(
+            {
+                "image": name,
+                "layers": (layers - ref["layers"]).abs().max().item(),
+                "output": (out.last_hidden_state - ref["last_hidden_state"]).abs().max().item(),
+                "scale": ref["last_hidden_state"].abs().max().item(),
+            }
+        )
+    return rows
 
 
 # ---- language: GGUF -> LlamaForCausalLM ------------------------------------------------------------

@@ -33,7 +33,7 @@ from torch import nn
 from . import proxy
 from .tasks import shapes
 
-POST_PROMPT = "\nAnswer the question using a single word."  # the offline tasks' lmms-eval post prompt
+POST_PROMPT = proxy.POST_PROMPT
 EVAL_SEED = 0  # prune_shapes.jsonl is generate_docs(N_DOCS, seed=0)
 
 

@@ -166,10 +166,13 @@ def run_eval(
     model_args: dict[str, Any] | None = None,
     include: Sequence[str] = (),
     raw_dir: Path | None = None,
+    partial: Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Evaluate the unpruned model and every method x keep (< 1) on ``tasks``; returns the JSON dict."""
+    """Evaluate the unpruned model and every method x keep (< 1) on ``tasks``; returns the JSON dict.
+    ``partial``: a file rewritten with the finished points after each one (a long sweep that is
+    stopped keeps them; :func:`load_result` reads it)."""
     from lmms_eval.evaluator import simple_evaluate
     from tqdm.auto import tqdm
 
@@ -198,11 +201,35 @@ def run_eval(
     lm = build(args)
     lm.prune_keep_model = True
     rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+    def result() -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "created": created,
+            "model": {"path": str(model_dir), "base": base},
+            "settings": {
+                "tasks": list(tasks),
+                "limit": limit,
+                "device": device,
+                "dtype": dtype,
+                "batch_size": batch_size,
+            },
+            "rows": rows,
+            "skipped": skipped,
+        }
+
     bar = tqdm(plan, desc="eval", unit="point", disable=not progress)
     try:
         for method, keep in bar:
             bar.set_postfix_str(f"{method} keep={keep}")
-            lm.prune_rewrap(None if method == "none" else PruneConfig(method=method, keep=keep))
+            try:
+                lm.prune_rewrap(None if method == "none" else PruneConfig(method=method, keep=keep))
+            except ValueError as exc:  # a point this model cannot run (e.g. an in-LLM keep below its floor)
+                skipped.append({"method": method, "keep": keep, "reason": str(exc)})
+                log(f"skipped {method} keep={keep}: {exc}")
+                continue
             results = simple_evaluate(
                 model=lm,
                 tasks=list(tasks),
@@ -217,6 +244,9 @@ def run_eval(
             if results is None:  # not rank 0
                 continue
             rows += rows_from_results(results, method, keep, lm.prune_summary)
+            if partial is not None:
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                partial.write_text(json.dumps(result(), indent=2) + "\n")
             if raw_dir is not None:
                 raw_dir.mkdir(parents=True, exist_ok=True)
                 name = f"{method}_keep{keep}.json"
@@ -226,19 +256,7 @@ def run_eval(
     finally:
         lm.prune_keep_model = False
         lm.clean()
-    return {
-        "schema": SCHEMA,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"path": str(model_dir), "base": base},
-        "settings": {
-            "tasks": list(tasks),
-            "limit": limit,
-            "device": device,
-            "dtype": dtype,
-            "batch_size": batch_size,
-        },
-        "rows": rows,
-    }
+    return result()
 
 
 # ---- outputs --------------------------------------------------------------------------------------
@@ -303,11 +321,9 @@ def plot(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
             if r["method"] == "none":
                 baseline = r["value"]
                 continue
-            x = (
-                r["keep_ratio"]
-                if r["keep_ratio"] is not None
-                else (r["keep"] if isinstance(r["keep"], float) else None)
-            )
+            # the requested fraction: for in-LLM methods it is the average over layers, while the
+            # measured keep_ratio counts what the last layer saw; a token count falls back to the ratio
+            x = r["keep"] if isinstance(r["keep"], float) else r["keep_ratio"]
             if x is not None:
                 series.setdefault(r["method"], []).append((x, r["value"]))
         if baseline is not None:  # every method at keep 1 is the unpruned model
@@ -332,6 +348,10 @@ def write_outputs(
     paths["json"].write_text(json.dumps(result, indent=2) + "\n")
     m = result["model"]
     text = f"### accuracy: {m['path']} (lmms-eval model {m['base']})\n\n" + markdown([result])
+    for skip in result.get("skipped") or []:
+        text += f"\n- skipped {skip['method']} at keep {skip['keep']}: {skip['reason']}"
+    if result.get("skipped"):
+        text += "\n"
     try:
         paths["png"] = plot([result], out_dir / "accuracy_vs_keep.png")
         text += f"\n![accuracy vs keep]({paths['png'].name})\n"

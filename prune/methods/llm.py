@@ -26,9 +26,20 @@ def average_fraction(schedule: list[tuple[int, float]], num_layers: int) -> floa
     return total / num_layers
 
 
-def solve_scale(make, num_layers: int, keep: float, hi: float = 1.0) -> list[tuple[int, float]]:
-    """Bisection on c in [0, hi] so that ``make(c)`` (a schedule, increasing in c) averages ``keep``."""
+def solve_scale(
+    make, num_layers: int, keep: float, hi: float = 1.0, name: str = "this method"
+) -> list[tuple[int, float]]:
+    """Bisection on c in [0, hi] so that ``make(c)`` (a schedule, increasing in c) averages ``keep``.
+    Raises when even ``make(0)`` (every vision token dropped at the first cut) averages more than
+    ``keep``: the layers before the first cut alone see more."""
     lo = 0.0
+    floor = average_fraction(make(0.0), num_layers)
+    if floor > keep + 1e-9:
+        first = min(layer for layer, _ in make(0.0))
+        raise ValueError(
+            f"{name} cannot average keep={keep} on {num_layers} layers: the first {first} layers (before its "
+            f"first cut) alone see {floor:.3f}; raise keep or pass schedule=[(layer, fraction), ...]"
+        )
     if average_fraction(make(hi), num_layers) < keep:
         return make(hi)
     for _ in range(60):

@@ -19,7 +19,7 @@ class PyramidDrop(LLMMethod):
         def make(lam):
             return [(layer, lam ** (i + 1)) for i, layer in enumerate(layers)]
 
-        return solve_scale(make, num_layers, keep)
+        return solve_scale(make, num_layers, keep, name="pdrop")
 
     def last_token_layers(self, schedule):
         return [layer - 1 for layer, _ in schedule]

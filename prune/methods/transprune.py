@@ -37,7 +37,7 @@ class TransPrune(LLMMethod):
         def make(scale):
             return [(layer, min(1.0, f * scale)) for layer, f in sorted(stages.items())]
 
-        return solve_scale(make, num_layers, keep, hi=1.0 / min(stages.values()))
+        return solve_scale(make, num_layers, keep, hi=1.0 / min(stages.values()), name="transprune")
 
     def transition_layers(self, schedule, num_layers):
         if self.options["accumulate"] is not None:
