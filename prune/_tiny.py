@@ -18,27 +18,19 @@ PAD_TOKEN = 0
 VOCAB = 128
 
 
-def _vision(image_size: int, patch: int, layers: int, hidden: int) -> CLIPVisionConfig:
-    return CLIPVisionConfig(
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=patch,
-        projection_dim=hidden,
+def _vision(image_size: int, patch: int, layers: int, hidden: int, kind: str = "clip"):
+    """A CLIP vision config, or (``kind="dinov2"``) a DINOv2 one of the same size."""
+    config_cls, extra = (
+        (CLIPVisionConfig, {"projection_dim": hidden}) if kind == "clip" else (Dinov2Config, {"layerscale_value": 1.0})
     )
-
-
-def _dinov2(image_size: int, patch: int, layers: int, hidden: int) -> Dinov2Config:
-    return Dinov2Config(
+    return config_cls(
         hidden_size=hidden,
         intermediate_size=hidden * 2,
         num_hidden_layers=layers,
         num_attention_heads=4,
         image_size=image_size,
         patch_size=patch,
-        layerscale_value=1.0,
+        **extra,
     )
 
 
@@ -74,9 +66,8 @@ def tiny_llava(
     if vision not in ("clip", "dinov2"):
         raise ValueError(f"vision must be 'clip' or 'dinov2', got {vision!r}")
     torch.manual_seed(seed)
-    build = _vision if vision == "clip" else _dinov2
     config = LlavaConfig(
-        vision_config=build(image_size, patch, vision_layers, vision_hidden),
+        vision_config=_vision(image_size, patch, vision_layers, vision_hidden, kind=vision),
         text_config=_text(text_hidden, text_layers),
         image_token_id=IMAGE_TOKEN,
         vision_feature_layer=-2 if vision == "clip" else -1,

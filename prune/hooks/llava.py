@@ -10,7 +10,6 @@ from torch import nn
 from ..methods import EncoderInfo
 from .base import Adapter, ImageLayout, slice_view_signals
 
-
 # vision encoders whose sequence starts with a [CLS] token (SigLIP has none)
 CLS_ENCODERS = ("clip_vision_model", "clip", "dinov2", "vit")
 
