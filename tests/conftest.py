@@ -11,14 +11,16 @@ class Case:
 
     def __init__(self, family, attn="eager", prompts=((1,),), text_lens=(10,), seed=0, text_layers=2):
         self.family = family
-        if family == "llava":
-            self.model = tiny_llava(attn_implementation=attn, text_layers=text_layers)
+        single_grid = family in ("llava", "llava_dinov2")  # one 8x8 patch grid per image
+        if single_grid:
+            vision = "dinov2" if family == "llava_dinov2" else "clip"  # dinov2: the proxy VLM's encoder
+            self.model = tiny_llava(attn_implementation=attn, text_layers=text_layers, vision=vision)
         else:
             self.model = tiny_llava_next(attn_implementation=attn, text_layers=text_layers)
         gen = torch.Generator().manual_seed(seed)
         self.prompts = prompts  # per prompt: a tuple of image "kinds" (index into sizes for next)
         n_images = sum(len(p) for p in prompts)
-        if family == "llava":
+        if single_grid:
             self.pixel_values = torch.randn(n_images, 3, 32, 32, generator=gen)
             self.image_sizes = None
         else:

@@ -1,4 +1,5 @@
-"""Contracts on LLaVA-1.5 and LLaVA-NeXT: identity, oracle equivalence, batch, backends."""
+"""Contracts on LLaVA-1.5 (CLIP, and DINOv2 as in the proxy VLM) and LLaVA-NeXT: identity, oracle
+equivalence, batch, backends."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import prune
 from tests.oracle import full_inputs_embeds, reduced_positions, run_reduced
 
 METHODS = ["random", "pool", "cls", "hiprune"]
-FAMILIES = ["llava", "llava_next"]
+FAMILIES = ["llava", "llava_next", "llava_dinov2"]
 GEN = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False}
 
 
@@ -40,7 +41,7 @@ def _pooled_embeds(embeds, record, grid=8):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
 def test_oracle_prefill_and_generate(make_case, family, method, positions):
-    prompts = ((0, 1),) if family == "llava" else ((1, 3),)  # two images in one prompt
+    prompts = ((1, 3),) if family == "llava_next" else ((0, 1),)  # two images in one prompt
     case = make_case(family, prompts=prompts, text_lens=(12,))
     inputs = case.inputs()
     model = prune.wrap(case.model, method, keep=0.25, positions=positions)
@@ -52,7 +53,7 @@ def test_oracle_prefill_and_generate(make_case, family, method, positions):
     assert record.vision_tokens_after < record.vision_tokens_before
     prune.unwrap(model)
     embeds = full_inputs_embeds(model, inputs)[0]
-    if method == "pool" and family == "llava":  # independent 2x2 pooling
+    if method == "pool" and family != "llava_next":  # independent 2x2 pooling
         for im in record.images:
             embeds = _pooled_embeds(embeds, im)
     elif method == "pool":  # anyres crops: "the rows the method produced"
