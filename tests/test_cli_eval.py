@@ -9,7 +9,7 @@ from PIL import Image, ImageStat
 from prune.cli import main
 from prune.evaluation.tasks import shapes
 
-COMMANDS = ["methods", "demo", "show", "bench", "eval", "report"]
+COMMANDS = ["methods", "demo", "proxy", "show", "bench", "eval", "report"]
 
 
 def test_help_everywhere(capsys):

@@ -79,6 +79,24 @@ def test_prune_eval_sweeps_methods_and_keeps(checkpoint, tmp_path, capsys):
     ]  # fmt: skip
 
 
+def test_prune_eval_skips_points_the_model_cannot_run_and_keeps_partial_results(checkpoint, tmp_path):
+    from prune.cli import main
+
+    out = tmp_path / "sweep"
+    # fastv cuts after layer 2: the tiny checkpoint has 2 decoder layers, so every fastv point is refused
+    code = main(["eval", "--model", str(checkpoint), "--tasks", "prune_shapes", "--methods", "fastv,random",
+                 "--keep", "0.5", "--limit", "2", "--device", "cpu", "--dtype", "float32", "--out", str(out),
+                 "--no-progress"])  # fmt: skip
+    assert code == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert {(r["method"], r["keep"]) for r in result["rows"]} == {("none", 1.0), ("random", 0.5)}
+    (skip,) = result["skipped"]
+    assert skip["method"] == "fastv" and skip["keep"] == 0.5 and "layer=2" in skip["reason"]
+    assert "skipped fastv at keep 0.5" in (out / "eval.md").read_text()
+    partial = json.loads((out / "eval.partial.json").read_text())
+    assert partial["rows"] == result["rows"] and partial["skipped"] == result["skipped"]
+
+
 def test_prune_eval_refuses_unknown_tasks(checkpoint, capsys):
     from prune.cli import main
 
