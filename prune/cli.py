@@ -199,7 +199,9 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
         if args.action == "fetch":
             proxy.fetch_parts(args.cache)
         elif args.action == "build":
-            print(proxy.proxy_dir(args.out, cache=args.cache, rebuild=args.rebuild))
+            # progress on stderr: stdout is only the folder, for $(prune proxy build)
+            note = lambda message: print(message, file=sys.stderr)  # noqa: E731
+            print(proxy.proxy_dir(args.out, cache=args.cache, rebuild=args.rebuild, log=note))
         else:
             rows = proxy.check_port(cache=args.cache)
             print(f"{'image':<12} {'max |diff| layers':>18} {'max |diff| output':>18} {'max |output|':>13}")
