@@ -260,12 +260,31 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_options(pairs: list[str] | None, methods: list[str]) -> dict[str, dict[str, Any]]:
+    """``--option`` for prune eval: ``method.name=value`` for one method, ``name=value`` for every
+    method of the sweep that has the option."""
+    from .methods import get_method
+
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in _options(pairs).items():
+        method, _, name = key.rpartition(".")
+        targets = [method] if method else [m for m in methods if name in get_method(m).defaults]
+        if method and method not in methods:
+            raise UsageError(f"--option {key}: {method} is not in --methods")
+        if not targets:
+            raise UsageError(f"--option {key}: no method of the sweep has an option {name!r}")
+        for m in targets:
+            out.setdefault(m, {})[name] = value
+    return out
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import sweep
 
     if not sweep.lmms_eval_available():
         raise UsageError(sweep.INSTALL_HINT)
     _check_methods(args.methods)
+    options = _eval_options(args.option, args.methods)
     out = Path(args.out)
     if args.model == "tiny":
         from .evaluation.tiny_checkpoint import save_tiny_llava
@@ -296,6 +315,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         include=args.include_path or [],
         raw_dir=out / "lmms",
         partial=out / "eval.partial.json",
+        options=options,
         progress=not args.no_progress,
     )
     paths = sweep.write_outputs(result, out)
@@ -507,6 +527,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=_positive, default=1, help="lmms-eval batch size (default: %(default)s)"
     )
     p.add_argument("--model-args", help="extra base-model arguments, lmms-eval style: k=v,k=v")
+    p.add_argument(
+        "--option",
+        action="append",
+        metavar="[METHOD.]NAME=VALUE",
+        help="a method option (repeatable): fastv.layer=1 for one method, seed=3 for every method that has it; "
+        "rows are labelled 'fastv (layer=1)'",
+    )
     p.add_argument("--include-path", action="append", help="an extra lmms-eval task folder (repeatable)")
     p.add_argument("--out", default="prune-eval", help="output folder (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no sweep progress bar")

@@ -44,6 +44,8 @@ def test_help_everywhere(capsys):
         (["report", "{empty}/nothing-here"], "does not exist"),
         (["eval", "--model", "{empty}", "--tasks", "prune_shapes"], "not a local model folder"),
         (["frobnicate"], "invalid choice"),
+        (["eval", "--model", "tiny", "--methods", "random", "--option", "pdrop.layers=1"], "pdrop is not in --methods"),
+        (["eval", "--model", "tiny", "--methods", "random", "--option", "alpha=0.2"], "no method of the sweep"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_code_2(argv, words, tmp_path, capsys):

@@ -97,6 +97,19 @@ def test_prune_eval_skips_points_the_model_cannot_run_and_keeps_partial_results(
     assert partial["rows"] == result["rows"] and partial["skipped"] == result["skipped"]
 
 
+def test_prune_eval_passes_method_options_and_labels_their_rows(checkpoint, tmp_path):
+    from prune.cli import main
+
+    out = tmp_path / "sweep"
+    code = main(["eval", "--model", str(checkpoint), "--tasks", "prune_shapes", "--methods", "random,hiprune",
+                 "--option", "random.seed=7", "--option", "alpha=0.5", "--keep", "0.5", "--limit", "2",
+                 "--device", "cpu", "--dtype", "float32", "--out", str(out), "--no-progress"])  # fmt: skip
+    assert code == 0
+    rows = json.loads((out / "eval.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"none", "random (seed=7)", "hiprune (alpha=0.5)"}
+    assert all(r["vision_tokens_after"] == 32 for r in rows if r["method"] != "none")
+
+
 def test_prune_eval_refuses_unknown_tasks(checkpoint, capsys):
     from prune.cli import main
 

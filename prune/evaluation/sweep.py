@@ -100,6 +100,13 @@ def metrics_of(task_result: dict[str, Any]) -> dict[str, tuple[float, float | No
     return out
 
 
+def method_label(method: str, options: dict[str, Any] | None) -> str:
+    """``fastv`` or, with options, ``fastv (layer=1)``: the name rows, tables and plot lines use."""
+    if not options:
+        return method
+    return f"{method} (" + ", ".join(f"{k}={v}" for k, v in sorted(options.items())) + ")"
+
+
 def rows_from_results(
     results: dict[str, Any], method: str, keep: float | int, stats: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
@@ -167,12 +174,14 @@ def run_eval(
     include: Sequence[str] = (),
     raw_dir: Path | None = None,
     partial: Path | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Evaluate the unpruned model and every method x keep (< 1) on ``tasks``; returns the JSON dict.
     ``partial``: a file rewritten with the finished points after each one (a long sweep that is
-    stopped keeps them; :func:`load_result` reads it)."""
+    stopped keeps them; :func:`load_result` reads it). ``options``: method -> its options (e.g.
+    ``{"fastv": {"layer": 1}}``); such a method's rows are labelled ``fastv (layer=1)``."""
     from lmms_eval.evaluator import simple_evaluate
     from tqdm.auto import tqdm
 
@@ -185,8 +194,13 @@ def run_eval(
     check_tasks(manager, tasks)
     plan: list[tuple[str, float | int]] = [("none", 1.0)]
     plan += [(m, k) for m in methods for k in keeps if not (isinstance(k, float) and k >= 1.0)]
+    options = {m: dict(o) for m, o in (options or {}).items() if o}
+    unused = sorted(set(options) - set(methods))
+    if unused:
+        raise EvalError(f"options given for method(s) not in the sweep: {', '.join(unused)}")
     for method, keep in plan[1:]:
-        PruneConfig(method=method, keep=keep)  # bad names / keeps fail before the model loads
+        # bad names / keeps / options fail before the model loads
+        PruneConfig(method=method, keep=keep, options=options.get(method, {}))
     args = {
         "base": base,
         "pretrained": str(model_dir),
@@ -225,7 +239,9 @@ def run_eval(
         for method, keep in bar:
             bar.set_postfix_str(f"{method} keep={keep}")
             try:
-                lm.prune_rewrap(None if method == "none" else PruneConfig(method=method, keep=keep))
+                lm.prune_rewrap(
+                    None if method == "none" else PruneConfig(method=method, keep=keep, options=options.get(method, {}))
+                )
             except ValueError as exc:  # a point this model cannot run (e.g. an in-LLM keep below its floor)
                 skipped.append({"method": method, "keep": keep, "reason": str(exc)})
                 log(f"skipped {method} keep={keep}: {exc}")
@@ -243,7 +259,7 @@ def run_eval(
             )
             if results is None:  # not rank 0
                 continue
-            rows += rows_from_results(results, method, keep, lm.prune_summary)
+            rows += rows_from_results(results, method_label(method, options.get(method)), keep, lm.prune_summary)
             if partial is not None:
                 partial.parent.mkdir(parents=True, exist_ok=True)
                 partial.write_text(json.dumps(result(), indent=2) + "\n")
