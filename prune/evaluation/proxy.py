@@ -238,6 +238,8 @@ def onnx_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layer."))
     grid = int(round((state["embeddings.position_embeddings"].shape[1] - 1) ** 0.5))
     patch = state["embeddings.patch_embeddings.projection.weight"].shape[-1]
+    # head count and eps are not initializers: DINOv2's (64-wide heads, 1e-6); check_port would show
+    # a wrong guess as a large difference from onnxruntime
     config = {
         "hidden_size": hidden,
         "num_hidden_layers": layers,
@@ -254,16 +256,18 @@ def onnx_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return state, config
 
 
-def vision_from_onnx(path: str | Path) -> nn.Module:
-    """A transformers ``Dinov2Model`` holding the ONNX backbone's weights (all of them: strict load)."""
+def _dinov2(state: dict[str, torch.Tensor], config: dict[str, Any]) -> nn.Module:
     from transformers import Dinov2Config, Dinov2Model
 
-    state, config = onnx_state_dict(path)
     model = Dinov2Model(Dinov2Config(**config)).eval()
     keys = set(model.state_dict())
-    mapped = {_old_name_to_new(keys, k): v for k, v in state.items()}
-    model.load_state_dict(mapped, strict=True)
+    model.load_state_dict({_old_name_to_new(keys, k): v.float() for k, v in state.items()}, strict=True)
     return model
+
+
+def vision_from_onnx(path: str | Path) -> nn.Module:
+    """A transformers ``Dinov2Model`` holding the ONNX backbone's weights (all of them: strict load)."""
+    return _dinov2(*onnx_state_dict(path))
 
 
 def load_vision(path: str | Path) -> nn.Module:
@@ -273,15 +277,11 @@ def load_vision(path: str | Path) -> nn.Module:
     if path.suffix != ".safetensors":
         return vision_from_onnx(path)
     from safetensors import safe_open
-    from transformers import Dinov2Config, Dinov2Model
 
     with safe_open(str(path), framework="pt") as f:
         config = json.loads((f.metadata() or {})["config"])
-        state = {k: f.get_tensor(k).float() for k in f.keys()}
-    model = Dinov2Model(Dinov2Config(**config)).eval()
-    keys = set(model.state_dict())
-    model.load_state_dict({_old_name_to_new(keys, k): v for k, v in state.items()}, strict=True)
-    return model
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    return _dinov2(state, config)
 
 
 def onnx_reference(path: str | Path, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
