@@ -38,7 +38,9 @@ import torch
 from torch import nn
 
 IMAGE_TOKEN = "<image>"
-IMAGE_SIZE = 224  # pixels; 16 x 16 = 256 patch tokens per image
+IMAGE_SIZE = 224  # pixels
+PATCH = 14
+IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2  # 256 patch tokens per image ([CLS] dropped)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 POST_PROMPT = "\nAnswer the question using a single word."  # the offline tasks' lmms-eval post prompt

@@ -82,11 +82,14 @@ def pack_easyvqa(path: str | Path) -> Path:
 
 
 def load_easyvqa(npz: str | Path | None) -> dict[str, Any]:
+    """The arrays of :func:`pack_easyvqa` (packed from the installed package when ``npz`` is None)."""
     if npz is None:
-        tmp = Path("/tmp/prune_easyvqa_pack.npz")
-        npz = tmp if tmp.is_file() else pack_easyvqa(tmp)
-    data = np.load(npz)
-    return {k: data[k] for k in data.files}
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="prune-easyvqa-") as tmp:
+            return load_easyvqa(pack_easyvqa(Path(tmp) / "easyvqa.npz"))
+    with np.load(npz) as data:
+        return {k: data[k] for k in data.files}
 
 
 # ---- LoRA -----------------------------------------------------------------------------------------
@@ -145,7 +148,7 @@ class Encoder:
 
     def __init__(self, processor) -> None:
         self.tokenizer = processor.tokenizer
-        self.image_tokens = proxy.IMAGE_SIZE // 14 * (proxy.IMAGE_SIZE // 14)
+        self.image_tokens = proxy.IMAGE_TOKENS
         self.end = "<|im_end|>"
 
     def prompt_ids(self, processor, question: str) -> list[int]:
@@ -186,7 +189,7 @@ def evaluate(model, processor, pixel_values: torch.Tensor, questions: list[str],
     for i in range(0, len(questions), batch):
         texts = [proxy.prompt(processor, q, post_prompt=POST_PROMPT) for q in questions[i : i + batch]]
         enc = processor.tokenizer(
-            [t.replace(proxy.IMAGE_TOKEN, proxy.IMAGE_TOKEN * 256) for t in texts],
+            [t.replace(proxy.IMAGE_TOKEN, proxy.IMAGE_TOKEN * proxy.IMAGE_TOKENS) for t in texts],
             return_tensors="pt", padding=True, add_special_tokens=False,
         )
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
