@@ -43,6 +43,15 @@ def scene(seed: int = 0, size: int = SIZE) -> Image.Image:
     return img
 
 
+def _tokens_seen(model, last, rec) -> int:
+    """Vision tokens of one image the language model read: what was kept, or for in-LLM methods the
+    average over decoder layers of what each layer saw."""
+    if not last.layer_masks:
+        return rec.tokens_after
+    layers = model.config.text_config.num_hidden_layers
+    return round(sum(int(last.seen_by(i)[0, rec.positions].sum()) for i in range(layers)) / layers)
+
+
 def _median_ms(fn, repeats: int = 3) -> float:
     times = []
     for _ in range(repeats):
@@ -98,10 +107,7 @@ def run_demo(
             continue
         last = model.prune_state.last
         rec = last.images[0]
-        after = rec.tokens_after
-        if last.layer_masks:  # in-LLM: the average over decoder layers of the vision tokens each saw
-            layers = model.config.text_config.num_hidden_layers
-            after = round(sum(int(last.seen_by(i)[0, rec.positions].sum()) for i in range(layers)) / layers)
+        after = _tokens_seen(model, last, rec)
         rows.append((method, rec.tokens_before, after, prefill, total, answer))
         tiles.append((f"{method}: {after}/{rec.tokens_before}", overlay_kept(image, rec.kept, (side, side))))
         prune.unwrap(model)
@@ -290,10 +296,7 @@ def run_proxy_demo(
             text_out, ms = answer()
             last = model.prune_state.last
             rec = last.images[0]
-            after = rec.tokens_after
-            if last.layer_masks:  # in-LLM: average over decoder layers
-                layers = model.config.text_config.num_hidden_layers
-                after = round(sum(int(last.seen_by(i)[0, rec.positions].sum()) for i in range(layers)) / layers)
+            after = _tokens_seen(model, last, rec)
             rows.append((method, after, text_out, ms))
             tiles.append((f"{method} {after}: {text_out}", overlay_kept(image.resize((224, 224)), rec.kept, (side, side))))
         finally:

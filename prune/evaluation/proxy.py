@@ -331,27 +331,27 @@ def sample_pixels(names=SAMPLE_IMAGES) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def check_port(onnx_path: str | Path | None = None, *, cache: str | Path | None = None, names=SAMPLE_IMAGES) -> list[dict[str, Any]]:
+def check_port(
+    onnx_path: str | Path | None = None, *, cache: str | Path | None = None, names=SAMPLE_IMAGES
+) -> list[dict[str, Any]]:
     """Max |difference| between the Dinov2 port and onnxruntime, per sample image: over every encoder
     layer's output and over the final (layer-normed) output, with the output's scale for reference."""
     path = Path(onnx_path) if onnx_path is not None else locate_parts(cache)["vision"]
     model = vision_from_onnx(path)
-    rows = []
-    for name in names:
-        x = sample_pixels([name])
-        ref = onnx_reference(path, x)
-        with torch.no_grad():
-            out = model(x, output_hidden_states=True)
-        layers = torch.stack(out.hidden_states[1:])
-        rows.append(
-            {
-                "image": name,
-                "layers": (layers - ref["layers"]).abs().max().item(),
-                "output": (out.last_hidden_state - ref["last_hidden_state"]).abs().max().item(),
-                "scale": ref["last_hidden_state"].abs().max().item(),
-            }
-        )
-    return rows
+    x = sample_pixels(names)
+    ref = onnx_reference(path, x)  # one session, all images as one batch
+    with torch.no_grad():
+        out = model(x, output_hidden_states=True)
+    layers = torch.stack(out.hidden_states[1:])
+    return [
+        {
+            "image": name,
+            "layers": (layers[:, i] - ref["layers"][:, i]).abs().max().item(),
+            "output": (out.last_hidden_state[i] - ref["last_hidden_state"][i]).abs().max().item(),
+            "scale": ref["last_hidden_state"][i].abs().max().item(),
+        }
+        for i, name in enumerate(names)
+    ]
 
 
 # ---- language: GGUF -> LlamaForCausalLM ------------------------------------------------------------

@@ -147,14 +147,17 @@ class Encoder:
     """Prompts + answers -> padded input ids, attention mask and labels (answer and <|im_end|> only)."""
 
     def __init__(self, processor) -> None:
+        self.processor = processor
         self.tokenizer = processor.tokenizer
-        self.image_tokens = proxy.IMAGE_TOKENS
         self.end = "<|im_end|>"
 
-    def prompt_ids(self, processor, question: str) -> list[int]:
-        text = proxy.prompt(processor, question, post_prompt=POST_PROMPT)
-        text = text.replace(proxy.IMAGE_TOKEN, proxy.IMAGE_TOKEN * self.image_tokens)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def prompt_text(self, question: str) -> str:
+        """The chat prompt with its ``<image>`` expanded to the image's tokens (as the processor does)."""
+        text = proxy.prompt(self.processor, question, post_prompt=POST_PROMPT)
+        return text.replace(proxy.IMAGE_TOKEN, proxy.IMAGE_TOKEN * proxy.IMAGE_TOKENS)
+
+    def prompt_ids(self, question: str) -> list[int]:
+        return self.tokenizer(self.prompt_text(question), add_special_tokens=False)["input_ids"]
 
     def answer_ids(self, answer: str) -> list[int]:
         return self.tokenizer(answer + self.end, add_special_tokens=False)["input_ids"]
@@ -185,11 +188,11 @@ def pixels(processor, images: list, chunk: int = 256) -> torch.Tensor:
 def evaluate(model, processor, pixel_values: torch.Tensor, questions: list[str], answers: list[str], batch: int = 64) -> float:
     """Greedy exact-match accuracy (the tasks' metric) with left-padded batches."""
     device = next(model.parameters()).device
+    encoder = Encoder(processor)
     hits = 0
     for i in range(0, len(questions), batch):
-        texts = [proxy.prompt(processor, q, post_prompt=POST_PROMPT) for q in questions[i : i + batch]]
         enc = processor.tokenizer(
-            [t.replace(proxy.IMAGE_TOKEN, proxy.IMAGE_TOKEN * proxy.IMAGE_TOKENS) for t in texts],
+            [encoder.prompt_text(q) for q in questions[i : i + batch]],
             return_tensors="pt", padding=True, add_special_tokens=False,
         )
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -263,7 +266,7 @@ def train(
     easy_pixels = pixels(processor, [Image.fromarray(a) for a in easy["train_images"]]).to(dev, torch.bfloat16)
     enc = Encoder(processor)
     easy_q = [str(q) for q in easy["train_questions"]]
-    prompt_cache = {q: enc.prompt_ids(processor, q) for q in sorted({d["question"] for d in docs} | set(easy_q))}
+    prompt_cache = {q: enc.prompt_ids(q) for q in sorted({d["question"] for d in docs} | set(easy_q))}
     answer_cache = {a: enc.answer_ids(a) for a in sorted({d["answer"] for d in docs} | {str(a) for a in easy["train_answers"]})}
     shape_prompts = [prompt_cache[d["question"]] for d in docs]
     shape_answers = [answer_cache[d["answer"]] for d in docs]
