@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from ._compat import warn_if_untested
 from .config import PruneConfig
 from .hooks import adapter_for
 from .methods import get_method, method_names
@@ -41,6 +42,7 @@ def wrap(
 
     Wrapping a wrapped model replaces its config. ``model.prune_state.last`` records the last prefill.
     """
+    warn_if_untested()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(method, PruneConfig):

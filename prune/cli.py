@@ -12,6 +12,7 @@ from typing import Any
 
 EXAMPLES = """examples:
   prune methods
+  prune env
   prune demo
   prune proxy fetch && prune demo --proxy
   prune show photo.jpg --model llava-1.5-7b --method hiprune --keep 0.25 --out kept.png
@@ -154,6 +155,23 @@ def _cmd_methods(args: argparse.Namespace) -> int:
         print(f"{name:<9} {cls.description}")
         for option, default in cls.defaults.items():
             print(f"{'':<11}{option} = {default!r}")
+    return 0
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    from ._compat import environment
+
+    rows = environment()
+    if args.json:
+        import json
+
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        version = row["version"] if row["version"] is not None else "not installed"
+        tested = f"tested {row['tested']}" if row["tested"] else ""
+        flag = {True: "ok", False: "OUTSIDE the tested range", None: ""}[row["ok"]]
+        print(f"{row['name']:<13} {version:<24} {tested:<28} {flag}".rstrip())
     return 0
 
 
@@ -347,6 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list methods, their options and defaults")
     p.set_defaults(func=_cmd_methods)
+
+    p = sub.add_parser(
+        "env",
+        help="versions of prune and its dependencies, the device, and whether each is in the tested range",
+        description="Paste this into a bug report.",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_env)
 
     p = sub.add_parser(
         "demo", help="prune a generated image with every method on a small LLaVA built in code"

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -55,3 +57,14 @@ class Case:
 @pytest.fixture
 def make_case():
     return Case
+
+
+# The model contracts: CI runs these again on the oldest supported transformers (`-m contract`).
+_CONTRACT = re.compile(r"identity|oracle|batch_equals_singles|eager_and_sdpa|kv_cache_holds|generate|version|tested")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = getattr(item, "originalname", None) or item.name
+        if _CONTRACT.search(name) or item.module.__name__.endswith("test_versions"):
+            item.add_marker(pytest.mark.contract)

@@ -3,6 +3,8 @@
 import torch
 from transformers import DynamicCache
 
+from prune._compat import with_cache
+
 
 @torch.no_grad()
 def full_inputs_embeds(model, inputs):
@@ -22,7 +24,7 @@ def run_reduced(model, embeds, positions, steps=8):
     """Prefill logits and greedy continuation of one unpadded prompt: embeds (L', D), positions (L',)."""
     lm = model.model.language_model
     cache = DynamicCache(config=lm.config)
-    out = lm(inputs_embeds=embeds[None], position_ids=positions[None], past_key_values=cache, use_cache=True)
+    out = lm(**with_cache(lm.forward, cache, inputs_embeds=embeds[None], position_ids=positions[None], use_cache=True))
     logits = model.lm_head(out.last_hidden_state)
     prefill = logits[0]
     tokens = []
@@ -32,7 +34,7 @@ def run_reduced(model, embeds, positions, steps=8):
         tokens.append(int(nxt))
         pos += 1
         e = model.get_input_embeddings()(nxt.view(1, 1))
-        out = lm(inputs_embeds=e, position_ids=torch.tensor([[pos]]), past_key_values=cache, use_cache=True)
+        out = lm(**with_cache(lm.forward, cache, inputs_embeds=e, position_ids=torch.tensor([[pos]]), use_cache=True))
         nxt = model.lm_head(out.last_hidden_state)[0, -1].argmax()
     return prefill, tokens
 
@@ -77,8 +79,8 @@ def run_reduced_mrope(model, embeds, positions, steps=8, lm=None):
     device = embeds.device
     cache = DynamicCache(config=lm.config)
     mask = torch.ones(1, embeds.shape[0], dtype=torch.long, device=device)
-    out = lm(inputs_embeds=embeds[None], position_ids=positions[:, None], attention_mask=mask,
-             past_key_values=cache, use_cache=True)
+    out = lm(**with_cache(lm.forward, cache, inputs_embeds=embeds[None], position_ids=positions[:, None],
+                          attention_mask=mask, use_cache=True))
     logits = model.lm_head(out.last_hidden_state)
     tokens, nxt, pos = [], logits[0, -1].argmax(), int(positions.max())
     for _ in range(steps):
@@ -86,8 +88,8 @@ def run_reduced_mrope(model, embeds, positions, steps=8, lm=None):
         pos += 1
         mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long, device=device)], 1)
         e = model.get_input_embeddings()(nxt.view(1, 1))
-        out = lm(inputs_embeds=e, position_ids=torch.full((3, 1, 1), pos, device=device), attention_mask=mask,
-                 past_key_values=cache, use_cache=True)
+        out = lm(**with_cache(lm.forward, cache, inputs_embeds=e, position_ids=torch.full((3, 1, 1), pos, device=device),
+                              attention_mask=mask, use_cache=True))
         nxt = model.lm_head(out.last_hidden_state)[0, -1].argmax()
     return logits[0], tokens
 

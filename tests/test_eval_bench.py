@@ -108,8 +108,8 @@ def test_cache_bytes_counts_keys_and_values():
 
     cache = DynamicCache()
     k = torch.zeros(1, 2, 5, 8)
-    cache.update(k, k.clone(), 0)
-    cache.update(k, k.clone(), 1)
+    cache.update(k.clone(), k.clone(), 0)
+    cache.update(k.clone(), k.clone(), 1)
     assert bench.cache_bytes(cache) == 4 * k.numel() * 4
     assert bench.cache_length(cache) == 5
 

@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache
 
 import prune
+from prune._compat import find_cache, with_cache
 from prune._tiny import build_prompts, tiny_llava
 from prune.methods import get_method
 from prune.methods.llm import average_fraction
@@ -47,8 +48,8 @@ def layer_loop(model, embeds, positions, record, mode, steps=8):
         pos = positions[:, cols] if mode == "original" else torch.arange(cols.numel())[None]
         pos = pos[:, None] if pos.shape[0] == 3 else pos  # M-RoPE: (3, 1, L)
         emb = lm.rotary_emb(hidden, pos)
-        hidden = layer(hidden, attention_mask=_causal(cols.numel(), cols.numel()), position_embeddings=emb,
-                       past_key_values=cache, use_cache=True)
+        hidden = layer(hidden, **with_cache(layer.forward, cache, attention_mask=_causal(cols.numel(), cols.numel()),
+                                            position_embeddings=emb, use_cache=True))
     logits = model.lm_head(lm.norm(hidden))[0]
     tokens, nxt = [], logits[-1].argmax()
     start = int(positions.max()) + 1
@@ -59,8 +60,8 @@ def layer_loop(model, embeds, positions, record, mode, steps=8):
             seen = layer_cols[i].numel()
             value = start + step if mode == "original" else seen + step
             pos = torch.full((3, 1, 1), value) if positions.shape[0] == 3 else torch.tensor([[value]])
-            hidden = layer(hidden, attention_mask=_causal(1, seen + step + 1),
-                           position_embeddings=lm.rotary_emb(hidden, pos), past_key_values=cache, use_cache=True)
+            hidden = layer(hidden, **with_cache(layer.forward, cache, attention_mask=_causal(1, seen + step + 1),
+                                                position_embeddings=lm.rotary_emb(hidden, pos), use_cache=True))
         nxt = model.lm_head(lm.norm(hidden))[0, -1].argmax()
     return logits, tokens
 
@@ -98,7 +99,7 @@ def test_kv_cache_holds_what_each_layer_saw(method):
     with torch.no_grad():
         out = model(**inputs, use_cache=True)
     record = model.prune_state.last
-    cache = out.past_key_values
+    cache = find_cache(out)
     for i in range(len(model.model.language_model.layers)):
         seen = record.seen_by(i)
         width = int(seen.sum(1).max())  # rows re-padded on the left to the longest prompt

@@ -41,6 +41,8 @@ from torch import nn
 import prune
 
 from . import models as M
+from .._compat import cache_length as _cache_length
+from .._compat import find_cache
 from ._format import fmt as _fmt
 
 SCHEMA = "prune.bench/1"
@@ -142,38 +144,30 @@ class _Steps:
 
 
 def cache_bytes(cache: Any) -> int:
-    """Bytes held by a KV cache (transformers Cache objects or legacy tuples)."""
-    total = 0
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        for layer in layers:
-            for name in ("keys", "values"):
-                t = getattr(layer, name, None)
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-        return total
-    for attr in ("key_cache", "value_cache"):  # older Cache classes
-        for t in getattr(cache, attr, None) or []:
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    if total or cache is None:
-        return total
-    stack = [cache]
+    """Bytes of the tensors a KV cache holds (any Cache class or a legacy tuple), found by walking the
+    object rather than by the attribute names a release uses; shared storage counts once."""
+    total, seen, stack, visited = 0, set(), [cache], set()
     while stack:
         item = stack.pop()
+        if id(item) in visited:
+            continue
+        visited.add(id(item))
         if isinstance(item, torch.Tensor):
-            total += item.numel() * item.element_size()
+            key = (item.untyped_storage().data_ptr(), item.device)
+            if key not in seen and item.device.type != "meta":
+                seen.add(key)
+                total += item.untyped_storage().nbytes()
         elif isinstance(item, (list, tuple)):
             stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif hasattr(item, "__dict__") and not isinstance(item, (type, torch.nn.Module)):
+            stack.extend(vars(item).values())
     return total
 
 
 def cache_length(cache: Any) -> int | None:
-    if cache is None:
-        return None
-    if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
-    return int(cache[0][0].shape[-2])
+    return None if cache is None else _cache_length(cache)
 
 
 def gqa_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
@@ -276,7 +270,7 @@ class _Runner:
         row: dict[str, Any] = {}
         row["vision_ms"], _ = clock(lambda: fm.get_image_features(**self.pixels))
         row["prefill_ms"], out = clock(lambda: model(**self.inputs, use_cache=True, logits_to_keep=1))
-        cache = getattr(out, "past_key_values", None)
+        cache = find_cache(out)
         row["kv_tokens"] = cache_length(cache)
         row["kv_cache_mb"] = cache_bytes(cache) / 2**20
         del out, cache

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from prune.config import PruneConfig
-from prune.hooks.base import _past_length
+from prune._compat import past_length
 
 
 @dataclass
@@ -85,7 +85,7 @@ class PruneStats:
         if args:
             params = list(inspect.signature(module.forward).parameters)
             kwargs = {**dict(zip(params, args)), **kwargs}
-        if _past_length(kwargs.get("past_key_values")) > 0:
+        if past_length(kwargs) > 0:
             return
         self._sync()
         self._t0 = self._generate_t0 if self._generate_t0 is not None else time.perf_counter()

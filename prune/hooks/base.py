@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .._compat import past_length
 from ..kernels import attention_stats
 from ..methods import EncoderInfo, Method, SignalRequest, View
 from ..state import ImageRecord, PruneRecord, PruneState
@@ -79,14 +80,6 @@ def _padding(kwargs: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
     if mask is None or mask.ndim != 2:
         return torch.zeros_like(like)
     return ~mask.bool()
-
-
-def _past_length(past_key_values: Any) -> int:
-    if past_key_values is None:
-        return 0
-    if hasattr(past_key_values, "get_seq_length"):
-        return int(past_key_values.get_seq_length())
-    return int(past_key_values[0][0].shape[-2])  # legacy tuple cache
 
 
 @functools.lru_cache(maxsize=256)
@@ -225,7 +218,7 @@ class Adapter:
     def _on_multimodal_call(self, module, args, kwargs):
         if args:  # some families pass input_ids positionally
             kwargs = bind_arguments(module.forward, args, kwargs)
-        if _past_length(kwargs.get("past_key_values")) > 0:
+        if past_length(kwargs) > 0:
             return None  # a decode step: the language-model hook maps it
         self.state._call = {"input_ids": kwargs.get("input_ids"), "inputs_embeds": kwargs.get("inputs_embeds")}
         for modality, output in (kwargs.get("mm_encoder_outputs") or {}).items():
@@ -248,7 +241,7 @@ class Adapter:
         state = self.state
         if kwargs.get("inputs_embeds") is None:
             return None
-        past_len = _past_length(kwargs.get("past_key_values"))
+        past_len = past_length(kwargs)
         if self.decoder_cut is not None:
             return self._start_llm_call(kwargs, past_len)
         if past_len > 0:

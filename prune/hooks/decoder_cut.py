@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.masking_utils import create_causal_mask
 
+from .._compat import call_with_cache, find_cache
 from ..kernels import attention_stats, transition_variation
 from ..methods.base import stable_topk
 from .attention_tap import STATS_ONLY_ATTR, install_tap
@@ -129,7 +130,7 @@ class DecoderCut:
             shift=torch.zeros(batch, dtype=torch.long, device=device),
         )
         vision = vision.to(device) & mask.bool()
-        self.context = Context(vision=vision, budget=vision.sum(1), stages=[base], cache=kwargs.get("past_key_values"))
+        self.context = Context(vision=vision, budget=vision.sum(1), stages=[base], cache=find_cache(kwargs))
         if self.method.transition_layers(self.schedule, len(self.layers)):
             self.context.ttv = torch.zeros(batch, length, device=device)
 
@@ -188,11 +189,12 @@ class DecoderCut:
         return hook
 
     def _causal(self, stage: Stage, hidden: torch.Tensor, mask2d: torch.Tensor, text_positions):
-        return create_causal_mask(
+        return call_with_cache(
+            create_causal_mask,
+            self.context.cache,
             config=self.lm.config,
             inputs_embeds=hidden,
             attention_mask=mask2d,
-            past_key_values=self.context.cache,
             position_ids=text_positions,
             layer_idx=stage.layer,
         )
@@ -309,7 +311,7 @@ class DecoderCut:
         try:
             with torch.no_grad():
                 attn(hidden_states=layer.input_layernorm(hidden), attention_mask=causal,
-                     position_embeddings=embeddings, past_key_values=None)
+                     position_embeddings=embeddings)  # no cache: nothing is stored
         finally:
             setattr(attn, STATS_ONLY_ATTR, False)
             ctx.iga_rows = None

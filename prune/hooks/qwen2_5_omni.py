@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from ..state import ImageRecord
-from .base import _past_length, bind_arguments
+from .._compat import past_length
+from .base import bind_arguments
 from .qwen2_5_vl import Qwen25VLAdapter
 
 MODALITY_IDS = {"video": 0, "audio": 1}  # the order of prune.methods.avpool.MODALITIES
@@ -137,14 +138,14 @@ class Qwen25OmniAdapter(Qwen25VLAdapter):
         super()._on_multimodal_call(module, args, kwargs)
         if args:
             kwargs = bind_arguments(module.forward, args, kwargs)
-        if self.state._call and _past_length(kwargs.get("past_key_values")) == 0:
+        if self.state._call and past_length(kwargs) == 0:
             self.state._call["video_second_per_grid"] = kwargs.get("video_second_per_grid")
             self.state._call["attention_mask"] = kwargs.get("attention_mask")
         return None
 
     def _on_language_model_call(self, module, args, kwargs):
         state = self.state
-        prefill = kwargs.get("inputs_embeds") is not None and _past_length(kwargs.get("past_key_values")) == 0
+        prefill = kwargs.get("inputs_embeds") is not None and past_length(kwargs) == 0
         self._av_media = None
         if prefill and state._call and self._is_joint():
             # The base flow calls _select per modality; the joint selection needs the video and the
