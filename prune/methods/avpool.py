@@ -250,13 +250,14 @@ class AVPoolPrune(Method):
         """One image (a single grid): lift of attention within the image's valid tokens."""
         if view.features is None:
             raise RuntimeError("avpool needs the view's embeddings (needs_features)")
-        valid = view.valid
+        device = view.features.device  # the embeddings' device (the valid mask may sit on the host)
+        valid = view.valid.to(device)
         idx = torch.nonzero(valid, as_tuple=True)[0]
         n = view.num_patches
-        zeros = torch.zeros(idx.numel(), dtype=torch.long, device=valid.device)
+        zeros = torch.zeros(idx.numel(), dtype=torch.long, device=device)
         pool = AVPool(features=view.features[idx], modality=zeros, window=zeros, budget=view.budget,
                       modality_budgets=(view.budget,))
-        score = torch.full((n,), float("nan"), device=valid.device)
+        score = torch.full((n,), float("nan"), device=device)
         score[idx] = self.pool_scores(pool)
         keep = idx[floor_then_top(score[idx], zeros, view.budget, 0)]
         return Selection(keep=keep.sort().values, score=score)
