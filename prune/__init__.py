@@ -63,7 +63,8 @@ def wrap(
         )
     method_obj = get_method(config.method)(**method_options)
     method_obj.check_encoder(adapter.encoder_info())
-    if getattr(model, "prune_state", None) is not None:
+    previous = getattr(model, "prune_state", None)
+    if previous is not None:
         unwrap(model)
     state = PruneState(config=config, family=adapter.family, positions=positions_mode)
     try:
@@ -71,6 +72,8 @@ def wrap(
     except BaseException:
         for remove in reversed(state._removers):
             remove()
+        if previous is not None:
+            wrap(model, previous.config)  # a failed re-wrap leaves the previous wrap in place
         raise
     model.prune_state = state
     return model

@@ -80,7 +80,9 @@ def cut_prefill(
         raise ValueError("prune needs a 2-D attention mask (batch, length); got one with shape " + str(tuple(mask.shape)))
     logical = logical_positions(kwargs.get("position_ids"), batch, length, device)
     keep_mask = keep_mask.to(device)
-    packing = Packing.of(keep_mask)
+    # Padding is never kept: rows are re-packed so the new length is the longest row's real tokens
+    # (a text-only prompt beside an image prompt no longer holds the batch at the image's length).
+    packing = Packing.of(keep_mask & mask.bool())
     if mode == "compact":
         logical = compact(logical, keep_mask)
         shift = (~keep_mask).long().sum(1)

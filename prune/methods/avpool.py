@@ -193,6 +193,8 @@ class AVPoolPrune(Method):
         "prompt_weight": 0.0,  # weight of the instruction's attention in the score (0 = co-attention only)
         "normalize": "lift",  # "lift" (budget moves between modalities) | "rank" (per-modality ranks)
     }
+    option_ranges = {"window_floor": (0, None), "temperature": (1e-6, None), "prompt_weight": (0.0, 1.0)}
+    option_choices = {"budget": ("joint", "per_modality"), "normalize": ("lift", "rank")}
     needs_features = True
     joint = True  # adapters that know audio/video pools call select_pool
 

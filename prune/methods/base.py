@@ -6,6 +6,8 @@ video frame). It knows nothing about models; adapters in ``prune.hooks`` build t
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -88,6 +90,13 @@ class Method:
     needs_cls: ClassVar[bool] = False
     needs_features: ClassVar[bool] = False
 
+    #: option name -> (low, high) inclusive bounds of a numeric option (None: unbounded on that side)
+    option_ranges: ClassVar[dict[str, tuple[float | None, float | None]]] = {}
+    #: option name -> the values a string option may take
+    option_choices: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: option name -> type, for options whose default (None) does not say it
+    option_types: ClassVar[dict[str, type]] = {}
+
     def __init__(self, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.defaults))
         if unknown:
@@ -95,7 +104,43 @@ class Method:
             raise TypeError(
                 f"method {self.name!r} got unknown option(s) {unknown}; its options are: {allowed}"
             )
+        for name, value in options.items():
+            self._check_option(name, value)
         self.options = {**self.defaults, **options}
+
+    def _check_option(self, name: str, value: Any) -> None:
+        """Type and range of one option, raising with the option named. The type is ``option_types``'
+        entry or the default's type (a None default with no entry: any type, checked where it is used);
+        then ``option_ranges`` and ``option_choices``."""
+        default = self.defaults[name]
+        where = f"{self.name} option {name}={value!r}"
+        if value is None:
+            if default is not None:
+                raise TypeError(f"{where}: expected {type(default).__name__}, not None")
+            return
+        kind = self.option_types.get(name, type(default) if default is not None else None)
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise TypeError(f"{where}: expected True or False")
+        elif kind is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{where}: expected an int")
+        elif kind is float:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"{where}: expected a number")
+            if not math.isfinite(value):
+                raise ValueError(f"{where}: must be finite")
+        elif kind is str and not isinstance(value, str):
+            raise TypeError(f"{where}: expected a string")
+        elif kind in (tuple, list) and not isinstance(value, tuple | list):
+            raise TypeError(f"{where}: expected a list or tuple")
+        if name in self.option_ranges:
+            low, high = self.option_ranges[name]
+            if (low is not None and value < low) or (high is not None and value > high):
+                span = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+                raise ValueError(f"{where}: must be in {span}")
+        if name in self.option_choices and value not in self.option_choices[name]:
+            raise ValueError(f"{where}: must be one of {self.option_choices[name]}")
 
     def check_encoder(self, encoder: EncoderInfo) -> None:
         """Raise ValueError when the method cannot run on this encoder."""

@@ -14,6 +14,8 @@ class ClsPrune(Method):
         "layer": None,  # fastervlm layer (0-based); None = the layer LLaVA takes features from
         "start": None,  # vtc first layer; None = 2/3 of the depth (16 on the 24-layer CLIP-L)
     }
+    option_choices = {"variant": ("fastervlm", "vtc")}
+    option_types = {"layer": int, "start": int}
     needs_cls = True
 
     def __init__(self, **options):

@@ -14,6 +14,8 @@ class FastV(LLMMethod):
         "ratio": None,  # R, fraction of vision tokens dropped; None = solved from keep
         "schedule": None,
     }
+    option_ranges = {"layer": (1, None), "ratio": (0.0, 1.0)}
+    option_types = {"ratio": float}
     preset_positions = "original"
 
     def solve(self, num_layers, keep):

@@ -19,6 +19,8 @@ class HiPrune(Method):
         "deep_layer": None,  # 0-based; None = the layer the LLM takes features from
         "wrap_rows": True,  # reference: the +-1 buffer wraps to the neighbouring row; False stops at edges
     }
+    option_ranges = {"alpha": (0.0, 5.0), "object_ratio": (0.0, 1.0)}
+    option_types = {"object_layer": int, "deep_layer": int}
 
     def layers(self, encoder: EncoderInfo) -> tuple[int, int]:
         obj, deep = self.options["object_layer"], self.options["deep_layer"]

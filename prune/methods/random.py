@@ -12,6 +12,7 @@ from .base import Method, Selection, View
 class RandomPrune(Method):
     description = "uniform random subset of each image's tokens (seeded baseline)"
     defaults = {"seed": 0}
+    option_ranges = {"seed": (0, None)}
 
     def select(self, view: View) -> Selection:
         # One generator per (seed, view number): the choice depends on neither the batch nor the
