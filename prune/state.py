@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -99,18 +101,92 @@ class Plan:
     shift: torch.Tensor  # (B,) subtracted from logical positions ("compact"); zeros for "original"
 
 
+class _CallLocal(threading.local):
+    """What one call (one thread) is in the middle of; every thread starts with empty scratch."""
+
+    def __init__(self) -> None:
+        self.call: dict[str, Any] = {}  # the multimodal forward's input_ids / inputs_embeds
+        self.collecting: dict[str, list] | None = None  # statistics of the encoder run in progress
+        self.media: dict[str, Any] = {}  # modality -> (feature-function arguments, statistics)
+        self.encoded: dict[str, Any] = {}  # modality -> (output, media) of the last encoder run
+        self.plan: Plan | None = None  # the decode plan of a cache-less call (use_cache=False)
+        self.context: Any = None  # the in-LLM cut's context of this call
+        self.last: PruneRecord | None = None
+        self.scratch: dict[str, Any] = {}  # adapter-specific per-call values
+
+
 @dataclass
 class PruneState:
-    """Owned by a wrapped model as ``model.prune_state``."""
+    """Owned by a wrapped model as ``model.prune_state``: the configuration, plus per-call scratch
+    that belongs to the calling thread (one wrapped model serves several threads as the unwrapped
+    model does) and the decode plans of the caches its prefills produced (a plan travels with its
+    cache: a later ``generate(past_key_values=...)`` finds it, another call's cache does not)."""
 
     config: PruneConfig
     family: str
     positions: str
-    last: PruneRecord | None = None
-    # internals of one call
-    _call: dict[str, Any] = field(default_factory=dict, repr=False)
-    _collecting: dict[str, list] | None = field(default=None, repr=False)
-    _media: dict[str, Any] = field(default_factory=dict, repr=False)
-    _encoded: dict[str, Any] = field(default_factory=dict, repr=False)  # modality -> (output, media) of the last run
-    _plan: Plan | None = field(default=None, repr=False)
     _removers: list = field(default_factory=list, repr=False)
+    _latest: PruneRecord | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self._fresh()
+
+    def _fresh(self) -> None:
+        self._local = _CallLocal()
+        self._plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> Plan
+        self._contexts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> in-LLM Context
+
+    # copies and pickles carry the configuration and the last record, not calls in flight
+    def __getstate__(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        for name in ("_local", "_plans", "_contexts"):
+            out.pop(name, None)
+        return out
+
+    def __setstate__(self, values: dict[str, Any]) -> None:
+        self.__dict__.update(values)
+        self._fresh()
+
+    @property
+    def last(self) -> PruneRecord | None:
+        """The record of this thread's last prefill (of any thread's, if this one made none)."""
+        mine = self._local.last
+        return mine if mine is not None else self._latest
+
+    @last.setter
+    def last(self, record: PruneRecord | None) -> None:
+        self._local.last = record
+        self._latest = record
+
+    # per-call scratch (see _CallLocal)
+    def _get(name):  # noqa: N805 - a property factory
+        return property(lambda self: getattr(self._local, name), lambda self, v: setattr(self._local, name, v))
+
+    _call = _get("call")
+    _collecting = _get("collecting")
+    _media = _get("media")
+    _encoded = _get("encoded")
+    _context = _get("context")
+    _scratch = _get("scratch")
+    del _get
+
+    def plan_for(self, cache: Any) -> Plan | None:
+        """The decode plan of a cache a pruned prefill produced (None if it was not pruned)."""
+        if cache is None:
+            return self._local.plan
+        try:
+            return self._plans.get(cache)
+        except TypeError:  # a legacy tuple cache cannot be weakly referenced
+            return self._local.plan
+
+    def set_plan(self, cache: Any, plan: Plan | None) -> None:
+        self._local.plan = plan
+        if cache is None:
+            return
+        try:
+            if plan is None:
+                self._plans.pop(cache, None)
+            else:
+                self._plans[cache] = plan
+        except TypeError:
+            pass

@@ -10,6 +10,7 @@ layer's output is bit-identical and no attention matrix is ever requested from t
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +39,9 @@ class _ConfigView:
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(object.__getattribute__(self, "_prune_base"), name, value)
+
+    def __reduce__(self):
+        return _config_view, (object.__getattribute__(self, "_prune_base"),)
 
 
 def _inner_implementation(module: torch.nn.Module) -> Callable:
@@ -78,10 +82,16 @@ def install_tap(module: torch.nn.Module, callback: Callable) -> Callable[[], Non
     original_config = module.config
     module.config = _ConfigView(original_config)
     setattr(module, _TAP_ATTR, callback)
+    return functools.partial(_untap, module, original_config)  # copies and pickles follow a partial
 
-    def remove() -> None:
-        module.config = original_config
-        if hasattr(module, _TAP_ATTR):
-            delattr(module, _TAP_ATTR)
 
-    return remove
+def _untap(module: torch.nn.Module, original_config: Any) -> None:
+    module.config = original_config
+    if hasattr(module, _TAP_ATTR):
+        delattr(module, _TAP_ATTR)
+
+
+def _config_view(base: Any) -> _ConfigView:
+    """Rebuild a view (pickle): the tap must be registered in this process too."""
+    _ensure_registered()
+    return _ConfigView(base)

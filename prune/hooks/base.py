@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .._compat import past_length
+from .._compat import cache_length, find_cache
 from ..kernels import attention_stats
 from ..methods import EncoderInfo, Method, SignalRequest, View
 from ..state import ImageRecord, PruneRecord, PruneState
@@ -174,58 +174,67 @@ class Adapter:
         """Run the vision encoder under collection. transformers >= 5.2x's ``generate`` encodes the
         media before the prefill forward; older versions do it inside the forward: either way the call
         is recorded here and consumed by the next prefill of the language model."""
-        original = getattr(mm, name)  # bound method of the class
+        wrapper = _FeatureFunction(self, mm, modality, name)
+        setattr(mm, name, wrapper)
+        return functools.partial(_remove_instance_attribute, mm, name, wrapper)
+
+    def _run_feature_function(self, original, modality: str, args, kwargs):
         state = self.state
-
-        @functools.wraps(original)  # generate() reads its signature to route pixel_values
-        def feature_function(*args, **kwargs):
-            collected: dict[str, list[torch.Tensor]] = {}
-            state._collecting = collected
-            try:
-                out = original(*args, **kwargs)
-            finally:
-                state._collecting = None
-            signals = {k: torch.cat(v, dim=-1) if len(v) > 1 else v[0] for k, v in collected.items()}
-            state._media[modality] = (bind_arguments(original, args, kwargs), signals)
-            # generate(use_cache=False) passes these same encoder outputs to every step's prefill
-            state._encoded[modality] = (out, state._media[modality])
-            return out
-
-        setattr(mm, name, feature_function)
-
-        def remove() -> None:
-            if mm.__dict__.get(name) is feature_function:
-                delattr(mm, name)
-
-        return remove
+        collected: dict[str, list[torch.Tensor]] = {}
+        state._collecting = collected
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            state._collecting = None
+        signals = {k: torch.cat(v, dim=-1) if len(v) > 1 else v[0] for k, v in collected.items()}
+        state._media[modality] = (bind_arguments(original, args, kwargs), signals)
+        # generate(use_cache=False) passes these same encoder outputs to every step's prefill
+        state._encoded[modality] = (out, state._media[modality])
+        return out
 
     def _tap_callback(self, requests: list[SignalRequest]):
-        def callback(module, q, k, attention_mask, kwargs):
-            collected = self.state._collecting
-            if collected is None:
-                return
-            # FlashAttention gets all windows in one call with cu_seqlens; other backends one call each.
-            segments = kwargs.get("cu_seq_lens_q")
-            for req in requests:
-                query_index = [0] if req.query == "cls" else None  # host indices: no device sync
-                stats = attention_stats(
-                    q.detach(), k.detach(), query_index=query_index, segments=segments, scale=kwargs.get("scaling")
-                )  # (batch, N) fp32
-                collected.setdefault(req.key, []).append(stats)
+        return functools.partial(self._collect, requests)  # a partial, not a closure: copies and pickles follow
 
-        return callback
+    def _collect(self, requests: list[SignalRequest], module, q, k, attention_mask, kwargs):
+        collected = self.state._collecting
+        if collected is None:
+            return
+        # FlashAttention gets all windows in one call with cu_seqlens; other backends one call each.
+        segments = kwargs.get("cu_seq_lens_q")
+        for req in requests:
+            query_index = [0] if req.query == "cls" else None  # host indices: no device sync
+            stats = attention_stats(
+                q.detach(), k.detach(), query_index=query_index, segments=segments, scale=kwargs.get("scaling")
+            )  # (batch, N) fp32
+            collected.setdefault(req.key, []).append(stats)
 
     def _on_multimodal_call(self, module, args, kwargs):
         if args:  # some families pass input_ids positionally
             kwargs = bind_arguments(module.forward, args, kwargs)
-        if past_length(kwargs) > 0:
-            return None  # a decode step: the language-model hook maps it
+        cache = find_cache(kwargs)
+        if cache_length(cache) > 0:
+            # a decode step, or a later turn on a cache a pruned prefill produced: the language-model
+            # hook maps it; media in the uncached part of a later turn cannot be placed on that cache
+            if self.state.plan_for(cache) is not None:
+                self._refuse_new_media()
+            return None
         self.state._call = {"input_ids": kwargs.get("input_ids"), "inputs_embeds": kwargs.get("inputs_embeds")}
         for modality, output in (kwargs.get("mm_encoder_outputs") or {}).items():
             cached = self.state._encoded.get(modality)
             if modality not in self.state._media and cached is not None and cached[0] is output:
                 self.state._media[modality] = cached[1]  # a re-used encoder output (no KV cache)
         return None
+
+    def _refuse_new_media(self) -> None:
+        """A later turn on a pruned cache whose call ran the vision encoder (new media) cannot be placed."""
+        if self.state._media:
+            modalities = ", ".join(sorted(self.state._media))
+            self.state._media = {}
+            raise ValueError(
+                f"past_key_values: this call passes new media ({modalities}) with a cache that a pruned "
+                "prefill produced; prune cannot place new media on a pruned cache. Pass the whole history "
+                "with all its media and no past_key_values (the prompt is pruned afresh), or unwrap the model."
+            )
 
     def _placeholder_mask(self, modality: str, call: dict[str, Any]) -> torch.Tensor:
         token = self.placeholder_id(modality)
@@ -241,15 +250,19 @@ class Adapter:
         state = self.state
         if kwargs.get("inputs_embeds") is None:
             return None
-        past_len = past_length(kwargs)
+        cache = find_cache(kwargs)
+        past_len = cache_length(cache)
         if self.decoder_cut is not None:
-            return self._start_llm_call(kwargs, past_len)
+            return self._start_llm_call(kwargs, cache, past_len)
         if past_len > 0:
-            if state._plan is None:
+            plan = state.plan_for(cache)
+            if plan is None:
                 return None
-            return args, map_decode(kwargs, state._plan, past_len)
+            self._refuse_new_media()  # older transformers run the encoder inside the forward
+            return args, map_decode(kwargs, plan, past_len)
         call, media = state._call, state._media
-        state._call, state._media, state._plan = {}, {}, None
+        state._call, state._media = {}, {}
+        state.set_plan(cache, None)
         embeds = kwargs["inputs_embeds"]
         batch, length = embeds.shape[:2]
         keep_mask = torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
@@ -272,17 +285,17 @@ class Adapter:
             return None
         kwargs = dict(kwargs, inputs_embeds=embeds)
         new_kwargs, plan, positions = cut_prefill(kwargs, keep_mask, state.positions)
-        state._plan = plan
+        state.set_plan(cache, plan)
         state.last = PruneRecord(
             keep_mask=keep_mask, images=records, positions=state.positions, position_ids=positions, padding=padding
         )
         return args, new_kwargs
 
     # ---- in-LLM methods: the language model's input is untouched; decoder layers cut ---------------
-    def _start_llm_call(self, kwargs, past_len: int):
+    def _start_llm_call(self, kwargs, cache, past_len: int):
         state, cut = self.state, self.decoder_cut
         if past_len > 0:
-            cut.start_decode(kwargs, past_len)
+            cut.start_decode(kwargs, cache, past_len)
             return None
         call = state._call
         state._call = {}
@@ -304,13 +317,13 @@ class Adapter:
             keep_mask=keep_mask, images=records, positions=state.positions, padding=_padding(kwargs, keep_mask)
         )
         if bool(vision.any()):
-            cut.start_prefill(kwargs, vision)
+            cut.start_prefill(kwargs, cache, vision)
         else:
             cut.context = None
         return None
 
     def _after_language_model(self, module, args, output):
-        cut, last = self.decoder_cut, self.state.last
+        cut, last = self.decoder_cut, self.state._local.last
         ctx = cut.context
         if ctx is None or ctx.phase != "prefill" or last is None:
             return None
@@ -396,6 +409,32 @@ class Adapter:
                 )
             )
         return embeds
+
+
+class _FeatureFunction:
+    """The instance attribute that stands in for a feature function (``get_image_features``, ...) of a
+    wrapped model: runs the class's own function under collection. A plain object rather than a
+    closure, so ``copy.deepcopy`` and pickle carry it to the copy's own adapter; its signature is the
+    original's, so ``generate`` still routes pixels to it."""
+
+    def __init__(self, adapter: Adapter, module: nn.Module, modality: str, name: str) -> None:
+        self.adapter, self.module, self.modality, self.name = adapter, module, modality, name
+
+    @property
+    def _original(self):
+        return getattr(type(self.module), self.name).__get__(self.module)
+
+    @property
+    def __signature__(self):
+        return inspect.signature(self._original)
+
+    def __call__(self, *args, **kwargs):
+        return self.adapter._run_feature_function(self._original, self.modality, args, kwargs)
+
+
+def _remove_instance_attribute(module: nn.Module, name: str, value: Any) -> None:
+    if module.__dict__.get(name) is value:
+        delattr(module, name)
 
 
 def _merge_into(embeds, sample, pos, patches, assign, features) -> None:

@@ -17,13 +17,14 @@ Signals (all from the layers' own tensors, never ``output_attentions``, never an
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.masking_utils import create_causal_mask
 
-from .._compat import call_with_cache, find_cache
+from .._compat import call_with_cache
 from ..kernels import attention_stats, transition_variation
 from ..methods.base import stable_topk
 from .attention_tap import STATS_ONLY_ATTR, install_tap
@@ -90,10 +91,18 @@ class DecoderCut:
         num_layers = len(self.layers)
         self.schedule = method.schedule(num_layers, state.config.keep)
         self.cut_layers = {layer: i for i, (layer, _) in enumerate(self.schedule)}
-        self.context: Context | None = None
         types = getattr(self.lm.config, "layer_types", None) or []
         if any(t != "full_attention" for t in types):
             raise ValueError(f"{method.name} supports language models with full attention in every layer only")
+
+    @property
+    def context(self) -> Context | None:
+        """The context of the calling thread's current prefill / decode (per call, not per model)."""
+        return self.state._context
+
+    @context.setter
+    def context(self, ctx: Context | None) -> None:
+        self.state._context = ctx
 
     # ---- installation -------------------------------------------------------------------------
     def install(self) -> None:
@@ -113,7 +122,7 @@ class DecoderCut:
             state._removers.extend(self._transition_hooks(layer))
 
     # ---- called by the adapter's language-model hook -----------------------------------------
-    def start_prefill(self, kwargs: dict[str, Any], vision: torch.Tensor) -> None:
+    def start_prefill(self, kwargs: dict[str, Any], cache, vision: torch.Tensor) -> None:
         embeds = kwargs["inputs_embeds"]
         batch, length = embeds.shape[:2]
         device = embeds.device
@@ -130,26 +139,36 @@ class DecoderCut:
             shift=torch.zeros(batch, dtype=torch.long, device=device),
         )
         vision = vision.to(device) & mask.bool()
-        self.context = Context(vision=vision, budget=vision.sum(1), stages=[base], cache=find_cache(kwargs))
+        ctx = Context(vision=vision, budget=vision.sum(1), stages=[base], cache=cache)
         if self.method.transition_layers(self.schedule, len(self.layers)):
-            self.context.ttv = torch.zeros(batch, length, device=device)
+            ctx.ttv = torch.zeros(batch, length, device=device)
+        self.context = ctx
+        if cache is not None:
+            try:
+                self.state._contexts[cache] = ctx  # a later turn on this cache finds its stages
+            except TypeError:  # a legacy tuple cache
+                pass
 
-    def start_decode(self, kwargs: dict[str, Any], past_len: int) -> None:
-        ctx = self.context
+    def start_decode(self, kwargs: dict[str, Any], cache, past_len: int) -> None:
+        try:
+            ctx = self.state._contexts.get(cache)
+        except TypeError:
+            ctx = self.context
+        self.context = ctx
         if ctx is None:
-            return
+            return  # the cache came from a prefill that cut nothing
         embeds = kwargs["inputs_embeds"]
         batch, q_len = embeds.shape[:2]
         base = ctx.stages[0]
-        prefill_len = base.rows.shape[1]
-        past_logical = prefill_len + ctx.step
+        # layers before the first cut see every token, so the cache's length (layer 0) is logical
+        past_logical = past_len
         mask = kwargs.get("attention_mask")
         if mask is None:
             mask = torch.ones(batch, past_logical + q_len, dtype=base.mask2d.dtype, device=embeds.device)
         ctx.phase = "decode"
         ctx.lm_mask = mask
         ctx.lm_positions = logical_positions(kwargs.get("position_ids"), batch, q_len, embeds.device, start=past_logical)
-        ctx.step += q_len
+        ctx.step = past_logical + q_len  # identifies this step (per-stage kwargs are built once per step)
 
     def seen_masks(self) -> list[tuple[int, torch.Tensor]]:
         """(first layer, (B, L0) bool of the input columns that layer and the next ones saw) per stage."""
@@ -165,28 +184,29 @@ class DecoderCut:
 
     # ---- per-layer hook -------------------------------------------------------------------------
     def _layer_hook(self, index: int):
-        def hook(module, args, kwargs):
-            ctx = self.context
-            if ctx is None:
-                return None
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if ctx.phase == "prefill" and index in self.cut_layers:
-                hidden = self._cut(index, hidden, kwargs)
-            stage = ctx.stage_of(index)
-            if stage.layer == 0:
-                return None
-            new_kwargs = dict(kwargs)
-            if ctx.phase == "prefill":
-                new_kwargs.update(attention_mask=stage.causal, position_embeddings=stage.embeddings)
-                new_kwargs["position_ids"] = _split_positions(stage.positions)[1]
-            else:
-                new_kwargs.update(self._decode_kwargs(stage, hidden, kwargs))
-            if args:
-                return (hidden, *args[1:]), new_kwargs
-            new_kwargs["hidden_states"] = hidden
-            return args, new_kwargs
+        return functools.partial(self._on_layer, index)
 
-        return hook
+    def _on_layer(self, index: int, module, args, kwargs):
+        ctx = self.context
+        if ctx is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if ctx.phase == "prefill" and index in self.cut_layers:
+            hidden = self._cut(index, hidden, kwargs)
+        stage = ctx.stage_of(index)
+        if stage.layer == 0:
+            return None
+        new_kwargs = dict(kwargs)
+        if ctx.phase == "prefill":
+            new_kwargs.update(attention_mask=stage.causal, position_embeddings=stage.embeddings)
+            new_kwargs["position_ids"] = _split_positions(stage.positions)[1]
+        else:
+            new_kwargs.update(self._decode_kwargs(stage, hidden, kwargs))
+        if args:
+            return (hidden, *args[1:]), new_kwargs
+        new_kwargs["hidden_states"] = hidden
+        return args, new_kwargs
+
 
     def _causal(self, stage: Stage, hidden: torch.Tensor, mask2d: torch.Tensor, text_positions):
         return call_with_cache(
@@ -265,32 +285,34 @@ class DecoderCut:
 
     # ---- signals ----------------------------------------------------------------------------------
     def _last_token_tap(self, layer: int):
-        def callback(module, q, k, attention_mask, kwargs):
-            ctx = self.context
-            if ctx is None or ctx.phase != "prefill":
-                return
-            stage = ctx.stage_of(layer)
-            batch, length = q.shape[0], q.shape[2]
-            last = torch.full((batch, 1), length - 1, dtype=torch.long, device=q.device)  # left padding
-            stats = attention_stats(q.detach(), k.detach(), query_index=last, key_mask=stage.mask2d.bool(),
-                                    scale=kwargs.get("scaling"))
-            ctx.pending.setdefault(layer + 1, {})[f"last@{layer}"] = stats
+        return functools.partial(self._on_last_token, layer)
 
-        return callback
+    def _on_last_token(self, layer: int, module, q, k, attention_mask, kwargs):
+        ctx = self.context
+        if ctx is None or ctx.phase != "prefill":
+            return
+        stage = ctx.stage_of(layer)
+        batch, length = q.shape[0], q.shape[2]
+        last = torch.full((batch, 1), length - 1, dtype=torch.long, device=q.device)  # left padding
+        stats = attention_stats(q.detach(), k.detach(), query_index=last, key_mask=stage.mask2d.bool(),
+                                scale=kwargs.get("scaling"))
+        ctx.pending.setdefault(layer + 1, {})[f"last@{layer}"] = stats
+
 
     def _instruction_tap(self, layer: int):
-        def callback(module, q, k, attention_mask, kwargs):
-            ctx = self.context
-            if ctx is None or ctx.iga_rows is None:
-                return
-            mask = ctx.stages[-1].mask2d.bool()
-            out = torch.zeros(q.shape[0], q.shape[2], device=q.device)
-            for b, rows in enumerate(ctx.iga_rows):
-                out[b] = attention_stats(q[b : b + 1].detach(), k[b : b + 1].detach(), query_index=rows[None],
-                                         key_mask=mask[b : b + 1], causal=True, scale=kwargs.get("scaling"))[0]
-            ctx.pending.setdefault(layer, {})[f"iga@{layer}"] = out
+        return functools.partial(self._on_instruction, layer)
 
-        return callback
+    def _on_instruction(self, layer: int, module, q, k, attention_mask, kwargs):
+        ctx = self.context
+        if ctx is None or ctx.iga_rows is None:
+            return
+        mask = ctx.stages[-1].mask2d.bool()
+        out = torch.zeros(q.shape[0], q.shape[2], device=q.device)
+        for b, rows in enumerate(ctx.iga_rows):
+            out[b] = attention_stats(q[b : b + 1].detach(), k[b : b + 1].detach(), query_index=rows[None],
+                                     key_mask=mask[b : b + 1], causal=True, scale=kwargs.get("scaling"))[0]
+        ctx.pending.setdefault(layer, {})[f"iga@{layer}"] = out
+
 
     def _instruction_attention(self, index, hidden, prev: Stage, kwargs, vision) -> None:
         """Layer ``index``'s attention of the instruction rows on the uncut sequence (q, k only)."""
@@ -318,35 +340,31 @@ class DecoderCut:
 
     def _transition_hooks(self, index: int) -> list:
         layer = self.layers[index]
-        seen: dict[str, torch.Tensor] = {}
-
-        def keep_output(name):
-            def hook(module, args, output):
-                if self.context is not None and self.context.phase == "prefill":
-                    seen[name] = (output[0] if isinstance(output, tuple) else output).detach()
-
-            return hook
-
-        def finish(module, args, output):
-            ctx = self.context
-            if ctx is None or ctx.phase != "prefill":
-                return
-            stage = ctx.stage_of(index)
-            valid = stage.mask2d.bool()
-            total = 0.0
-            for before, after in ((seen["attn_in"], seen["attn_out"]), (seen["mlp_in"], output.detach())):
-                ratio, one_minus_cos = transition_variation(before, after)  # (B, Ls) each
-                weights = one_minus_cos.masked_fill(~valid, float("-inf")).softmax(-1)  # per prompt
-                total = total + ratio * weights
-            rows = stage.rows
-            ok = rows >= 0
-            ctx.ttv.index_put_((torch.nonzero(ok, as_tuple=True)[0], rows[ok]), total[ok].float(), accumulate=True)
-            seen.clear()
-
+        seen: dict[str, torch.Tensor] = {}  # this layer's sub-layer inputs and outputs of the prefill
         handles = [
-            layer.input_layernorm.register_forward_hook(keep_output("attn_in")),
-            layer.self_attn.register_forward_hook(keep_output("attn_out")),
-            layer.post_attention_layernorm.register_forward_hook(keep_output("mlp_in")),
-            layer.mlp.register_forward_hook(finish),
+            layer.input_layernorm.register_forward_hook(functools.partial(self._keep_output, seen, "attn_in")),
+            layer.self_attn.register_forward_hook(functools.partial(self._keep_output, seen, "attn_out")),
+            layer.post_attention_layernorm.register_forward_hook(functools.partial(self._keep_output, seen, "mlp_in")),
+            layer.mlp.register_forward_hook(functools.partial(self._finish_transition, seen, index)),
         ]
         return [h.remove for h in handles]
+
+    def _keep_output(self, seen: dict, name: str, module, args, output) -> None:
+        if self.context is not None and self.context.phase == "prefill":
+            seen[name] = (output[0] if isinstance(output, tuple) else output).detach()
+
+    def _finish_transition(self, seen: dict, index: int, module, args, output) -> None:
+        ctx = self.context
+        if ctx is None or ctx.phase != "prefill":
+            return
+        stage = ctx.stage_of(index)
+        valid = stage.mask2d.bool()
+        total = 0.0
+        for before, after in ((seen["attn_in"], seen["attn_out"]), (seen["mlp_in"], output.detach())):
+            ratio, one_minus_cos = transition_variation(before, after)  # (B, Ls) each
+            weights = one_minus_cos.masked_fill(~valid, float("-inf")).softmax(-1)  # per prompt
+            total = total + ratio * weights
+        rows = stage.rows
+        ok = rows >= 0
+        ctx.ttv.index_put_((torch.nonzero(ok, as_tuple=True)[0], rows[ok]), total[ok].float(), accumulate=True)
+        seen.clear()

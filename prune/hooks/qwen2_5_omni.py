@@ -29,6 +29,7 @@ generation_mode="text")`` works.
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,7 @@ from torch import nn
 
 from ..state import ImageRecord
 from .._compat import past_length
-from .base import bind_arguments
+from .base import _remove_instance_attribute, bind_arguments
 from .qwen2_5_vl import Qwen25VLAdapter
 
 MODALITY_IDS = {"video": 0, "audio": 1}  # the order of prune.methods.avpool.MODALITIES
@@ -143,6 +144,15 @@ class Qwen25OmniAdapter(Qwen25VLAdapter):
             self.state._call["attention_mask"] = kwargs.get("attention_mask")
         return None
 
+    @property
+    def _av_media(self):
+        """This call's video and audio encoder arguments for the joint selection (per thread)."""
+        return self.state._scratch.get("av_media")
+
+    @_av_media.setter
+    def _av_media(self, value) -> None:
+        self.state._scratch["av_media"] = value
+
     def _on_language_model_call(self, module, args, kwargs):
         state = self.state
         prefill = kwargs.get("inputs_embeds") is not None and past_length(kwargs) == 0
@@ -154,7 +164,7 @@ class Qwen25OmniAdapter(Qwen25VLAdapter):
         return super()._on_language_model_call(module, args, kwargs)
 
     def _select(self, modality, call, fn_args, signals, embeds, keep_mask, records):
-        av_media = getattr(self, "_av_media", None)
+        av_media = self._av_media
         if modality in ("video", "audio") and av_media is not None:
             self._av_media = {}  # consumed: the other modality's turn is a no-op
             return self._select_pools(call, av_media, embeds, keep_mask, records) if av_media else embeds
@@ -290,12 +300,19 @@ class Qwen25OmniAdapter(Qwen25VLAdapter):
         return embeds
 
 
-def _guard_speech(full: nn.Module):
-    """Make ``full.generate`` refuse speech output (the talker) while the thinker is pruned."""
-    original = full.generate
+class _SpeechGuard:
+    """``full.generate`` while the thinker is pruned: refuses speech output (the talker). An object,
+    not a closure, so copies and pickles of the wrapped model carry it."""
 
-    @functools.wraps(original)
-    def generate(*args, **kwargs):
+    def __init__(self, full: nn.Module) -> None:
+        self.full = full
+
+    @property
+    def __signature__(self):
+        return inspect.signature(type(self.full).generate.__get__(self.full))
+
+    def __call__(self, *args, **kwargs):
+        full = self.full
         mode = kwargs.get("generation_mode")
         text_only = mode in ("text", False) or kwargs.get("return_audio", True) is False
         if not text_only and getattr(full, "has_talker", False):
@@ -305,12 +322,11 @@ def _guard_speech(full: nn.Module):
                 "the full prompt, and a pruned prefill only has the kept rows. Pass generation_mode='text' "
                 "for text, or prune.unwrap(model) for speech."
             )
-        return original(*args, **kwargs)
+        return type(full).generate(full, *args, **kwargs)
 
-    full.generate = generate
 
-    def remove() -> None:
-        if full.__dict__.get("generate") is generate:
-            del full.generate
-
-    return remove
+def _guard_speech(full: nn.Module):
+    """Make ``full.generate`` refuse speech output (the talker) while the thinker is pruned."""
+    guard = _SpeechGuard(full)
+    full.generate = guard
+    return functools.partial(_remove_instance_attribute, full, "generate", guard)
