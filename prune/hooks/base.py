@@ -7,6 +7,7 @@ the cut, decoding) is done here, the same for all families.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import warnings
@@ -166,6 +167,10 @@ class Adapter:
         mm = self.multimodal_module()
         for modality, name in self.feature_functions.items():
             state._removers.append(self._wrap_feature_function(mm, modality, name))
+        if callable(getattr(self.model, "generate", None)):
+            guard = _GenerateTurn(self, self.model)
+            setattr(self.model, "generate", guard)
+            state._removers.append(functools.partial(_remove_instance_attribute, self.model, "generate", guard))
         h1 = mm.register_forward_pre_hook(self._on_multimodal_call, with_kwargs=True)
         h2 = self.language_model().register_forward_pre_hook(self._on_language_model_call, with_kwargs=True)
         state._removers.extend([h1.remove, h2.remove])
@@ -225,6 +230,15 @@ class Adapter:
                 self.state._media[modality] = cached[1]  # a re-used encoder output (no KV cache)
         return None
 
+    def _take_cached_prefix(self, cache) -> int:
+        """Leading tokens of this call's input that the pruned cache already holds logically: a later
+        turn's ``generate`` (history + new tokens) keeps the tokens past the cache's *physical* length,
+        which pruning made shorter (set by :class:`_GenerateTurn`, consumed by the first forward)."""
+        pending = self.state._scratch.pop("cached_prefix", None)
+        if pending is None or pending[0] is not cache:
+            return 0
+        return pending[1]
+
     def _refuse_new_media(self) -> None:
         """A later turn on a pruned cache whose call ran the vision encoder (new media) cannot be placed."""
         if self.state._media:
@@ -259,7 +273,7 @@ class Adapter:
             if plan is None:
                 return None
             self._refuse_new_media()  # older transformers run the encoder inside the forward
-            return args, map_decode(kwargs, plan, past_len)
+            return args, map_decode(kwargs, plan, past_len, drop=self._take_cached_prefix(cache))
         call, media = state._call, state._media
         state._call, state._media = {}, {}
         state.set_plan(cache, None)
@@ -334,6 +348,20 @@ class Adapter:
         ctx.phase = "decode"
         return None
 
+    def _select_expanded(self, copies, modality, call, fn_args, signals, embeds, keep_mask, records):
+        """Select once per prompt of an expanded batch; every copy of a prompt gets its kept set (and
+        its merged rows)."""
+        batch = keep_mask.shape[0]
+        first = {key: value[::copies] if isinstance(value, torch.Tensor) and value.shape[:1] == (batch,) else value
+                 for key, value in call.items()}
+        sub_keep, sub_records = keep_mask[::copies].clone(), []
+        sub_embeds = embeds[::copies]
+        out = self._select(modality, first, fn_args, signals, sub_embeds, sub_keep, sub_records)
+        keep_mask.copy_(sub_keep.repeat_interleave(copies, 0))
+        for record in sub_records:
+            records.extend(dataclasses.replace(record, sample=record.sample * copies + j) for j in range(copies))
+        return embeds if out is sub_embeds else out.repeat_interleave(copies, 0)
+
     def _select(self, modality, call, fn_args, signals, embeds, keep_mask, records):
         """Run the method on every view of one modality; fill ``keep_mask`` and ``records`` in place.
         Returns the (possibly merged) embeddings.
@@ -348,6 +376,9 @@ class Adapter:
         if rows.numel() == 0:
             return embeds  # the encoder ran for another call (e.g. get_image_features called directly)
         if rows.numel() != expected:
+            copies = rows.numel() // expected if expected else 0
+            if copies > 1 and rows.numel() == copies * expected and _repeats(call, keep_mask.shape[0], copies):
+                return self._select_expanded(copies, modality, call, fn_args, signals, embeds, keep_mask, records)
             raise RuntimeError(f"found {rows.numel()} {modality} placeholder tokens but the inputs give {expected}")
         config = self.state.config
         device = embeds.device
@@ -432,9 +463,52 @@ class _FeatureFunction:
         return self.adapter._run_feature_function(self._original, self.modality, args, kwargs)
 
 
+class _GenerateTurn:
+    """``model.generate`` of a wrapped model: notes, for a later turn on a cache a pruned prefill
+    produced, how many of the tokens generate will feed that cache already holds logically (generate
+    slices the history at the cache's physical length). Everything else is the class's own generate."""
+
+    def __init__(self, adapter: Adapter, model: nn.Module) -> None:
+        self.adapter, self.model = adapter, model
+
+    @property
+    def _original(self):
+        return type(self.model).generate.__get__(self.model)
+
+    @property
+    def __signature__(self):
+        return inspect.signature(self._original)
+
+    def __call__(self, *args, **kwargs):
+        state = self.adapter.state
+        cache = find_cache(kwargs)
+        plan = state.plan_for(cache) if cache is not None else None
+        ids = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("input_ids")
+        if plan is not None and ids is not None:
+            physical = cache_length(cache)
+            logical = plan.prefill_len + (physical - plan.kept_len)
+            if ids.shape[-1] > logical:  # the whole history: generate feeds ids[:, physical:]
+                state._scratch["cached_prefix"] = (cache, logical - physical)
+        try:
+            return self._original(*args, **kwargs)
+        finally:
+            state._scratch.pop("cached_prefix", None)
+
+
 def _remove_instance_attribute(module: nn.Module, name: str, value: Any) -> None:
     if module.__dict__.get(name) is value:
         delattr(module, name)
+
+
+def _repeats(call: dict[str, Any], batch: int, copies: int) -> bool:
+    """Whether the batch is each prompt repeated ``copies`` times in a row (generate's expansion for
+    beams and num_return_sequences, after the encoder ran once on the unexpanded media)."""
+    ids = call.get("input_ids")
+    ids = call["inputs_embeds"] if ids is None else ids
+    if batch % copies:
+        return False
+    grouped = ids.reshape(batch // copies, copies, *ids.shape[1:])
+    return bool((grouped == grouped[:, :1]).all())
 
 
 def _merge_into(embeds, sample, pos, patches, assign, features) -> None:

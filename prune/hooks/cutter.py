@@ -100,28 +100,15 @@ def cut_prefill(
     return out, plan, new_positions
 
 
-def already_cached(kwargs: dict[str, Any], plan: Plan, past_len: int, q_len: int) -> int:
-    """How many leading tokens of a call's input the cache already holds *logically*.
-
-    A later turn passes the whole history with the cache; ``generate`` keeps the tokens past the
-    cache's physical length, which a pruned prefill made shorter than its logical length, so the first
-    ``removed`` tokens it feeds are already in the cache. The 2-D mask spans the logical sequence."""
-    mask = kwargs.get("attention_mask")
-    if mask is None or mask.ndim != 2:
-        return 0
-    past_logical = plan.prefill_len + (past_len - plan.kept_len)
-    return max(0, q_len - (mask.shape[1] - past_logical))
-
-
-def map_decode(kwargs: dict[str, Any], plan: Plan, past_len: int) -> dict[str, Any]:
+def map_decode(kwargs: dict[str, Any], plan: Plan, past_len: int, drop: int = 0) -> dict[str, Any]:
     """Language-model kwargs of a call after a pruned prefill, mapped onto the shorter cache: a decode
-    step, or a later turn that passes the cache back (its already-cached tokens are dropped).
+    step, or a later turn that passes the cache back (its first ``drop`` tokens, which the cache
+    already holds logically, are dropped).
 
     ``past_len`` is the cache's real length; the caller's mask and positions are logical.
     """
     kwargs = dict(kwargs)
     embeds = kwargs["inputs_embeds"]
-    drop = already_cached(kwargs, plan, past_len, embeds.shape[1])
     if drop:
         if drop >= embeds.shape[1]:
             raise ValueError("past_key_values already holds every token of this call: nothing to run")
