@@ -22,7 +22,7 @@ from ..kernels import attention_stats
 from ..methods import EncoderInfo, Method, SignalRequest, View
 from ..state import ImageRecord, PruneRecord, PruneState
 from .attention_tap import install_tap
-from .cutter import cut_prefill, map_decode
+from .cutter import cut_prefill, map_decode, two_d_mask
 
 
 @dataclass
@@ -77,8 +77,8 @@ def split_budget(total: int, caps: list[int], proportional: bool = False) -> lis
 
 def _padding(kwargs: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
     """(B, L) bool: padding positions of the language model's input."""
-    mask = kwargs.get("attention_mask")
-    if mask is None or mask.ndim != 2:
+    mask = two_d_mask(kwargs.get("attention_mask"), like.shape[1])
+    if mask is None:
         return torch.zeros_like(like)
     return ~mask.bool()
 

@@ -47,6 +47,25 @@ class Packing:
         return out
 
 
+def two_d_mask(mask: Any, columns: int) -> torch.Tensor | None:
+    """The (B, columns) 0/1 padding mask behind what transformers hands a language model: a 2-D mask
+    as it is; a 4-D one (B, 1, Q, K) (what ``generate`` builds for a static cache) read off its last
+    query row, which may attend every real token up to it (bool: True attends; additive: 0 attends);
+    a mapping of masks per layer type (Qwen) through its full-attention entry. None stays None."""
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention", next(iter(mask.values()), None))
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"prune cannot read an attention mask of type {type(mask).__name__}; pass a 2-D mask")
+    if mask.ndim == 2:
+        return mask
+    if mask.ndim == 4:
+        row = mask[:, 0, -1, :columns]
+        return (row if row.dtype == torch.bool else row == 0).long()
+    raise ValueError(f"prune needs a 2-D or 4-D attention mask; got one with shape {tuple(mask.shape)}")
+
+
 def logical_positions(position_ids: torch.Tensor | None, batch: int, length: int, device, start: int = 0):
     """Positions the unwrapped model would use: (..., B, L)."""
     if position_ids is None:
@@ -73,11 +92,9 @@ def cut_prefill(
     embeds = kwargs["inputs_embeds"]  # (B, L, D)
     batch, length, _ = embeds.shape
     device = embeds.device
-    mask = kwargs.get("attention_mask")
+    mask = two_d_mask(kwargs.get("attention_mask"), length)  # the model rebuilds 4-D masks from it
     if mask is None:
         mask = torch.ones(batch, length, dtype=torch.long, device=device)
-    elif mask.ndim != 2:
-        raise ValueError("prune needs a 2-D attention mask (batch, length); got one with shape " + str(tuple(mask.shape)))
     logical = logical_positions(kwargs.get("position_ids"), batch, length, device)
     keep_mask = keep_mask.to(device)
     # Padding is never kept: rows are re-packed so the new length is the longest row's real tokens
@@ -119,6 +136,10 @@ def map_decode(kwargs: dict[str, Any], plan: Plan, past_len: int, drop: int = 0)
     device = embeds.device
     past_logical = plan.prefill_len + (past_len - plan.kept_len)
     mask = kwargs.get("attention_mask")
+    if mask is not None and not (isinstance(mask, torch.Tensor) and mask.ndim == 2):
+        # a 4-D mask built for the cache (static cache): rebuilt from the prefix; tokens after the
+        # prefill are never padding (generate extends the mask with ones)
+        mask = None
     if mask is None:
         mask = torch.ones(batch, past_logical + q_len, dtype=plan.prefix_mask.dtype, device=device)
     if mask.ndim != 2 or mask.shape[1] != past_logical + q_len:

@@ -28,7 +28,7 @@ from .._compat import call_with_cache
 from ..kernels import attention_stats, transition_variation
 from ..methods.base import stable_topk
 from .attention_tap import STATS_ONLY_ATTR, install_tap
-from .cutter import Packing, compact, logical_positions
+from .cutter import Packing, compact, logical_positions, two_d_mask
 
 if TYPE_CHECKING:
     from ..methods.llm import LLMMethod
@@ -126,9 +126,7 @@ class DecoderCut:
         embeds = kwargs["inputs_embeds"]
         batch, length = embeds.shape[:2]
         device = embeds.device
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.ndim != 2:
-            raise ValueError(f"{self.method.name} needs a 2-D attention mask; got shape {tuple(mask.shape)}")
+        mask = two_d_mask(kwargs.get("attention_mask"), length)
         mask = torch.ones(batch, length, dtype=torch.long, device=device) if mask is None else mask
         positions = logical_positions(kwargs.get("position_ids"), batch, length, device)
         base = Stage(
@@ -163,8 +161,11 @@ class DecoderCut:
         # layers before the first cut see every token, so the cache's length (layer 0) is logical
         past_logical = past_len
         mask = kwargs.get("attention_mask")
-        if mask is None:
+        if mask is None or not (isinstance(mask, torch.Tensor) and mask.ndim == 2):
+            # none, or a 4-D mask built for the cache (static cache): the prefill's mask, then ones
+            # (generate extends the mask with ones; the prefix columns are all that is read)
             mask = torch.ones(batch, past_logical + q_len, dtype=base.mask2d.dtype, device=embeds.device)
+            mask[:, : base.mask2d.shape[1]] = base.mask2d
         ctx.phase = "decode"
         ctx.lm_mask = mask
         ctx.lm_positions = logical_positions(kwargs.get("position_ids"), batch, q_len, embeds.device, start=past_logical)
@@ -294,6 +295,7 @@ class DecoderCut:
         stage = ctx.stage_of(layer)
         batch, length = q.shape[0], q.shape[2]
         last = torch.full((batch, 1), length - 1, dtype=torch.long, device=q.device)  # left padding
+        k = k[..., :length, :]  # a static cache hands back its whole buffer; the prefill's keys come first
         stats = attention_stats(q.detach(), k.detach(), query_index=last, key_mask=stage.mask2d.bool(),
                                 scale=kwargs.get("scaling"))
         ctx.pending.setdefault(layer + 1, {})[f"last@{layer}"] = stats
