@@ -331,3 +331,66 @@ def test_failed_rewrap_keeps_the_previous_wrap(make_case):
         assert model.prune_state.config.method == "hiprune"
         assert model.generate(**inputs, **GEN, do_sample=False).tolist() == ref.tolist()
         assert model.prune_state.last.vision_tokens_after < model.prune_state.last.vision_tokens_before
+
+
+# ---- accelerate's dispatch hooks -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", ["dispatch_then_wrap", "wrap_then_dispatch"])
+def test_accelerate_hooks_prune_as_the_plain_wrapped_model(make_case, order):
+    """accelerate's dispatch (device_map) replaces module forwards with its hooks; on the CPU, hooks
+    that align devices at every module stand in for a split over devices."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_submodules
+
+    case = _llava(make_case, prompts=((0,), (1,)))
+    inputs = case.inputs()
+    model = case.model
+    prune.wrap(model, "hiprune", keep=0.3)
+    with torch.no_grad():
+        ref = model.generate(**inputs, **GEN, do_sample=False)
+        ref_kept = model.prune_state.last.keep_mask.clone()
+    prune.unwrap(model)
+
+    def dispatch():
+        for module in (model.model.vision_tower, model.model.multi_modal_projector, model.model.language_model,
+                       model.lm_head):
+            add_hook_to_module(module, AlignDevicesHook(execution_device=torch.device("cpu"), io_same_device=True))
+
+    if order == "dispatch_then_wrap":
+        dispatch()
+        prune.wrap(model, "hiprune", keep=0.3)
+    else:
+        prune.wrap(model, "hiprune", keep=0.3)
+        dispatch()
+    assert accelerate is not None and hasattr(model.model.language_model, "_hf_hook")
+    with torch.no_grad():
+        out = model.generate(**inputs, **GEN, do_sample=False)
+    assert out.tolist() == ref.tolist()
+    assert model.prune_state.last.keep_mask.tolist() == ref_kept.tolist()
+    remove_hook_from_submodules(model)
+    prune.unwrap(model)
+
+
+# ---- the audio-visual pool (Qwen2.5-Omni thinker) ------------------------------------------------------
+
+
+def test_omni_avpool_beams_static_cache_and_copies():
+    from prune._tiny import omni_inputs, tiny_omni_thinker
+
+    model = tiny_omni_thinker()
+    inputs = omni_inputs([[("video+audio", (6, 8, 8), 0.5, 300)]], [7])
+    prune.wrap(model, "avpool", keep=0.3)
+    with torch.no_grad():
+        greedy = model.generate(**inputs, **GEN, do_sample=False)
+        kept = model.prune_state.last.keep_mask.clone()
+        assert not kept.all()
+        static = model.generate(**inputs, **GEN, do_sample=False, cache_implementation="static")
+        assert static.tolist() == greedy.tolist()
+        model.generate(**inputs, **GEN, do_sample=False, num_beams=2, num_return_sequences=2)
+        beams_kept = model.prune_state.last.keep_mask
+        assert beams_kept.shape[0] == 2 and all(row.tolist() == kept[0].tolist() for row in beams_kept)
+        twin = copy.deepcopy(model)
+        assert twin.generate(**inputs, **GEN, do_sample=False).tolist() == greedy.tolist()
+        prune.unwrap(twin)
+        assert model.generate(**inputs, **GEN, do_sample=False).tolist() == greedy.tolist()

@@ -221,6 +221,8 @@ class Adapter:
             # a decode step, or a later turn on a cache a pruned prefill produced: the language-model
             # hook maps it; media in the uncached part of a later turn cannot be placed on that cache
             if self.state.plan_for(cache) is not None:
+                if any(kwargs.get(name) is not None for name in self._media_arguments(module)):
+                    self.state._media = {"media": None}  # the encoder will run inside this forward
                 self._refuse_new_media()
             return None
         self.state._call = {"input_ids": kwargs.get("input_ids"), "inputs_embeds": kwargs.get("inputs_embeds")}
@@ -238,6 +240,16 @@ class Adapter:
         if pending is None or pending[0] is not cache:
             return 0
         return pending[1]
+
+    def _media_arguments(self, module: nn.Module) -> list[str]:
+        """The forward's media arguments: the first parameter of each feature function (by signature)."""
+        names = []
+        for name in self.feature_functions.values():
+            fn = getattr(type(module), name, None)
+            params = list(inspect.signature(fn).parameters)[1:] if fn is not None else []
+            if params:
+                names.append(params[0])
+        return names
 
     def _refuse_new_media(self) -> None:
         """A later turn on a pruned cache whose call ran the vision encoder (new media) cannot be placed."""
@@ -348,15 +360,15 @@ class Adapter:
         ctx.phase = "decode"
         return None
 
-    def _select_expanded(self, copies, modality, call, fn_args, signals, embeds, keep_mask, records):
-        """Select once per prompt of an expanded batch; every copy of a prompt gets its kept set (and
-        its merged rows)."""
+    def _select_expanded(self, copies, select, call, embeds, keep_mask, records):
+        """Run ``select(call, embeds, keep_mask, records)`` once per prompt of an expanded batch; every
+        copy of a prompt gets its kept set (and its merged rows)."""
         batch = keep_mask.shape[0]
         first = {key: value[::copies] if isinstance(value, torch.Tensor) and value.shape[:1] == (batch,) else value
                  for key, value in call.items()}
         sub_keep, sub_records = keep_mask[::copies].clone(), []
         sub_embeds = embeds[::copies]
-        out = self._select(modality, first, fn_args, signals, sub_embeds, sub_keep, sub_records)
+        out = select(first, sub_embeds, sub_keep, sub_records)
         keep_mask.copy_(sub_keep.repeat_interleave(copies, 0))
         for record in sub_records:
             records.extend(dataclasses.replace(record, sample=record.sample * copies + j) for j in range(copies))
@@ -376,9 +388,12 @@ class Adapter:
         if rows.numel() == 0:
             return embeds  # the encoder ran for another call (e.g. get_image_features called directly)
         if rows.numel() != expected:
-            copies = rows.numel() // expected if expected else 0
-            if copies > 1 and rows.numel() == copies * expected and _repeats(call, keep_mask.shape[0], copies):
-                return self._select_expanded(copies, modality, call, fn_args, signals, embeds, keep_mask, records)
+            copies = expansion(rows.numel(), expected, call, keep_mask.shape[0])
+            if copies:
+                def select(c, e, k, r):
+                    return self._select(modality, c, fn_args, signals, e, k, r)
+
+                return self._select_expanded(copies, select, call, embeds, keep_mask, records)
             raise RuntimeError(f"found {rows.numel()} {modality} placeholder tokens but the inputs give {expected}")
         config = self.state.config
         device = embeds.device
@@ -500,15 +515,25 @@ def _remove_instance_attribute(module: nn.Module, name: str, value: Any) -> None
         delattr(module, name)
 
 
-def _repeats(call: dict[str, Any], batch: int, copies: int) -> bool:
-    """Whether the batch is each prompt repeated ``copies`` times in a row (generate's expansion for
-    beams and num_return_sequences, after the encoder ran once on the unexpanded media)."""
+class Expanded(Exception):  # noqa: N818 - a signal, not an error
+    """Raised by selection code that finds the batch expanded (see :func:`expansion`)."""
+
+    def __init__(self, copies: int) -> None:
+        super().__init__(copies)
+        self.copies = copies
+
+
+def expansion(found: int, expected: int, call: dict[str, Any], batch: int) -> int:
+    """``copies`` when the batch is each prompt repeated ``copies`` times in a row, which is how
+    ``generate`` expands it for beams and num_return_sequences after the encoder ran once on the
+    unexpanded media (``found`` placeholders = copies x ``expected``); else 0."""
+    copies = found // expected if expected else 0
+    if copies < 2 or found != copies * expected or batch % copies:
+        return 0
     ids = call.get("input_ids")
     ids = call["inputs_embeds"] if ids is None else ids
-    if batch % copies:
-        return False
     grouped = ids.reshape(batch // copies, copies, *ids.shape[1:])
-    return bool((grouped == grouped[:, :1]).all())
+    return copies if bool((grouped == grouped[:, :1]).all()) else 0
 
 
 def _merge_into(embeds, sample, pos, patches, assign, features) -> None:

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..state import ImageRecord
 from .._compat import past_length
-from .base import _remove_instance_attribute, bind_arguments
+from .base import Expanded, _remove_instance_attribute, bind_arguments, expansion
 from .qwen2_5_vl import Qwen25VLAdapter
 
 MODALITY_IDS = {"video": 0, "audio": 1}  # the order of prune.methods.avpool.MODALITIES
@@ -167,7 +167,15 @@ class Qwen25OmniAdapter(Qwen25VLAdapter):
         av_media = self._av_media
         if modality in ("video", "audio") and av_media is not None:
             self._av_media = {}  # consumed: the other modality's turn is a no-op
-            return self._select_pools(call, av_media, embeds, keep_mask, records) if av_media else embeds
+            if not av_media:
+                return embeds
+            try:
+                return self._select_pools(call, av_media, embeds, keep_mask, records)
+            except Expanded as expanded:
+                def select(c, e, k, r):
+                    return self._select_pools(c, av_media, e, k, r)
+
+                return self._select_expanded(expanded.copies, select, call, embeds, keep_mask, records)
         if modality == "audio":
             return embeds  # view-based methods prune the visual part only
         return super()._select(modality, call, fn_args, signals, embeds, keep_mask, records)
@@ -202,7 +210,8 @@ class Qwen25OmniAdapter(Qwen25VLAdapter):
                 raise ValueError("feature_attention_mask is needed with input_features")
             _, tokens = self.audio_tower()._get_feat_extract_output_lengths(torch.as_tensor(lengths).cpu())
             counts = [int(n) for n in tokens.view(-1).tolist()]
-            for (sample, pos), n in zip(self._split_tokens("audio", call, counts, device), counts):
+            for sample, pos in self._split_tokens("audio", call, counts, device):
+                n = pos.numel()
                 items.append(_Item("audio", sample, pos, torch.arange(n, device=device), [(1, n)]))
         return items
 
@@ -211,7 +220,16 @@ class Qwen25OmniAdapter(Qwen25VLAdapter):
         rows, cols = self._placeholder_mask(modality, call).to(device).nonzero(as_tuple=True)
         if rows.numel() == 0:
             return []  # the encoder ran for another call (e.g. get_video_features called directly)
+        if rows.numel() and rows.numel() < sum(counts) and sum(counts) % rows.numel() == 0:
+            # selecting for the first copy of each prompt of an expanded batch, with media arguments
+            # that generate expanded with it (audio feature masks): one item per group of copies
+            copies = sum(counts) // rows.numel()
+            if len(counts) % copies == 0 and all(len(set(counts[i : i + copies])) == 1 for i in range(0, len(counts), copies)):
+                counts = counts[::copies]
         if rows.numel() != sum(counts):
+            copies = expansion(rows.numel(), sum(counts), call, self._placeholder_mask(modality, call).shape[0])
+            if copies:
+                raise Expanded(copies)  # beams / num_return_sequences: select per prompt, then copy
             raise RuntimeError(
                 f"found {rows.numel()} {modality} placeholder tokens but the inputs give {sum(counts)}"
             )
