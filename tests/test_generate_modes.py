@@ -394,3 +394,28 @@ def test_omni_avpool_beams_static_cache_and_copies():
         assert twin.generate(**inputs, **GEN, do_sample=False).tolist() == greedy.tolist()
         prune.unwrap(twin)
         assert model.generate(**inputs, **GEN, do_sample=False).tolist() == greedy.tolist()
+
+
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "random"])
+def test_chat_turn_in_one_chunk_equals_token_by_token(make_case, method):
+    """A new user turn on the cache (several tokens in one forward) gives what feeding its tokens one by
+    one (plain decode steps) gives: in-LLM methods map every stage's cache for a chunk too."""
+    case = _llava(make_case, text_layers=4)
+    options = {"schedule": [(2, 0.5)]} if method == "pdrop" else {}
+    model = prune.wrap(case.model, method, keep=0.75 if method != "random" else 0.3, **options)
+    inputs = case.inputs()
+    user = torch.tensor([[5, 9, 17, 3, 11]])
+    first = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False, "return_dict_in_generate": True}
+    with torch.no_grad():
+        out_a = model.generate(**inputs, **first)
+        out_b = model.generate(**inputs, **first)
+        history = torch.cat([out_a.sequences, user], 1)
+        turn = model.generate(input_ids=history, attention_mask=torch.ones_like(history), past_key_values=find_cache(out_a),
+                              max_new_tokens=1, do_sample=False, return_dict_in_generate=True, output_logits=True)
+        cache = find_cache(out_b)
+        fed = torch.cat([out_b.sequences[:, -1:], user], 1)  # the last answer token is not cached yet
+        for i in range(fed.shape[1]):
+            length = out_b.sequences.shape[1] + i
+            step = model(input_ids=fed[:, i : i + 1], attention_mask=torch.ones(1, length, dtype=torch.long),
+                         past_key_values=cache, use_cache=True)
+    torch.testing.assert_close(turn.logits[0][0], step.logits[0, -1], atol=1e-4, rtol=1e-4)
