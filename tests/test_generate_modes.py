@@ -419,3 +419,44 @@ def test_chat_turn_in_one_chunk_equals_token_by_token(make_case, method):
             step = model(input_ids=fed[:, i : i + 1], attention_mask=torch.ones(1, length, dtype=torch.long),
                          past_key_values=cache, use_cache=True)
     torch.testing.assert_close(turn.logits[0][0], step.logits[0, -1], atol=1e-4, rtol=1e-4)
+
+
+# ---- on the GPU machine ------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@cuda
+def test_device_map_split_over_cuda_and_cpu_prunes_as_one_device(make_case):
+    from accelerate import dispatch_model
+
+    case = _llava(make_case, prompts=((0,), (1,)))
+    inputs = case.inputs()
+    model = prune.wrap(case.model, "hiprune", keep=0.3)
+    with torch.no_grad():
+        ref = model.generate(**inputs, **GEN, do_sample=False, return_dict_in_generate=True, output_logits=True)
+        ref_kept = model.prune_state.last.keep_mask.clone()
+    prune.unwrap(model)
+    device_map = {"model.vision_tower": "cpu", "model.multi_modal_projector": 0, "model.language_model": 0, "lm_head": 0}
+    model = dispatch_model(model, device_map=device_map)
+    prune.wrap(model, "hiprune", keep=0.3)
+    with torch.no_grad():
+        out = model.generate(**inputs, **GEN, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    assert model.prune_state.last.keep_mask.cpu().tolist() == ref_kept.tolist()
+    torch.testing.assert_close(out.logits[0].cpu(), ref.logits[0], atol=1e-3, rtol=1e-3)  # cuda vs cpu fp32
+    assert out.sequences.cpu().tolist() == ref.sequences.tolist()
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("method, layers", [("random", 2), ("hiprune", 2), ("fastv", 4)])
+def test_static_cache_on_cuda_equals_dynamic(make_case, method, layers):
+    """On CUDA, transformers compiles the decode step of a static cache by itself."""
+    case = _llava(make_case, prompts=((0,), (1,), ()), text_layers=layers)
+    model = prune.wrap(case.model.cuda(), method, keep=0.75 if method == "fastv" else 0.3)
+    inputs = {k: v.cuda() for k, v in case.inputs().items()}
+    with torch.no_grad():
+        dynamic = model.generate(**inputs, **GEN, do_sample=False)
+        static = model.generate(**inputs, **GEN, do_sample=False, cache_implementation="static")
+    assert static.tolist() == dynamic.tolist()
