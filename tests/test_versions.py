@@ -3,11 +3,11 @@
 import re
 import subprocess
 import sys
-import tomllib
 import warnings
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 import transformers
 from transformers import DynamicCache

@@ -40,9 +40,9 @@ from torch import nn
 
 import prune
 
-from . import models as M
 from .._compat import cache_length as _cache_length
 from .._compat import find_cache
+from . import models as M
 from ._format import fmt as _fmt
 
 SCHEMA = "prune.bench/1"

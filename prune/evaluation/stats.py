@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from prune.config import PruneConfig
 from prune._compat import past_length
+from prune.config import PruneConfig
 
 
 @dataclass

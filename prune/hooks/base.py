@@ -168,9 +168,7 @@ class Adapter:
         for modality, name in self.feature_functions.items():
             state._removers.append(self._wrap_feature_function(mm, modality, name))
         if callable(getattr(self.model, "generate", None)):
-            guard = _GenerateTurn(self, self.model)
-            setattr(self.model, "generate", guard)
-            state._removers.append(functools.partial(_remove_instance_attribute, self.model, "generate", guard))
+            state._removers.append(_GenerateTurn(self, self.model).install())
         h1 = mm.register_forward_pre_hook(self._on_multimodal_call, with_kwargs=True)
         h2 = self.language_model().register_forward_pre_hook(self._on_language_model_call, with_kwargs=True)
         state._removers.extend([h1.remove, h2.remove])
@@ -179,9 +177,7 @@ class Adapter:
         """Run the vision encoder under collection. transformers >= 5.2x's ``generate`` encodes the
         media before the prefill forward; older versions do it inside the forward: either way the call
         is recorded here and consumed by the next prefill of the language model."""
-        wrapper = _FeatureFunction(self, mm, modality, name)
-        setattr(mm, name, wrapper)
-        return functools.partial(_remove_instance_attribute, mm, name, wrapper)
+        return _FeatureFunction(self, mm, modality, name).install()
 
     def _run_feature_function(self, original, modality: str, args, kwargs):
         state = self.state
@@ -457,14 +453,14 @@ class Adapter:
         return embeds
 
 
-class _FeatureFunction:
-    """The instance attribute that stands in for a feature function (``get_image_features``, ...) of a
-    wrapped model: runs the class's own function under collection. A plain object rather than a
-    closure, so ``copy.deepcopy`` and pickle carry it to the copy's own adapter; its signature is the
-    original's, so ``generate`` still routes pixels to it."""
+class InstanceOverride:
+    """An instance attribute that stands in for a method of a wrapped module (``get_image_features``,
+    ``generate``): a plain object rather than a closure, so ``copy.deepcopy`` and pickle carry it to the
+    copy's own adapter. Its signature is the class method's, so ``generate`` still routes arguments to
+    it; ``_original`` is the class's own method, bound to the module."""
 
-    def __init__(self, adapter: Adapter, module: nn.Module, modality: str, name: str) -> None:
-        self.adapter, self.module, self.modality, self.name = adapter, module, modality, name
+    def __init__(self, module: nn.Module, name: str) -> None:
+        self.module, self.name = module, name
 
     @property
     def _original(self):
@@ -474,25 +470,31 @@ class _FeatureFunction:
     def __signature__(self):
         return inspect.signature(self._original)
 
+    def install(self):
+        """Set the attribute; returns the function that removes it."""
+        setattr(self.module, self.name, self)
+        return functools.partial(_remove_instance_attribute, self.module, self.name, self)
+
+
+class _FeatureFunction(InstanceOverride):
+    """A feature function run under collection (see :meth:`Adapter._run_feature_function`)."""
+
+    def __init__(self, adapter: Adapter, module: nn.Module, modality: str, name: str) -> None:
+        super().__init__(module, name)
+        self.adapter, self.modality = adapter, modality
+
     def __call__(self, *args, **kwargs):
         return self.adapter._run_feature_function(self._original, self.modality, args, kwargs)
 
 
-class _GenerateTurn:
+class _GenerateTurn(InstanceOverride):
     """``model.generate`` of a wrapped model: notes, for a later turn on a cache a pruned prefill
     produced, how many of the tokens generate will feed that cache already holds logically (generate
     slices the history at the cache's physical length). Everything else is the class's own generate."""
 
     def __init__(self, adapter: Adapter, model: nn.Module) -> None:
-        self.adapter, self.model = adapter, model
-
-    @property
-    def _original(self):
-        return type(self.model).generate.__get__(self.model)
-
-    @property
-    def __signature__(self):
-        return inspect.signature(self._original)
+        super().__init__(model, "generate")
+        self.adapter = adapter
 
     def __call__(self, *args, **kwargs):
         state = self.adapter.state

@@ -28,17 +28,15 @@ generation_mode="text")`` works.
 
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..state import ImageRecord
 from .._compat import past_length
-from .base import Expanded, _remove_instance_attribute, bind_arguments, expansion
+from ..state import ImageRecord
+from .base import Expanded, InstanceOverride, bind_arguments, expansion
 from .qwen2_5_vl import Qwen25VLAdapter
 
 MODALITY_IDS = {"video": 0, "audio": 1}  # the order of prune.methods.avpool.MODALITIES
@@ -318,19 +316,11 @@ class Qwen25OmniAdapter(Qwen25VLAdapter):
         return embeds
 
 
-class _SpeechGuard:
-    """``full.generate`` while the thinker is pruned: refuses speech output (the talker). An object,
-    not a closure, so copies and pickles of the wrapped model carry it."""
-
-    def __init__(self, full: nn.Module) -> None:
-        self.full = full
-
-    @property
-    def __signature__(self):
-        return inspect.signature(type(self.full).generate.__get__(self.full))
+class _SpeechGuard(InstanceOverride):
+    """``full.generate`` while the thinker is pruned: refuses speech output (the talker)."""
 
     def __call__(self, *args, **kwargs):
-        full = self.full
+        full = self.module
         mode = kwargs.get("generation_mode")
         text_only = mode in ("text", False) or kwargs.get("return_audio", True) is False
         if not text_only and getattr(full, "has_talker", False):
@@ -340,11 +330,9 @@ class _SpeechGuard:
                 "the full prompt, and a pruned prefill only has the kept rows. Pass generation_mode='text' "
                 "for text, or prune.unwrap(model) for speech."
             )
-        return type(full).generate(full, *args, **kwargs)
+        return self._original(*args, **kwargs)
 
 
 def _guard_speech(full: nn.Module):
     """Make ``full.generate`` refuse speech output (the talker) while the thinker is pruned."""
-    guard = _SpeechGuard(full)
-    full.generate = guard
-    return functools.partial(_remove_instance_attribute, full, "generate", guard)
+    return _SpeechGuard(full, "generate").install()

@@ -7,7 +7,6 @@ video frame). It knows nothing about models; adapters in ``prune.hooks`` build t
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
