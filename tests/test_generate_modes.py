@@ -17,8 +17,8 @@ GEN = {"max_new_tokens": 5, "min_new_tokens": 5}
 VISION = ["random", "hiprune"]
 
 
-def _llava(make_case, prompts=((0,),), text_layers=2, **kw):
-    return make_case("llava", prompts=prompts, text_lens=(9,) * len(prompts), text_layers=text_layers, **kw)
+def _llava(make_case, prompts=((0,),), text_layers=2, family="llava", **kw):
+    return make_case(family, prompts=prompts, text_lens=(9,) * len(prompts), text_layers=text_layers, **kw)
 
 
 def _new_tokens(out, inputs):
@@ -29,13 +29,13 @@ def _new_tokens(out, inputs):
 # ---- beam search, sampling, num_return_sequences ----------------------------------------------------
 
 
-@pytest.mark.parametrize("method", VISION + ["pool"])
-@pytest.mark.parametrize("mode", ["beams", "sample2"])
-def test_expanded_generate_equals_the_language_model_on_the_reduced_embeds(make_case, method, mode):
+@pytest.mark.parametrize("method, mode, family", [(m, mode, "llava") for m in VISION + ["pool"] for mode in ("beams", "sample2")]
+                         + [("hiprune", "beams", "llava_next"), ("cls", "sample2", "llava_next")])
+def test_expanded_generate_equals_the_language_model_on_the_reduced_embeds(make_case, method, mode, family):
     """generate expands the batch (beams, num_return_sequences) after the encoder ran once: every
     expanded row is the same prompt with the same kept set; the oracle is the unwrapped model's own
     generate with the same decoding arguments on the reduced inputs_embeds (compact positions)."""
-    case = _llava(make_case)
+    case = _llava(make_case, family=family)
     inputs = case.inputs()
     args = {"num_beams": 2, "num_return_sequences": 2, "do_sample": False} if mode == "beams" else \
         {"do_sample": True, "num_return_sequences": 2, "top_k": 5}
@@ -99,10 +99,11 @@ def _continue(model, inputs, first, more, **extra):
     return nxt[:, history.shape[1] :]
 
 
-@pytest.mark.parametrize("method, positions, layers", [
-    ("random", "original", 2), ("hiprune", "compact", 2), ("fastv", "original", 4), ("pdrop", "compact", 4)])
-def test_llava_second_turn_on_the_cache_equals_one_longer_call(make_case, method, positions, layers):
-    case = _llava(make_case, prompts=((0,), (1,)), text_layers=layers)
+@pytest.mark.parametrize("method, positions, layers, family", [
+    ("random", "original", 2, "llava"), ("hiprune", "compact", 2, "llava"), ("fastv", "original", 4, "llava"),
+    ("pdrop", "compact", 4, "llava"), ("hiprune", "original", 2, "llava_next")])
+def test_llava_second_turn_on_the_cache_equals_one_longer_call(make_case, method, positions, layers, family):
+    case = _llava(make_case, prompts=((0,), (1,)), text_layers=layers, family=family)
     keep = 0.75 if method in ("fastv", "pdrop") else 0.3
     options = {"schedule": [(2, 0.5)]} if method == "pdrop" else {}
     model = prune.wrap(case.model, method, keep=keep, positions=positions, **options)
@@ -161,10 +162,12 @@ def test_new_media_on_a_pruned_cache_is_refused(make_case):
 # ---- static cache --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method, layers", [("random", 2), ("hiprune", 2), ("fastv", 4)])
-def test_llava_static_cache_equals_dynamic(make_case, method, layers):
-    case = _llava(make_case, prompts=((0,), (1,), ()), text_layers=layers)
-    model = prune.wrap(case.model, method, keep=0.75 if method == "fastv" else 0.3)
+@pytest.mark.parametrize("method, layers, family", [("random", 2, "llava"), ("hiprune", 2, "llava"), ("fastv", 4, "llava"),
+                                                   ("hiprune", 2, "llava_next"), ("transprune", 4, "llava_next")])
+def test_llava_static_cache_equals_dynamic(make_case, method, layers, family):
+    case = _llava(make_case, prompts=((0,), (1,), ()), text_layers=layers, family=family)
+    options = {"schedule": [(2, 0.5)]} if method == "transprune" else {}
+    model = prune.wrap(case.model, method, keep=0.75 if method == "fastv" else 0.3, **options)
     inputs = case.inputs()
     with torch.no_grad():
         dynamic = model.generate(**inputs, **GEN, do_sample=False)
