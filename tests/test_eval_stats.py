@@ -63,9 +63,9 @@ def test_hooks_count_prompts_and_kept_tokens_and_remove_cleanly():
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, pixel_values=pixels)  # a forward (loglikelihood) counts too
     assert (counter.totals.prompts, counter.totals.tokens_before, counter.totals.tokens_after) == (2, 128, 32)
+    prune.unwrap(model)  # removed in the reverse order of installation
     counter.remove()
     assert "generate" not in model.__dict__
-    prune.unwrap(model)
     hooks = [h for m in model.modules() for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())]
     assert not [
         h for h in hooks if getattr(h, "__module__", "").startswith("prune")

@@ -461,9 +461,12 @@ class InstanceOverride:
 
     def __init__(self, module: nn.Module, name: str) -> None:
         self.module, self.name = module, name
+        self.below = None  # an instance attribute of the same name that was there first (another wrapper)
 
     @property
     def _original(self):
+        if self.below is not None:
+            return self.below
         return getattr(type(self.module), self.name).__get__(self.module)
 
     @property
@@ -471,9 +474,11 @@ class InstanceOverride:
         return inspect.signature(self._original)
 
     def install(self):
-        """Set the attribute; returns the function that removes it."""
+        """Set the attribute (over another wrapper's, which it then calls); returns the function that
+        removes it and puts back what was there."""
+        self.below = self.module.__dict__.get(self.name)
         setattr(self.module, self.name, self)
-        return functools.partial(_remove_instance_attribute, self.module, self.name, self)
+        return functools.partial(_remove_instance_attribute, self.module, self.name, self, self.below)
 
 
 class _FeatureFunction(InstanceOverride):
@@ -512,9 +517,12 @@ class _GenerateTurn(InstanceOverride):
             state._scratch.pop("cached_prefix", None)
 
 
-def _remove_instance_attribute(module: nn.Module, name: str, value: Any) -> None:
+def _remove_instance_attribute(module: nn.Module, name: str, value: Any, below: Any = None) -> None:
     if module.__dict__.get(name) is value:
-        delattr(module, name)
+        if below is None:
+            delattr(module, name)
+        else:
+            setattr(module, name, below)
 
 
 class Expanded(Exception):  # noqa: N818 - a signal, not an error
