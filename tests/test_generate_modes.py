@@ -378,7 +378,7 @@ def test_accelerate_hooks_prune_as_the_plain_wrapped_model(make_case, order):
 # ---- the audio-visual pool (Qwen2.5-Omni thinker) ------------------------------------------------------
 
 
-def test_omni_avpool_beams_static_cache_and_copies():
+def test_omni_avpool_static_cache_and_copies():
     from prune._tiny import omni_inputs, tiny_omni_thinker
 
     model = tiny_omni_thinker()
@@ -390,9 +390,6 @@ def test_omni_avpool_beams_static_cache_and_copies():
         assert not kept.all()
         static = model.generate(**inputs, **GEN, do_sample=False, cache_implementation="static")
         assert static.tolist() == greedy.tolist()
-        model.generate(**inputs, **GEN, do_sample=False, num_beams=2, num_return_sequences=2)
-        beams_kept = model.prune_state.last.keep_mask
-        assert beams_kept.shape[0] == 2 and all(row.tolist() == kept[0].tolist() for row in beams_kept)
         twin = copy.deepcopy(model)
         assert twin.generate(**inputs, **GEN, do_sample=False).tolist() == greedy.tolist()
         prune.unwrap(twin)
@@ -463,3 +460,22 @@ def test_static_cache_on_cuda_equals_dynamic(make_case, method, layers):
         dynamic = model.generate(**inputs, **GEN, do_sample=False)
         static = model.generate(**inputs, **GEN, do_sample=False, cache_implementation="static")
     assert static.tolist() == dynamic.tolist()
+
+
+OLD_GENERATE = tuple(int(x) for x in __import__("transformers").__version__.split(".")[:2]) < (5, 23)
+
+
+@pytest.mark.skipif(OLD_GENERATE, reason="transformers < 5.23 encodes the expanded Omni media row by row; "
+                    "the joint pool then differs between copies of a prompt (known gap, see the README)")
+def test_omni_avpool_beams_keep_one_set_per_prompt():
+    from prune._tiny import omni_inputs, tiny_omni_thinker
+
+    model = tiny_omni_thinker()
+    inputs = omni_inputs([[("video+audio", (6, 8, 8), 0.5, 300)]], [7])
+    prune.wrap(model, "avpool", keep=0.3)
+    with torch.no_grad():
+        model.generate(**inputs, **GEN, do_sample=False)
+        kept = model.prune_state.last.keep_mask.clone()
+        model.generate(**inputs, **GEN, do_sample=False, num_beams=2, num_return_sequences=2)
+    beams_kept = model.prune_state.last.keep_mask
+    assert beams_kept.shape[0] == 2 and all(row.tolist() == kept[0].tolist() for row in beams_kept)
