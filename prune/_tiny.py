@@ -560,3 +560,124 @@ def omni_process(processor, text, *, videos=None, audio=None, images=None, use_a
     out = {k: v for k, v in out.items() if k != "num_audio_tokens"}
     out["use_audio_in_video"] = bool(use_audio_in_video and videos)
     return out
+
+
+# ---- Qwen3-VL (dense and MoE) -------------------------------------------------------------------
+QWEN3_TIMESTAMP = 3  # timestamp text tokens before each temporal slice of a video ("<t seconds>")
+
+
+def tiny_qwen3_vl(
+    *,
+    moe: bool = False,
+    attn_implementation: str = "eager",
+    depth: int = 4,
+    deepstack: tuple[int, ...] = (1, 2),
+    text_layers: int = 2,
+    seed: int = 0,
+):
+    """A Qwen3-VL-shaped model: 4-pixel patches, 2x2 merge, a learned 4x4 position grid, DeepStack
+    mergers after vision blocks ``deepstack`` (their features are added after the first
+    ``len(deepstack)`` decoder layers), interleaved M-RoPE text model (mrope_section [2, 3, 3]).
+    ``moe=True``: the MoE text model (4 experts, 2 per token)."""
+    from transformers import (
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLMoeConfig,
+        Qwen3VLMoeForConditionalGeneration,
+    )
+
+    torch.manual_seed(seed)
+    text = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": text_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": QWEN_VOCAB,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True,
+                            "rope_theta": 10000.0},
+        "pad_token_id": PAD_TOKEN,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    if moe:
+        text.update(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
+    vision = {
+        "depth": depth,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 4,
+        "patch_size": QWEN_PATCH,
+        "temporal_patch_size": QWEN_TEMPORAL,
+        "spatial_merge_size": QWEN_MERGE,
+        "in_channels": 3,
+        "out_hidden_size": 64,
+        "num_position_embeddings": 16,
+        "deepstack_visual_indexes": list(deepstack),
+    }
+    ids = {
+        "image_token_id": QWEN_IMAGE,
+        "video_token_id": QWEN_VIDEO,
+        "vision_start_token_id": QWEN_START,
+        "vision_end_token_id": QWEN_END,
+    }
+    config_cls, cls = (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration) if moe else (
+        Qwen3VLConfig, Qwen3VLForConditionalGeneration)
+    config = config_cls(vision_config=vision, text_config=text, **ids)
+    config._attn_implementation = attn_implementation
+    for sub in ("vision_config", "text_config"):
+        getattr(config, sub)._attn_implementation = attn_implementation
+    model = cls(config)
+    if moe:  # transformers initialises the experts' weights to zeros on some releases: make them matter
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "experts" in name and p.abs().sum() == 0:
+                    p.normal_(0, 0.02)
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model.eval()
+
+
+def qwen3_prompts(
+    items_per_prompt: list[list[tuple[str, tuple[int, int, int]]]], text_lens: list[int], *, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Like :func:`qwen_prompts`, laid out as Qwen3VLProcessor does: a video's temporal slices are
+    separated by timestamp text, ``<t> <vision_start> slice tokens <vision_end>`` per slice."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, types = [], []
+    per_slice = QWEN_MERGE * QWEN_MERGE
+    for items, n_text in zip(items_per_prompt, text_lens):
+        pieces = len(items) + 1
+        cuts = [n_text * i // pieces for i in range(pieces + 1)]
+        row, typ = [1], [0]
+        for i in range(pieces):
+            words = torch.randint(3, 140, (cuts[i + 1] - cuts[i],), generator=gen).tolist()
+            row += words
+            typ += [0] * len(words)
+            if i >= len(items):
+                continue
+            kind, (t, h, w) = items[i]
+            if kind == "image":
+                n = t * h * w // per_slice
+                row += [QWEN_START] + [QWEN_IMAGE] * n + [QWEN_END]
+                typ += [0] + [1] * n + [0]
+                continue
+            n = h * w // per_slice
+            for _ in range(t):
+                stamp = torch.randint(3, 140, (QWEN3_TIMESTAMP,), generator=gen).tolist()
+                row += stamp + [QWEN_START] + [QWEN_VIDEO] * n + [QWEN_END]
+                typ += [0] * QWEN3_TIMESTAMP + [0] + [2] * n + [0]
+        rows.append(row)
+        types.append(typ)
+    length = max(len(r) for r in rows)
+    out = {
+        "input_ids": torch.full((len(rows), length), PAD_TOKEN, dtype=torch.long),
+        "attention_mask": torch.zeros(len(rows), length, dtype=torch.long),
+        "mm_token_type_ids": torch.zeros(len(rows), length, dtype=torch.long),
+    }
+    for b, (row, typ) in enumerate(zip(rows, types)):
+        out["input_ids"][b, length - len(row) :] = torch.tensor(row)
+        out["attention_mask"][b, length - len(row) :] = 1
+        out["mm_token_type_ids"][b, length - len(row) :] = torch.tensor(typ)
+    return out

@@ -11,6 +11,7 @@ from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_omni import Qwen25OmniAdapter
 from .qwen2_5_vl import Qwen25VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: tuple[type[Adapter], ...] = (
     LlavaAdapter,
@@ -19,6 +20,7 @@ ADAPTERS: tuple[type[Adapter], ...] = (
     Qwen2VLAdapter,
     Qwen25VLAdapter,
     Qwen25OmniAdapter,
+    Qwen3VLAdapter,
 )
 
 

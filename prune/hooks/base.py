@@ -137,6 +137,15 @@ class Adapter:
         the last dimension)."""
         raise NotImplementedError
 
+    def cut_sequence_arguments(
+        self, kwargs: dict[str, Any], new_kwargs: dict[str, Any], keep_mask: torch.Tensor
+    ) -> dict[str, Any]:
+        """Gather the family's own sequence-indexed language-model arguments (e.g. DeepStack's visual
+        mask and features, Gemma 3's token_type_ids) with the kept rows of ``keep_mask`` (B, L), packed
+        as ``cutter.Packing.of(keep_mask)`` packs them. ``kwargs``: the uncut call; ``new_kwargs``: the
+        cut one to return (default: unchanged)."""
+        return new_kwargs
+
     # ---- shared flow ------------------------------------------------------------------------
     def install(self, state: PruneState, method: Method) -> None:
         requests = method.bind(self.encoder_info())
@@ -179,6 +188,8 @@ class Adapter:
 
         @functools.wraps(original)  # generate() reads its signature to route pixel_values
         def feature_function(*args, **kwargs):
+            if state._collecting is not None:  # called by another feature function (Qwen3-VL: video -> image)
+                return original(*args, **kwargs)
             collected: dict[str, list[torch.Tensor]] = {}
             state._collecting = collected
             try:
@@ -272,6 +283,7 @@ class Adapter:
             return None
         kwargs = dict(kwargs, inputs_embeds=embeds)
         new_kwargs, plan, positions = cut_prefill(kwargs, keep_mask, state.positions)
+        new_kwargs = self.cut_sequence_arguments(kwargs, new_kwargs, keep_mask)
         state._plan = plan
         state.last = PruneRecord(
             keep_mask=keep_mask, images=records, positions=state.positions, position_ids=positions, padding=padding
