@@ -681,3 +681,70 @@ def qwen3_prompts(
         out["attention_mask"][b, length - len(row) :] = 1
         out["mm_token_type_ids"][b, length - len(row) :] = torch.tensor(typ)
     return out
+
+
+# ---- Gemma 3 -----------------------------------------------------------------------------------
+GEMMA_IMAGE, GEMMA_BOI, GEMMA_EOI = 150, 152, 153
+GEMMA_IMAGE_SIZE, GEMMA_PATCH, GEMMA_TOKENS = 32, 2, 16  # 16x16 patches pooled 4x4 -> 4x4 = 16 tokens
+
+
+def tiny_gemma3(*, attn_implementation: str = "eager", text_layers: int = 4, sliding_window: int = 8, seed: int = 0):
+    """A Gemma-3-shaped model: SigLIP without [CLS] (32 px, 2 px patches: 16x16 patches), the 4x4
+    average pool of the projector (16 tokens per image), a Gemma 3 text model whose layers alternate
+    sliding-window (``sliding_window`` tokens) and full attention, image tokens bidirectional
+    through ``token_type_ids``."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 4, "num_attention_heads": 4, "image_size": GEMMA_IMAGE_SIZE,
+              "patch_size": GEMMA_PATCH, "vision_use_head": False}
+    text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": text_layers, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, "vocab_size": QWEN_VOCAB, "max_position_embeddings": 4096,
+            "sliding_window": sliding_window, "query_pre_attn_scalar": 16,
+            "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(text_layers)],
+            "pad_token_id": PAD_TOKEN, "bos_token_id": 1, "eos_token_id": 2}
+    config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=GEMMA_TOKENS,
+                          image_token_index=GEMMA_IMAGE, boi_token_index=GEMMA_BOI, eoi_token_index=GEMMA_EOI)
+    config._attn_implementation = attn_implementation
+    for sub in ("vision_config", "text_config"):
+        getattr(config, sub)._attn_implementation = attn_implementation
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # transformers initialises the projection to zeros: images would not matter
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.2)
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model.eval()
+
+
+def gemma3_inputs(images_per_prompt: list[int], text_lens: list[int], *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask, token_type_ids (left padded) and pixel_values for prompts with
+    ``<boi> image * 16 <eoi>`` per image (a pan-and-scan crop is one more such image)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, types = [], []
+    for n_images, n_text in zip(images_per_prompt, text_lens):
+        pieces = n_images + 1
+        cuts = [n_text * i // pieces for i in range(pieces + 1)]
+        row, typ = [1], [0]
+        for i in range(pieces):
+            words = torch.randint(3, 140, (cuts[i + 1] - cuts[i],), generator=gen).tolist()
+            row += words
+            typ += [0] * len(words)
+            if i < n_images:
+                row += [GEMMA_BOI] + [GEMMA_IMAGE] * GEMMA_TOKENS + [GEMMA_EOI]
+                typ += [0] + [1] * GEMMA_TOKENS + [0]
+        rows.append(row)
+        types.append(typ)
+    length = max(len(r) for r in rows)
+    out = {
+        "input_ids": torch.full((len(rows), length), PAD_TOKEN, dtype=torch.long),
+        "attention_mask": torch.zeros(len(rows), length, dtype=torch.long),
+        "token_type_ids": torch.zeros(len(rows), length, dtype=torch.long),
+    }
+    for b, (row, typ) in enumerate(zip(rows, types)):
+        out["input_ids"][b, length - len(row) :] = torch.tensor(row)
+        out["attention_mask"][b, length - len(row) :] = 1
+        out["token_type_ids"][b, length - len(row) :] = torch.tensor(typ)
+    if sum(images_per_prompt):
+        size = GEMMA_IMAGE_SIZE
+        out["pixel_values"] = torch.randn(sum(images_per_prompt), 3, size, size, generator=gen)
+    return out

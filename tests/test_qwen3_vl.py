@@ -155,12 +155,13 @@ def test_llm_methods_oracle_and_batch(method):
     assert generated == ref_tokens
 
 
-def test_fastv_cut_before_deepstack_ends():
+@pytest.mark.parametrize("moe", [False, True])
+def test_fastv_cut_before_deepstack_ends(moe):
     """A cut at layer 1 (DeepStack still adds after layer 1) on a batch with padding: the features
     must land on the kept visual rows (oracle: the layer loop)."""
     prompts = [[("image", (1, 8, 12))], [("image", (1, 12, 8)), ("video", (2, 8, 8))]]
     inputs = make_inputs(prompts, [5, 14], seed=1)
-    model = prune.wrap(tiny_qwen3_vl(text_layers=4), "fastv", schedule=[(1, 0.3)])
+    model = prune.wrap(tiny_qwen3_vl(moe=moe, text_layers=4), "fastv", schedule=[(1, 0.3)])
     singles = [select_rows(prompts, inputs, [row]) for row in range(2)]
     with torch.no_grad():
         batch = model(**inputs).logits[:, -1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Adapter, ImageLayout
+from .gemma3 import Gemma3Adapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
@@ -21,6 +22,7 @@ ADAPTERS: tuple[type[Adapter], ...] = (
     Qwen25VLAdapter,
     Qwen25OmniAdapter,
     Qwen3VLAdapter,
+    Gemma3Adapter,
 )
 
 
