@@ -16,6 +16,7 @@ REAL = {
     "qwen2.5-vl-7b": ("Qwen2_5_VLForConditionalGeneration", 8.29),
     "qwen2.5-omni-7b": ("Qwen2_5OmniThinkerForConditionalGeneration", 8.93),
     "qwen3-vl-8b": ("Qwen3VLForConditionalGeneration", 8.77),
+    "gemma-3-4b": ("Gemma3ForConditionalGeneration", 4.30),
 }
 
 
