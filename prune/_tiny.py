@@ -748,3 +748,62 @@ def gemma3_inputs(images_per_prompt: list[int], text_lens: list[int], *, seed: i
         size = GEMMA_IMAGE_SIZE
         out["pixel_values"] = torch.randn(sum(images_per_prompt), 3, size, size, generator=gen)
     return out
+
+
+# ---- InternVL ----------------------------------------------------------------------------------
+INTERNVL_IMAGE, INTERNVL_START, INTERNVL_END = 150, 152, 153
+INTERNVL_TILE, INTERNVL_PATCH = 16, 2  # 8x8 patches per tile, pixel shuffle 2x2 -> 4x4 = 16 tokens
+INTERNVL_TOKENS = 16
+
+
+def tiny_internvl(*, attn_implementation: str = "eager", text_layers: int = 2, seed: int = 0):
+    """An InternVL-3-shaped model: InternViT with [CLS] (16 px tiles, 2 px patches: 8x8 patches),
+    features of the last layer without [CLS], pixel shuffle (2x2 -> 1 token, 16 per tile), MLP
+    projector, Qwen2 decoder."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+              "image_size": [INTERNVL_TILE, INTERNVL_TILE], "patch_size": [INTERNVL_PATCH, INTERNVL_PATCH],
+              "use_mean_pooling": False}
+    text = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": text_layers,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": QWEN_VOCAB,
+            "max_position_embeddings": 4096, "pad_token_id": PAD_TOKEN, "bos_token_id": 1, "eos_token_id": 2}
+    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=INTERNVL_IMAGE,
+                            image_seq_length=INTERNVL_TOKENS, downsample_ratio=0.5, vision_feature_layer=-1,
+                            vision_feature_select_strategy="default")
+    config._attn_implementation = attn_implementation
+    for sub in ("vision_config", "text_config"):
+        getattr(config, sub)._attn_implementation = attn_implementation
+    model = InternVLForConditionalGeneration(config)
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model.eval()
+
+
+def internvl_inputs(tiles_per_image: list[list[int]], text_lens: list[int], *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask (left padded) and pixel_values (all tiles, prompt order) for prompts
+    whose images have the given tile counts (dynamic tiles plus the thumbnail, as the processor lays
+    them out: ``<img> context * 16 * tiles </img>``)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for tiles, n_text in zip(tiles_per_image, text_lens):
+        pieces = len(tiles) + 1
+        cuts = [n_text * i // pieces for i in range(pieces + 1)]
+        row = [1]
+        for i in range(pieces):
+            row += torch.randint(3, 140, (cuts[i + 1] - cuts[i],), generator=gen).tolist()
+            if i < len(tiles):
+                row += [INTERNVL_START] + [INTERNVL_IMAGE] * (INTERNVL_TOKENS * tiles[i]) + [INTERNVL_END]
+        rows.append(row)
+    length = max(len(r) for r in rows)
+    out = {
+        "input_ids": torch.full((len(rows), length), PAD_TOKEN, dtype=torch.long),
+        "attention_mask": torch.zeros(len(rows), length, dtype=torch.long),
+    }
+    for b, row in enumerate(rows):
+        out["input_ids"][b, length - len(row) :] = torch.tensor(row)
+        out["attention_mask"][b, length - len(row) :] = 1
+    total = sum(sum(t) for t in tiles_per_image)
+    if total:
+        out["pixel_values"] = torch.randn(total, 3, INTERNVL_TILE, INTERNVL_TILE, generator=gen)
+    return out

@@ -6,6 +6,7 @@ from torch import nn
 
 from .base import Adapter, ImageLayout
 from .gemma3 import Gemma3Adapter
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
@@ -23,6 +24,7 @@ ADAPTERS: tuple[type[Adapter], ...] = (
     Qwen25OmniAdapter,
     Qwen3VLAdapter,
     Gemma3Adapter,
+    InternVLAdapter,
 )
 
 
