@@ -153,18 +153,17 @@ def test_llm_methods_oracle_and_batch(method):
 
 
 def test_bad_input_is_refused():
-    from prune.hooks import adapter_for
-
     model = tiny_internvl()
     with pytest.raises(ValueError, match="keep"):
         prune.wrap(model, "hiprune", keep=1.5)
     model.config.downsample_ratio = 0.25
     with pytest.raises(ValueError, match="pixel shuffle"):
-        adapter_for(model)._check()
+        prune.wrap(model, "hiprune", keep=0.3)
     model.config.downsample_ratio = 0.5
     model.config.vision_feature_select_strategy = "full"
     with pytest.raises(ValueError, match="select_strategy"):
-        adapter_for(model)._check()
+        prune.wrap(model, "cls", keep=0.3)
+    assert not hasattr(model, "prune_state")
 
 
 def test_unwrap_restores():

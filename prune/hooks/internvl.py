@@ -62,6 +62,10 @@ class InternVLAdapter(Adapter):
         patch = vc.patch_size[0] if isinstance(vc.patch_size, (list, tuple)) else vc.patch_size
         return size // patch, size // patch // 2
 
+    def install(self, state, method) -> None:
+        self._check()  # a layout prune cannot map is refused at wrap time
+        super().install(state, method)
+
     def _select(self, modality, call, fn_args, signals, embeds, keep_mask, records):
         self._call_for_layout = call  # which tiles form one image is read from the prompt's placeholder runs
         try:
