@@ -17,6 +17,7 @@ REAL = {
     "qwen2.5-omni-7b": ("Qwen2_5OmniThinkerForConditionalGeneration", 8.93),
     "qwen3-vl-8b": ("Qwen3VLForConditionalGeneration", 8.77),
     "gemma-3-4b": ("Gemma3ForConditionalGeneration", 4.30),
+    "internvl3.5-8b": ("InternVLForConditionalGeneration", 8.53),  # model card: 0.3B vision + 8.2B language
 }
 
 
