@@ -807,3 +807,32 @@ def internvl_inputs(tiles_per_image: list[list[int]], text_lens: list[int], *, s
     if total:
         out["pixel_values"] = torch.randn(total, 3, INTERNVL_TILE, INTERNVL_TILE, generator=gen)
     return out
+
+
+# ---- Qwen3.5 -----------------------------------------------------------------------------------
+def tiny_qwen3_5(*, attn_implementation: str = "eager", depth: int = 4, text_layers: int = 4, seed: int = 0):
+    """A Qwen3.5-shaped model: Qwen3-VL's ViT layout (4-pixel patches, 2x2 merge, no DeepStack) and a
+    language model whose layers alternate gated-DeltaNet linear attention and full attention
+    (``layer_types``), interleaved M-RoPE on a quarter of each head (partial_rotary_factor 0.25)."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": text_layers,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": QWEN_VOCAB,
+            "max_position_embeddings": 4096, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 16,
+            "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+            "layer_types": ["linear_attention" if i % 2 == 0 else "full_attention" for i in range(text_layers)],
+            "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "mrope_interleaved": True,
+                                "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+            "pad_token_id": PAD_TOKEN, "bos_token_id": 1, "eos_token_id": 2}
+    vision = {"depth": depth, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "patch_size": QWEN_PATCH,
+              "temporal_patch_size": QWEN_TEMPORAL, "spatial_merge_size": QWEN_MERGE, "in_channels": 3,
+              "out_hidden_size": 64, "num_position_embeddings": 16}
+    config = Qwen3_5Config(vision_config=vision, text_config=text, image_token_id=QWEN_IMAGE,
+                           video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END)
+    config._attn_implementation = attn_implementation
+    for sub in ("vision_config", "text_config"):
+        getattr(config, sub)._attn_implementation = attn_implementation
+    model = Qwen3_5ForConditionalGeneration(config)
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model.eval()

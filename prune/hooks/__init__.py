@@ -13,6 +13,7 @@ from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_omni import Qwen25OmniAdapter
 from .qwen2_5_vl import Qwen25VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_5 import Qwen35Adapter
 from .qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: tuple[type[Adapter], ...] = (
@@ -25,6 +26,7 @@ ADAPTERS: tuple[type[Adapter], ...] = (
     Qwen3VLAdapter,
     Gemma3Adapter,
     InternVLAdapter,
+    Qwen35Adapter,
 )
 
 
