@@ -116,7 +116,6 @@ class Gemma3Adapter(Adapter):
         if args:
             kwargs, args = bind_arguments(module.forward, args, kwargs), ()
         call = getattr(self.state, "_gemma_call", None) or {}
-        self._token_type_ids = call.get("token_type_ids")
         masks = kwargs.get("attention_mask")
         plain = kwargs
         if isinstance(masks, dict):
@@ -133,7 +132,7 @@ class Gemma3Adapter(Adapter):
         return new_args, new_kwargs
 
     def cut_sequence_arguments(self, kwargs, new_kwargs, keep_mask: torch.Tensor) -> dict[str, Any]:
-        token_type_ids = self._token_type_ids
+        token_type_ids = (getattr(self.state, "_gemma_call", None) or {}).get("token_type_ids")
         if token_type_ids is not None:
             token_type_ids = Packing.of(keep_mask).sequence(token_type_ids.to(keep_mask.device))
         out = dict(new_kwargs)
