@@ -148,9 +148,8 @@ def _default_device() -> str:
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    from .methods import get_method, method_names
-
     from .config import load_presets
+    from .methods import get_method, method_names
 
     families = load_presets().get("families", {})
     for name in method_names():

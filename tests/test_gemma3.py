@@ -38,8 +38,17 @@ def run_reduced(model, embeds, positions, token_type_ids, steps=8):
     cache = DynamicCache(config=model.config.get_text_config())
     mask = torch.ones(1, embeds.shape[0], dtype=torch.long)
     tt = None if token_type_ids is None else token_type_ids[None]
-    out = inner(**with_cache(inner.forward, cache, inputs_embeds=embeds[None], position_ids=positions[None],
-                             attention_mask=mask, token_type_ids=tt, use_cache=True))
+    out = inner(
+        **with_cache(
+            inner.forward,
+            cache,
+            inputs_embeds=embeds[None],
+            position_ids=positions[None],
+            attention_mask=mask,
+            token_type_ids=tt,
+            use_cache=True,
+        )
+    )
     logits = model.lm_head(out.last_hidden_state)[0]
     tokens, nxt, pos = [], logits[-1].argmax(), int(positions[-1])
     for _ in range(steps):
@@ -47,8 +56,16 @@ def run_reduced(model, embeds, positions, token_type_ids, steps=8):
         pos += 1
         mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], 1)
         e = model.get_input_embeddings()(nxt.view(1, 1))
-        out = inner(**with_cache(inner.forward, cache, inputs_embeds=e, position_ids=torch.tensor([[pos]]),
-                                 attention_mask=mask, use_cache=True))
+        out = inner(
+            **with_cache(
+                inner.forward,
+                cache,
+                inputs_embeds=e,
+                position_ids=torch.tensor([[pos]]),
+                attention_mask=mask,
+                use_cache=True,
+            )
+        )
         nxt = model.lm_head(out.last_hidden_state)[0, -1].argmax()
     return logits, tokens
 

@@ -85,7 +85,9 @@ def test_cls_scores_are_pooled_over_each_shuffle_unit():
     model = tiny_internvl()
     inputs = internvl_inputs([[2]], [6], seed=3)
     with torch.no_grad():
-        att = model.model.vision_tower(pixel_values=inputs["pixel_values"], output_attentions=True).attentions[-1]
+        att = model.model.vision_tower(
+            pixel_values=inputs["pixel_values"], output_attentions=True
+        ).attentions[-1]
         prune.wrap(model, "cls", keep=8)
         model(**inputs)
     cls_row = att.mean(1)[:, 0, 1:].view(-1, 1, 8, 8)  # (tiles, 1, 8, 8) head mean

@@ -53,7 +53,12 @@ def test_oracle_prefill_and_generate(method, kind):
 
 @pytest.mark.parametrize("method", ["hiprune", "random"])
 def test_batch_equals_singles(method):
-    prompts = [[("image", (1, 8, 12))], [("image", (1, 12, 8)), ("video", (2, 8, 8))], [], [("video", (2, 4, 8))]]
+    prompts = [
+        [("image", (1, 8, 12))],
+        [("image", (1, 12, 8)), ("video", (2, 8, 8))],
+        [],
+        [("video", (2, 4, 8))],
+    ]
     inputs = make_inputs(prompts, [5, 14, 9, 20], seed=4)
     model = prune.wrap(tiny_qwen3_5(), method, keep=0.4)
     with torch.no_grad():

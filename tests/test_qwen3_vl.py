@@ -23,8 +23,10 @@ KINDS = {
 
 def make_inputs(prompts, text_lens, seed=0):
     inputs = qwen3_prompts(prompts, text_lens, seed=seed)
-    for kind, pv_key, grid_key in (("image", "pixel_values", "image_grid_thw"),
-                                   ("video", "pixel_values_videos", "video_grid_thw")):
+    for kind, pv_key, grid_key in (
+        ("image", "pixel_values", "image_grid_thw"),
+        ("video", "pixel_values_videos", "video_grid_thw"),
+    ):
         grids = [g for items in prompts for k, g in items if k == kind]
         if grids:
             inputs[pv_key], inputs[grid_key] = qwen_media(grids, seed=seed + len(kind))
@@ -80,8 +82,9 @@ def check_oracle(method, kind, moe):
             embeds[im.positions[im.kept]] = im.merged
     assert torch.equal(record.position_ids[-3:, 0], positions[:, 0, keep])  # original (t, h, w) ids
     assert len(deepstack) == 2 and visual.sum() == deepstack[0].shape[0]
-    ref_logits, ref_tokens = run_reduced_mrope(model, embeds[keep], positions[:, 0, keep],
-                                               prefill_kwargs=reduce_deepstack(visual, deepstack, keep))
+    ref_logits, ref_tokens = run_reduced_mrope(
+        model, embeds[keep], positions[:, 0, keep], prefill_kwargs=reduce_deepstack(visual, deepstack, keep)
+    )
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
     assert generated == ref_tokens
     # the oracle is sensitive to DeepStack: features on shifted rows give other logits
@@ -193,18 +196,22 @@ def layer_loop_deepstack(model, embeds, positions, record, visual, deepstack, st
             out = output.clone()
             out[0, vis] = out[0, vis] + deepstack[i][index[cols[vis]]]
             return out
+
         return hook
 
     def before_layer(i):
         def hook(module, args, kwargs):
             if args[0].shape[1] > 1:  # prefill
                 cols_of[i] = torch.nonzero(record.seen_by(i)[0], as_tuple=True)[0]
+
         return hook
 
     handles = []
     for i, layer in enumerate(lm.layers):
-        handles += [layer.register_forward_pre_hook(before_layer(i), with_kwargs=True),
-                    layer.register_forward_hook(after_layer(i))]
+        handles += [
+            layer.register_forward_pre_hook(before_layer(i), with_kwargs=True),
+            layer.register_forward_hook(after_layer(i)),
+        ]
     try:
         return layer_loop(model, embeds, positions, record, "original", steps=steps)
     finally:
@@ -232,7 +239,9 @@ def test_unrecognised_deepstack_structure_is_refused():
     prune.wrap(model, "random", keep=0.3)
 
     def drop_deepstack(module, args, kwargs):
-        return args, {k: v for k, v in kwargs.items() if k not in ("visual_pos_masks", "deepstack_visual_embeds")}
+        return args, {
+            k: v for k, v in kwargs.items() if k not in ("visual_pos_masks", "deepstack_visual_embeds")
+        }
 
     handle = lm.register_forward_pre_hook(drop_deepstack, with_kwargs=True, prepend=True)
     with pytest.raises(RuntimeError, match="no DeepStack arguments"), torch.no_grad():

@@ -69,13 +69,17 @@ class Gemma3Adapter(Adapter):
         tokens = int(round(self.model.config.mm_tokens_per_image**0.5))
         return vc.image_size // vc.patch_size, tokens
 
-    def layouts(self, modality: str, args: dict[str, Any], signals: dict[str, torch.Tensor]) -> list[ImageLayout]:
+    def layouts(
+        self, modality: str, args: dict[str, Any], signals: dict[str, torch.Tensor]
+    ) -> list[ImageLayout]:
         pixel_values = args["pixel_values"]
         patches, tokens = self._grids()
         kernel = patches // tokens
         pooled = {
             # the projector's AvgPool2d, run on the scores: (images, tokens * tokens)
-            key: F.avg_pool2d(s[:, : patches * patches].float().view(-1, 1, patches, patches), kernel).flatten(1)
+            key: F.avg_pool2d(
+                s[:, : patches * patches].float().view(-1, 1, patches, patches), kernel
+            ).flatten(1)
             for key, s in signals.items()
         }
         n = tokens * tokens
@@ -95,8 +99,11 @@ class Gemma3Adapter(Adapter):
         mask = bound.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.ndim != 2:
             mask = None  # a prepared 4-D mask: the language-model hook refuses it if it must cut
-        self.state._gemma_call = {"mask2d": mask if isinstance(mask, torch.Tensor) else None,
-                                  "token_type_ids": bound.get("token_type_ids"), "prepared": isinstance(mask, dict)}
+        self.state._gemma_call = {
+            "mask2d": mask if isinstance(mask, torch.Tensor) else None,
+            "token_type_ids": bound.get("token_type_ids"),
+            "prepared": isinstance(mask, dict),
+        }
         return super()._on_multimodal_call(module, args, kwargs)
 
     def _masks(self, kwargs: dict[str, Any], token_type_ids) -> Any:
@@ -120,7 +127,9 @@ class Gemma3Adapter(Adapter):
         plain = kwargs
         if isinstance(masks, dict):
             if call.get("prepared"):
-                plain = dict(kwargs, attention_mask=torch.zeros(1, 1, 1, 1))  # cut_prefill refuses non-2-D masks
+                plain = dict(
+                    kwargs, attention_mask=torch.zeros(1, 1, 1, 1)
+                )  # cut_prefill refuses non-2-D masks
             else:
                 plain = dict(kwargs, attention_mask=call.get("mask2d"))
         out = super()._on_language_model_call(module, args, plain)

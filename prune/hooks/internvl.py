@@ -47,16 +47,24 @@ class InternVLAdapter(Adapter):
         return n - 1 if layer == -1 else (layer + n + 1 if layer < 0 else layer) - 1
 
     def encoder_info(self) -> EncoderInfo:
-        return EncoderInfo(num_layers=len(self.vision_attention_modules()), feature_layer=self.feature_layer_index(),
-                           has_cls=True, family=self.family)
+        return EncoderInfo(
+            num_layers=len(self.vision_attention_modules()),
+            feature_layer=self.feature_layer_index(),
+            has_cls=True,
+            family=self.family,
+        )
 
     def _check(self) -> tuple[int, int]:
         """(patches per side, tokens per side) of one tile."""
         config = self.model.config
         if config.vision_feature_select_strategy != "default":
-            raise ValueError("prune supports InternVL with vision_feature_select_strategy='default' (patch tokens only)")
+            raise ValueError(
+                "prune supports InternVL with vision_feature_select_strategy='default' (patch tokens only)"
+            )
         if float(config.downsample_ratio) != 0.5:
-            raise ValueError(f"prune supports InternVL's 2x2 pixel shuffle (downsample_ratio 0.5), got {config.downsample_ratio}")
+            raise ValueError(
+                f"prune supports InternVL's 2x2 pixel shuffle (downsample_ratio 0.5), got {config.downsample_ratio}"
+            )
         vc = config.vision_config
         size = vc.image_size[0] if isinstance(vc.image_size, (list, tuple)) else vc.image_size
         patch = vc.patch_size[0] if isinstance(vc.patch_size, (list, tuple)) else vc.patch_size
@@ -81,20 +89,28 @@ class InternVLAdapter(Adapter):
             edges = torch.nonzero(padded[1:] != padded[:-1], as_tuple=True)[0].view(-1, 2)
             for start, end in edges.tolist():
                 if (end - start) % per_tile:
-                    raise RuntimeError(f"an InternVL image run of {end - start} tokens is not a multiple of {per_tile}")
+                    raise RuntimeError(
+                        f"an InternVL image run of {end - start} tokens is not a multiple of {per_tile}"
+                    )
                 tiles.append((end - start) // per_tile)
         return tiles
 
-    def layouts(self, modality: str, args: dict[str, Any], signals: dict[str, torch.Tensor]) -> list[ImageLayout]:
+    def layouts(
+        self, modality: str, args: dict[str, Any], signals: dict[str, torch.Tensor]
+    ) -> list[ImageLayout]:
         patches, tokens = self._check()
         per_tile = tokens * tokens
         n_tiles = args["pixel_values"].shape[0]
         tiles = self._tiles_per_image(modality, per_tile)
         if sum(tiles) != n_tiles:
-            raise RuntimeError(f"the prompt's image tokens cover {sum(tiles)} tiles but {n_tiles} tiles were encoded")
+            raise RuntimeError(
+                f"the prompt's image tokens cover {sum(tiles)} tiles but {n_tiles} tiles were encoded"
+            )
         units = {
             # drop [CLS] (column 0), then mean over each 2x2 unit: (tiles, tokens * tokens) in raster order
-            key: F.avg_pool2d(s[:, 1 : 1 + patches * patches].float().view(-1, 1, patches, patches), 2).flatten(1)
+            key: F.avg_pool2d(
+                s[:, 1 : 1 + patches * patches].float().view(-1, 1, patches, patches), 2
+            ).flatten(1)
             for key, s in signals.items()
         }
         layouts, first = [], 0

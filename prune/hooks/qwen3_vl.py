@@ -54,8 +54,10 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         """(mask name, features name) among the language model's arguments, found by what they are."""
         batch, length, dim = embeds.shape
         lists = [
-            name for name, value in kwargs.items()
-            if isinstance(value, (list, tuple)) and value
+            name
+            for name, value in kwargs.items()
+            if isinstance(value, (list, tuple))
+            and value
             and all(isinstance(t, torch.Tensor) and t.ndim == 2 and t.shape[-1] == dim for t in value)
             and len({t.shape[0] for t in value}) == 1
         ]
@@ -65,9 +67,13 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
             raise RuntimeError(f"prune: more than one DeepStack-like argument of the language model: {lists}")
         rows = kwargs[lists[0]][0].shape[0]
         masks = [
-            name for name, value in kwargs.items()
-            if isinstance(value, torch.Tensor) and value.dtype == torch.bool and tuple(value.shape) == (batch, length)
-            and int(value.sum()) == rows and value is not kwargs.get("attention_mask")
+            name
+            for name, value in kwargs.items()
+            if isinstance(value, torch.Tensor)
+            and value.dtype == torch.bool
+            and tuple(value.shape) == (batch, length)
+            and int(value.sum()) == rows
+            and value is not kwargs.get("attention_mask")
         ]
         if len(masks) != 1:
             raise RuntimeError(
@@ -109,7 +115,12 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
         def deepstack_process(hidden_states, visual_pos_masks, visual_embeds):
             ctx = cut.context
-            if ctx is not None and ctx.phase == "prefill" and visual_pos_masks is not None and ctx.stages[-1].layer > 0:
+            if (
+                ctx is not None
+                and ctx.phase == "prefill"
+                and visual_pos_masks is not None
+                and ctx.stages[-1].layer > 0
+            ):
                 rows = ctx.stages[-1].rows.to(visual_pos_masks.device)  # (B, Ls) input column, -1 = padding
                 valid = rows >= 0
                 index = (visual_pos_masks.flatten().long().cumsum(0) - 1).view_as(visual_pos_masks)
