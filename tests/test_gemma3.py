@@ -4,11 +4,16 @@ on the reduced embeddings, positions and token_type_ids."""
 
 import pytest
 import torch
+import transformers
 from transformers import DynamicCache
 
 import prune
 from prune._compat import with_cache
 from prune._tiny import GEMMA_TOKENS, gemma3_inputs, tiny_gemma3
+
+if not hasattr(transformers, "Gemma3ForConditionalGeneration"):  # an older release: the family is absent
+    pytest.skip("no Gemma3ForConditionalGeneration in this transformers", allow_module_level=True)
+
 
 GEN = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False}
 METHODS = ["random", "pool", "hiprune"]

@@ -3,11 +3,15 @@ Scores are pooled over each shuffle unit; an image's budget is split evenly over
 
 import pytest
 import torch
+import transformers
 
 import prune
 from prune._tiny import INTERNVL_TOKENS, internvl_inputs, tiny_internvl
 from tests.oracle import run_reduced
 from tests.test_llm_methods import layer_loop
+
+if not hasattr(transformers, "InternVLForConditionalGeneration"):  # an older release: the family is absent
+    pytest.skip("no InternVLForConditionalGeneration in this transformers", allow_module_level=True)
 
 GEN = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False}
 METHODS = ["random", "pool", "cls", "hiprune"]

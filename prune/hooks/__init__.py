@@ -35,12 +35,16 @@ def adapter_for(model: nn.Module) -> Adapter:
     for adapter in ADAPTERS:
         if name in adapter.model_classes:
             return adapter(model)
-    supported = ", ".join(c for a in ADAPTERS for c in a.model_classes)
+    supported = ", ".join(supported_classes())
     raise TypeError(f"prune does not support {name}; supported model classes: {supported}")
 
 
 def supported_classes() -> dict[str, str]:
-    return {c: a.family for a in ADAPTERS for c in a.model_classes}
+    """Model class name -> family, for the classes the installed transformers has (a family whose
+    classes an older release lacks is simply absent)."""
+    import transformers
+
+    return {c: a.family for a in ADAPTERS for c in a.model_classes if hasattr(transformers, c)}
 
 
 __all__ = ["ADAPTERS", "Adapter", "ImageLayout", "adapter_for", "supported_classes"]
