@@ -560,3 +560,279 @@ def omni_process(processor, text, *, videos=None, audio=None, images=None, use_a
     out = {k: v for k, v in out.items() if k != "num_audio_tokens"}
     out["use_audio_in_video"] = bool(use_audio_in_video and videos)
     return out
+
+
+# ---- Qwen3-VL (dense and MoE) -------------------------------------------------------------------
+QWEN3_TIMESTAMP = 3  # timestamp text tokens before each temporal slice of a video ("<t seconds>")
+
+
+def tiny_qwen3_vl(
+    *,
+    moe: bool = False,
+    attn_implementation: str = "eager",
+    depth: int = 4,
+    deepstack: tuple[int, ...] = (1, 2),
+    text_layers: int = 2,
+    seed: int = 0,
+):
+    """A Qwen3-VL-shaped model: 4-pixel patches, 2x2 merge, a learned 4x4 position grid, DeepStack
+    mergers after vision blocks ``deepstack`` (their features are added after the first
+    ``len(deepstack)`` decoder layers), interleaved M-RoPE text model (mrope_section [2, 3, 3]).
+    ``moe=True``: the MoE text model (4 experts, 2 per token)."""
+    from transformers import (
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLMoeConfig,
+        Qwen3VLMoeForConditionalGeneration,
+    )
+
+    torch.manual_seed(seed)
+    text = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": text_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": QWEN_VOCAB,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True,
+                            "rope_theta": 10000.0},
+        "pad_token_id": PAD_TOKEN,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    if moe:
+        text.update(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
+    vision = {
+        "depth": depth,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 4,
+        "patch_size": QWEN_PATCH,
+        "temporal_patch_size": QWEN_TEMPORAL,
+        "spatial_merge_size": QWEN_MERGE,
+        "in_channels": 3,
+        "out_hidden_size": 64,
+        "num_position_embeddings": 16,
+        "deepstack_visual_indexes": list(deepstack),
+    }
+    ids = {
+        "image_token_id": QWEN_IMAGE,
+        "video_token_id": QWEN_VIDEO,
+        "vision_start_token_id": QWEN_START,
+        "vision_end_token_id": QWEN_END,
+    }
+    config_cls, cls = (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration) if moe else (
+        Qwen3VLConfig, Qwen3VLForConditionalGeneration)
+    config = config_cls(vision_config=vision, text_config=text, **ids)
+    config._attn_implementation = attn_implementation
+    for sub in ("vision_config", "text_config"):
+        getattr(config, sub)._attn_implementation = attn_implementation
+    model = cls(config)
+    if moe:  # transformers initialises the experts' weights to zeros on some releases: make them matter
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "experts" in name and p.abs().sum() == 0:
+                    p.normal_(0, 0.02)
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model.eval()
+
+
+def qwen3_prompts(
+    items_per_prompt: list[list[tuple[str, tuple[int, int, int]]]], text_lens: list[int], *, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Like :func:`qwen_prompts`, laid out as Qwen3VLProcessor does: a video's temporal slices are
+    separated by timestamp text, ``<t> <vision_start> slice tokens <vision_end>`` per slice."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, types = [], []
+    per_slice = QWEN_MERGE * QWEN_MERGE
+    for items, n_text in zip(items_per_prompt, text_lens):
+        pieces = len(items) + 1
+        cuts = [n_text * i // pieces for i in range(pieces + 1)]
+        row, typ = [1], [0]
+        for i in range(pieces):
+            words = torch.randint(3, 140, (cuts[i + 1] - cuts[i],), generator=gen).tolist()
+            row += words
+            typ += [0] * len(words)
+            if i >= len(items):
+                continue
+            kind, (t, h, w) = items[i]
+            if kind == "image":
+                n = t * h * w // per_slice
+                row += [QWEN_START] + [QWEN_IMAGE] * n + [QWEN_END]
+                typ += [0] + [1] * n + [0]
+                continue
+            n = h * w // per_slice
+            for _ in range(t):
+                stamp = torch.randint(3, 140, (QWEN3_TIMESTAMP,), generator=gen).tolist()
+                row += stamp + [QWEN_START] + [QWEN_VIDEO] * n + [QWEN_END]
+                typ += [0] * QWEN3_TIMESTAMP + [0] + [2] * n + [0]
+        rows.append(row)
+        types.append(typ)
+    length = max(len(r) for r in rows)
+    out = {
+        "input_ids": torch.full((len(rows), length), PAD_TOKEN, dtype=torch.long),
+        "attention_mask": torch.zeros(len(rows), length, dtype=torch.long),
+        "mm_token_type_ids": torch.zeros(len(rows), length, dtype=torch.long),
+    }
+    for b, (row, typ) in enumerate(zip(rows, types)):
+        out["input_ids"][b, length - len(row) :] = torch.tensor(row)
+        out["attention_mask"][b, length - len(row) :] = 1
+        out["mm_token_type_ids"][b, length - len(row) :] = torch.tensor(typ)
+    return out
+
+
+# ---- Gemma 3 -----------------------------------------------------------------------------------
+GEMMA_IMAGE, GEMMA_BOI, GEMMA_EOI = 150, 152, 153
+GEMMA_IMAGE_SIZE, GEMMA_PATCH, GEMMA_TOKENS = 32, 2, 16  # 16x16 patches pooled 4x4 -> 4x4 = 16 tokens
+
+
+def tiny_gemma3(*, attn_implementation: str = "eager", text_layers: int = 4, sliding_window: int = 8, seed: int = 0):
+    """A Gemma-3-shaped model: SigLIP without [CLS] (32 px, 2 px patches: 16x16 patches), the 4x4
+    average pool of the projector (16 tokens per image), a Gemma 3 text model whose layers alternate
+    sliding-window (``sliding_window`` tokens) and full attention, image tokens bidirectional
+    through ``token_type_ids``."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 4, "num_attention_heads": 4, "image_size": GEMMA_IMAGE_SIZE,
+              "patch_size": GEMMA_PATCH, "vision_use_head": False}
+    text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": text_layers, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, "vocab_size": QWEN_VOCAB, "max_position_embeddings": 4096,
+            "sliding_window": sliding_window, "query_pre_attn_scalar": 16,
+            "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(text_layers)],
+            "pad_token_id": PAD_TOKEN, "bos_token_id": 1, "eos_token_id": 2}
+    config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=GEMMA_TOKENS,
+                          image_token_index=GEMMA_IMAGE, boi_token_index=GEMMA_BOI, eoi_token_index=GEMMA_EOI)
+    config._attn_implementation = attn_implementation
+    for sub in ("vision_config", "text_config"):
+        getattr(config, sub)._attn_implementation = attn_implementation
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # transformers initialises the projection to zeros: images would not matter
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.2)
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model.eval()
+
+
+def gemma3_inputs(images_per_prompt: list[int], text_lens: list[int], *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask, token_type_ids (left padded) and pixel_values for prompts with
+    ``<boi> image * 16 <eoi>`` per image (a pan-and-scan crop is one more such image)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, types = [], []
+    for n_images, n_text in zip(images_per_prompt, text_lens):
+        pieces = n_images + 1
+        cuts = [n_text * i // pieces for i in range(pieces + 1)]
+        row, typ = [1], [0]
+        for i in range(pieces):
+            words = torch.randint(3, 140, (cuts[i + 1] - cuts[i],), generator=gen).tolist()
+            row += words
+            typ += [0] * len(words)
+            if i < n_images:
+                row += [GEMMA_BOI] + [GEMMA_IMAGE] * GEMMA_TOKENS + [GEMMA_EOI]
+                typ += [0] + [1] * GEMMA_TOKENS + [0]
+        rows.append(row)
+        types.append(typ)
+    length = max(len(r) for r in rows)
+    out = {
+        "input_ids": torch.full((len(rows), length), PAD_TOKEN, dtype=torch.long),
+        "attention_mask": torch.zeros(len(rows), length, dtype=torch.long),
+        "token_type_ids": torch.zeros(len(rows), length, dtype=torch.long),
+    }
+    for b, (row, typ) in enumerate(zip(rows, types)):
+        out["input_ids"][b, length - len(row) :] = torch.tensor(row)
+        out["attention_mask"][b, length - len(row) :] = 1
+        out["token_type_ids"][b, length - len(row) :] = torch.tensor(typ)
+    if sum(images_per_prompt):
+        size = GEMMA_IMAGE_SIZE
+        out["pixel_values"] = torch.randn(sum(images_per_prompt), 3, size, size, generator=gen)
+    return out
+
+
+# ---- InternVL ----------------------------------------------------------------------------------
+INTERNVL_IMAGE, INTERNVL_START, INTERNVL_END = 150, 152, 153
+INTERNVL_TILE, INTERNVL_PATCH = 16, 2  # 8x8 patches per tile, pixel shuffle 2x2 -> 4x4 = 16 tokens
+INTERNVL_TOKENS = 16
+
+
+def tiny_internvl(*, attn_implementation: str = "eager", text_layers: int = 2, seed: int = 0):
+    """An InternVL-3-shaped model: InternViT with [CLS] (16 px tiles, 2 px patches: 8x8 patches),
+    features of the last layer without [CLS], pixel shuffle (2x2 -> 1 token, 16 per tile), MLP
+    projector, Qwen2 decoder."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+              "image_size": [INTERNVL_TILE, INTERNVL_TILE], "patch_size": [INTERNVL_PATCH, INTERNVL_PATCH],
+              "use_mean_pooling": False}
+    text = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": text_layers,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": QWEN_VOCAB,
+            "max_position_embeddings": 4096, "pad_token_id": PAD_TOKEN, "bos_token_id": 1, "eos_token_id": 2}
+    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=INTERNVL_IMAGE,
+                            image_seq_length=INTERNVL_TOKENS, downsample_ratio=0.5, vision_feature_layer=-1,
+                            vision_feature_select_strategy="default")
+    config._attn_implementation = attn_implementation
+    for sub in ("vision_config", "text_config"):
+        getattr(config, sub)._attn_implementation = attn_implementation
+    model = InternVLForConditionalGeneration(config)
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model.eval()
+
+
+def internvl_inputs(tiles_per_image: list[list[int]], text_lens: list[int], *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask (left padded) and pixel_values (all tiles, prompt order) for prompts
+    whose images have the given tile counts (dynamic tiles plus the thumbnail, as the processor lays
+    them out: ``<img> context * 16 * tiles </img>``)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for tiles, n_text in zip(tiles_per_image, text_lens):
+        pieces = len(tiles) + 1
+        cuts = [n_text * i // pieces for i in range(pieces + 1)]
+        row = [1]
+        for i in range(pieces):
+            row += torch.randint(3, 140, (cuts[i + 1] - cuts[i],), generator=gen).tolist()
+            if i < len(tiles):
+                row += [INTERNVL_START] + [INTERNVL_IMAGE] * (INTERNVL_TOKENS * tiles[i]) + [INTERNVL_END]
+        rows.append(row)
+    length = max(len(r) for r in rows)
+    out = {
+        "input_ids": torch.full((len(rows), length), PAD_TOKEN, dtype=torch.long),
+        "attention_mask": torch.zeros(len(rows), length, dtype=torch.long),
+    }
+    for b, row in enumerate(rows):
+        out["input_ids"][b, length - len(row) :] = torch.tensor(row)
+        out["attention_mask"][b, length - len(row) :] = 1
+    total = sum(sum(t) for t in tiles_per_image)
+    if total:
+        out["pixel_values"] = torch.randn(total, 3, INTERNVL_TILE, INTERNVL_TILE, generator=gen)
+    return out
+
+
+# ---- Qwen3.5 -----------------------------------------------------------------------------------
+def tiny_qwen3_5(*, attn_implementation: str = "eager", depth: int = 4, text_layers: int = 4, seed: int = 0):
+    """A Qwen3.5-shaped model: Qwen3-VL's ViT layout (4-pixel patches, 2x2 merge, no DeepStack) and a
+    language model whose layers alternate gated-DeltaNet linear attention and full attention
+    (``layer_types``), interleaved M-RoPE on a quarter of each head (partial_rotary_factor 0.25)."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": text_layers,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": QWEN_VOCAB,
+            "max_position_embeddings": 4096, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 16,
+            "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+            "layer_types": ["linear_attention" if i % 2 == 0 else "full_attention" for i in range(text_layers)],
+            "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "mrope_interleaved": True,
+                                "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+            "pad_token_id": PAD_TOKEN, "bos_token_id": 1, "eos_token_id": 2}
+    vision = {"depth": depth, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "patch_size": QWEN_PATCH,
+              "temporal_patch_size": QWEN_TEMPORAL, "spatial_merge_size": QWEN_MERGE, "in_channels": 3,
+              "out_hidden_size": 64, "num_position_embeddings": 16}
+    config = Qwen3_5Config(vision_config=vision, text_config=text, image_token_id=QWEN_IMAGE,
+                           video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END)
+    config._attn_implementation = attn_implementation
+    for sub in ("vision_config", "text_config"):
+        getattr(config, sub)._attn_implementation = attn_implementation
+    model = Qwen3_5ForConditionalGeneration(config)
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model.eval()

@@ -148,13 +148,20 @@ def _default_device() -> str:
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
+    from .config import load_presets
     from .methods import get_method, method_names
 
+    families = load_presets().get("families", {})
     for name in method_names():
         cls = get_method(name)
         print(f"{name:<9} {cls.description}")
         for option, default in cls.defaults.items():
             print(f"{'':<11}{option} = {default!r}")
+        for family, preset in families.items():  # per-family presets, e.g. hiprune's encoder layers
+            options = (preset.get("methods") or {}).get(name)
+            if options:
+                shown = ", ".join(f"{k} = {v!r}" for k, v in options.items())
+                print(f"{'':<11}on {family}: {shown}")
     return 0
 
 

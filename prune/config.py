@@ -14,15 +14,22 @@ from .methods import get_method
 POSITION_MODES = ("original", "compact")
 
 
+def configs_dir() -> Path:
+    """The shipped ``configs/`` folder: the one beside the imported ``prune`` package when that is a
+    source checkout (so a git worktree reads its own presets, even where an editable install of
+    another checkout maps ``prune.configs`` elsewhere), else the package data ``prune.configs``."""
+    source = Path(__file__).resolve().parent.parent
+    if (source / "pyproject.toml").is_file() and (source / "configs" / "presets.yaml").is_file():
+        return source / "configs"
+    from importlib.resources import files
+
+    return Path(str(files("prune.configs")))
+
+
 @functools.lru_cache(maxsize=1)
 def load_presets() -> dict[str, Any]:
-    """The shipped ``configs/presets.yaml`` (package data ``prune.configs``)."""
-    try:
-        from importlib.resources import files
-
-        text = files("prune.configs").joinpath("presets.yaml").read_text()
-    except (ModuleNotFoundError, FileNotFoundError):  # running from a source tree that is not installed
-        text = (Path(__file__).resolve().parent.parent / "configs" / "presets.yaml").read_text()
+    """The shipped ``configs/presets.yaml``."""
+    text = (configs_dir() / "presets.yaml").read_text()
     return yaml.safe_load(text)
 
 

@@ -71,16 +71,17 @@ def qwen_full_inputs(model, inputs):
 
 
 @torch.no_grad()
-def run_reduced_mrope(model, embeds, positions, steps=8, lm=None):
+def run_reduced_mrope(model, embeds, positions, steps=8, lm=None, prefill_kwargs=None):
     """Prefill logits and greedy tokens of one unpadded prompt: embeds (L', D), positions (3, L').
     Decoding continues at max(prompt positions) + 1 on all three axes, as Qwen's rope_deltas do.
-    ``lm`` defaults to ``model.model.language_model``."""
+    ``lm`` defaults to ``model.model.language_model``; ``prefill_kwargs`` go to the prefill call only
+    (e.g. Qwen3-VL's reduced DeepStack mask and features)."""
     lm = model.model.language_model if lm is None else lm
     device = embeds.device
     cache = DynamicCache(config=lm.config)
     mask = torch.ones(1, embeds.shape[0], dtype=torch.long, device=device)
     out = lm(**with_cache(lm.forward, cache, inputs_embeds=embeds[None], position_ids=positions[:, None],
-                          attention_mask=mask, use_cache=True))
+                          attention_mask=mask, use_cache=True, **(prefill_kwargs or {})))
     logits = model.lm_head(out.last_hidden_state)
     tokens, nxt, pos = [], logits[0, -1].argmax(), int(positions.max())
     for _ in range(steps):
@@ -122,3 +123,31 @@ def omni_full_inputs(thinker, inputs):
 def run_reduced_omni(thinker, embeds, positions, steps=8):
     """:func:`run_reduced_mrope` on the thinker's language model."""
     return run_reduced_mrope(thinker, embeds, positions, steps, lm=omni_language_model(thinker))
+
+
+@torch.no_grad()
+def qwen3_full_inputs(model, inputs):
+    """What the *unwrapped* Qwen3-VL hands its language model for ``inputs``, read with a pre-hook:
+    inputs_embeds (B, L, D), M-RoPE position ids (3, B, L), DeepStack's visual mask (B, L) (None
+    without media) and its list of (n_visual, D) features."""
+    seen = {}
+
+    def grab(module, args, kwargs):
+        if "embeds" not in seen:
+            seen.update(embeds=kwargs["inputs_embeds"].clone(), positions=kwargs["position_ids"].clone(),
+                        visual=kwargs.get("visual_pos_masks"), deepstack=kwargs.get("deepstack_visual_embeds"))
+
+    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(**inputs)
+    finally:
+        handle.remove()
+    return seen["embeds"], seen["positions"][-3:], seen["visual"], seen["deepstack"]
+
+
+def reduce_deepstack(visual, deepstack, keep):
+    """One prompt's DeepStack arguments for the rows ``keep`` (L,) bool of an unpadded prompt: the
+    reduced (1, L') mask and every feature tensor without the rows of dropped visual tokens."""
+    visual = visual[0]
+    kept_visual = keep[visual]
+    return {"visual_pos_masks": visual[keep][None], "deepstack_visual_embeds": [d[kept_visual] for d in deepstack]}

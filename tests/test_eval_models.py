@@ -15,6 +15,9 @@ REAL = {
     "llava-onevision-7b": ("LlavaOnevisionForConditionalGeneration", 8.03),
     "qwen2.5-vl-7b": ("Qwen2_5_VLForConditionalGeneration", 8.29),
     "qwen2.5-omni-7b": ("Qwen2_5OmniThinkerForConditionalGeneration", 8.93),
+    "qwen3-vl-8b": ("Qwen3VLForConditionalGeneration", 8.77),
+    "gemma-3-4b": ("Gemma3ForConditionalGeneration", 4.30),
+    "internvl3.5-8b": ("InternVLForConditionalGeneration", 8.53),  # model card: 0.3B vision + 8.2B language
 }
 
 
@@ -111,3 +114,34 @@ def test_inputs_have_one_placeholder_per_feature_and_prune(name, before):
     record = model.prune_state.last
     assert record.vision_tokens_before == 2 * before
     assert record.vision_tokens_after == 2 * round(0.25 * before)
+
+
+# the new families' shipped shapes with their layers shrunk: the benchmark's input path (processor,
+# placeholder counts) and a pruned forward work on the real token layout (576 / 256 / 256 per image)
+_SHRUNK_TEXT = {"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "num_key_value_heads": 1, "head_dim": 32}
+_SHRUNK = {
+    "qwen3-vl-8b": ({"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+                     "deepstack_visual_indexes": [0, 1]}, 576),
+    "gemma-3-4b": ({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}, 256),
+    "internvl3.5-8b": ({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
+                       256),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SHRUNK))
+def test_new_family_shapes_make_inputs_that_prune(name):
+    vision, per_image = _SHRUNK[name]
+    spec = M.resolve_model(name)
+    spec.config["vision_config"].update(vision)
+    spec.config["text_config"].update(_SHRUNK_TEXT)
+    model = M.build_model(spec, dtype=torch.float32, attn_implementation="eager")
+    processor = M.build_image_processor(spec)
+    images = [Image.new("RGB", spec.image_size[::-1], (120, 30, 200))] * 2
+    inputs = M.make_inputs(model, processor, images, prompt_tokens=12, spec=spec)
+    assert (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist() == [per_image, per_image]
+    prune.wrap(model, "random", keep=0.25)
+    with torch.no_grad():
+        model(**inputs)
+    record = model.prune_state.last
+    assert (record.vision_tokens_before, record.vision_tokens_after) == (2 * per_image, 2 * round(0.25 * per_image))

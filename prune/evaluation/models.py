@@ -54,15 +54,9 @@ class ModelSpec:
 
 
 def _models_dir() -> Path:
-    try:
-        from importlib.resources import files
+    from ..config import configs_dir
 
-        path = Path(str(files("prune.configs").joinpath("models")))
-        if path.is_dir():
-            return path
-    except (ModuleNotFoundError, FileNotFoundError):
-        pass
-    return Path(__file__).resolve().parents[2] / "configs" / "models"  # a source tree, not installed
+    return configs_dir() / "models"
 
 
 def shipped_models() -> dict[str, Path]:

@@ -138,6 +138,15 @@ class Adapter:
         the last dimension)."""
         raise NotImplementedError
 
+    def cut_sequence_arguments(
+        self, kwargs: dict[str, Any], new_kwargs: dict[str, Any], keep_mask: torch.Tensor
+    ) -> dict[str, Any]:
+        """Gather the family's own sequence-indexed language-model arguments (e.g. DeepStack's visual
+        mask and features, Gemma 3's token_type_ids) with the kept rows of ``keep_mask`` (B, L), packed
+        as ``cutter.Packing.of(keep_mask)`` packs them. ``kwargs``: the uncut call; ``new_kwargs``: the
+        cut one to return (default: unchanged)."""
+        return new_kwargs
+
     # ---- shared flow ------------------------------------------------------------------------
     def install(self, state: PruneState, method: Method) -> None:
         requests = method.bind(self.encoder_info())
@@ -181,6 +190,8 @@ class Adapter:
 
     def _run_feature_function(self, original, modality: str, args, kwargs):
         state = self.state
+        if state._collecting is not None:  # called by another feature function (Qwen3-VL: video -> image)
+            return original(*args, **kwargs)
         collected: dict[str, list[torch.Tensor]] = {}
         state._collecting = collected
         try:
@@ -307,6 +318,8 @@ class Adapter:
             return None
         kwargs = dict(kwargs, inputs_embeds=embeds)
         new_kwargs, plan, positions = cut_prefill(kwargs, keep_mask, state.positions)
+        # the rows the cut packed (padding is never kept)
+        new_kwargs = self.cut_sequence_arguments(kwargs, new_kwargs, keep_mask & ~padding.to(keep_mask.device))
         state.set_plan(cache, plan)
         state.last = PruneRecord(
             keep_mask=keep_mask, images=records, positions=state.positions, position_ids=positions, padding=padding
@@ -378,7 +391,13 @@ class Adapter:
         ranks in microseconds while on a GPU every small op is a launch (and many a sync). Only the
         statistics travel (once per call), and merged rows are computed on the model's device."""
         signals = {key: stats.detach().float().cpu() for key, stats in signals.items()}
-        layouts = self.layouts(modality, fn_args, signals)
+        try:
+            layouts = self.layouts(modality, fn_args, signals)
+        except Expanded as expanded:  # an adapter that reads layouts off the prompt found copies
+            def select_first(c, e, k, r):
+                return self._select(modality, c, fn_args, signals, e, k, r)
+
+            return self._select_expanded(expanded.copies, select_first, call, embeds, keep_mask, records)
         rows, cols = self._placeholder_mask(modality, call).cpu().nonzero(as_tuple=True)  # scatter order
         expected = sum(lay.num_tokens for lay in layouts)
         if rows.numel() == 0:
