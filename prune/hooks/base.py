@@ -211,6 +211,8 @@ class Adapter:
                 stats = attention_stats(
                     q.detach(), k.detach(), query_index=query_index, segments=segments, scale=kwargs.get("scaling")
                 )  # (batch, N) fp32
+                if req.query == "sum":  # every row of this call was averaged: back to the sum over rows
+                    stats = stats * q.shape[2]
                 collected.setdefault(req.key, []).append(stats)
 
         return callback
@@ -352,7 +354,8 @@ class Adapter:
             prunable = token_view >= 0
             caps = torch.bincount(token_view[prunable], minlength=len(lay.grids)).tolist()
             budget = config.budget(int(prunable.sum()))
-            shares = split_budget(budget, caps, proportional=lay.split == "proportional")
+            shares = self.method.view_budgets(budget, caps, [h * w for h, w in lay.grids], config.budget,
+                                              proportional=lay.split == "proportional")
             kept = ~prunable
             score = torch.full((n,), float("nan"))
             for v, (h, w) in enumerate(lay.grids):
@@ -393,6 +396,7 @@ class Adapter:
                     merged=embeds[sample, pos[kept].to(device)].detach() if self.method.needs_features else None,
                     token_view=token_view,
                     token_patch=token_patch,
+                    view_budgets=list(shares),
                 )
             )
         return embeds

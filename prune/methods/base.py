@@ -121,6 +121,22 @@ class Method:
     def select(self, view: View) -> Selection:
         raise NotImplementedError
 
+    def view_budgets(self, total: int, caps: list[int], patches: list[int], budget_of, proportional: bool = False
+                     ) -> list[int]:
+        """Tokens each view of one image keeps. ``total``: the image's budget; ``caps``: prunable
+        tokens of each view; ``patches``: each view's full grid size; ``budget_of(n)``: the budget
+        ``keep`` gives n tokens. Default: ``total`` split evenly (or proportionally), what a view
+        cannot take going to the others; the option ``views`` (hiprune, cls) picks the references'
+        LLaVA-NeXT budgeting instead."""
+        from ..hooks.base import split_budget
+
+        mode = self.options.get("views", "even")
+        if mode == "floor":  # HiPrune / FasterVLM forks: int(T / views) each, the remainder is lost
+            return [min(cap, total // len(caps)) for cap in caps]
+        if mode == "per_view":  # FasterVLM's fork: every view keeps T of its full grid
+            return [min(cap, budget_of(p)) for cap, p in zip(caps, patches)]
+        return split_budget(total, caps, proportional=proportional)
+
 
 SCORE_DTYPES = {None: None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
