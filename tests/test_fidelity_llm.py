@@ -171,3 +171,20 @@ def test_kept_counts_use_the_reference_rounding():
     assert get_method("transprune")().kept_count(0.875, 2242) == 1961  # round() gave 1962
     assert get_method("pdrop")().kept_count(0.125, 2242) == 280
     assert get_method("fastv")().kept_count(0.5, 575) == 288  # FastV's reference rounds
+
+
+@pytest.mark.parametrize("k,r", [(2, 0.5), (3, 0.5), (2, 0.75), (3, 0.75)])
+def test_fastv_matches_reference(llava15, k, r):
+    """FastV's reference: layer K-1's attention of the last token, head mean; keep round(n (1 - R))."""
+    model, inputs, start, n0 = llava15
+    with torch.no_grad():
+        att = model(**inputs, output_attentions=True).attentions[k - 1][0]  # layers < K see every token
+    score = att.mean(0)[-1, start : start + n0]
+    expected = set((torch.topk(score, round(n0 * (1 - r))).indices + start).tolist())
+    prune.wrap(model, "fastv", layer=k, ratio=r, keep=0.5)  # (K, R) given: keep is not used
+    with torch.no_grad():
+        model(**inputs)
+    record = model.prune_state.last
+    prune.unwrap(model)
+    vision = inputs["input_ids"][0] == IMAGE_TOKEN
+    assert set(torch.nonzero(record.seen_by(k)[0] & vision, as_tuple=True)[0].tolist()) == expected
