@@ -33,8 +33,8 @@ class ImageLayout:
         that are never pruned (e.g. LLaVA-NeXT's image_newline).
     token_patch: (n,) long, the patch index inside its view (-1 where token_view is -1).
     signals: per view, SignalRequest.key -> (h*w,) fp32 score of each patch.
-    split: how the image's budget spreads over its views: "even" (HiPrune's LLaVA-NeXT reference) or
-        "proportional" to the views' token counts.
+    split: how the image's budget spreads over its views: "even" or "proportional" to the views'
+        token counts (a method's ``views`` option can replace both with its reference's budgeting).
     """
 
     grids: list[tuple[int, int]]
