@@ -167,10 +167,12 @@ def tiny_qwen_vl(
     patch: int = QWEN_PATCH,
     text_layers: int = 2,
     seed: int = 0,
+    fullatt: list[int] | None = None,
 ):
     """A Qwen2-VL / Qwen2.5-VL-shaped model: 4-pixel patches, 2x2 merge, M-RoPE text model.
 
-    Qwen2.5: windows of 2x2 merged tokens, full attention at blocks 1 and 3 (of 4)."""
+    Qwen2.5: windows of 2x2 merged tokens, full attention at blocks ``fullatt`` (default 1 and 3 of
+    4; the 7B's layout is ``depth=32, fullatt=[7, 15, 23, 31]``)."""
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -208,7 +210,7 @@ def tiny_qwen_vl(
     }
     if version == "2.5":
         vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=patch * QWEN_MERGE * 2,
-                      fullatt_block_indexes=[1, 3], tokens_per_second=2)
+                      fullatt_block_indexes=fullatt or [1, 3], tokens_per_second=2)
         config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
         cls = Qwen2_5_VLForConditionalGeneration
     elif version == "2":

@@ -36,6 +36,9 @@ class ImageRecord:
     #: are never candidates (newlines). None where the adapter does not map tokens to views.
     token_view: torch.Tensor | None = None
     token_patch: torch.Tensor | None = None
+    #: tokens each view was asked to keep (sums to ``budget`` unless a method's option budgets views
+    #: otherwise: ``views="floor"`` loses the remainder, ``views="per_view"`` gives every view T)
+    view_budgets: list[int] | None = None
 
     def view_masks(self) -> list[torch.Tensor]:
         """Per view, a (h*w,) bool of the kept patches (False where the layout dropped a patch)."""
@@ -56,6 +59,21 @@ class ImageRecord:
     @property
     def tokens_after(self) -> int:
         return int(self.kept.sum())
+
+    @property
+    def selected(self) -> int:
+        """Prunable tokens kept (``tokens_after`` without the never-pruned newline tokens)."""
+        kept = self.kept.cpu()
+        if self.token_view is not None:
+            kept = kept & (self.token_view.cpu() >= 0)
+        return int(kept.sum())
+
+    @property
+    def shortfall(self) -> int:
+        """``budget - selected``: 0 when the method kept exactly its budget; > 0 where an opt-in
+        reference quirk keeps fewer (hiprune ``exclusion="reference"``, ``views="floor"``); < 0 where
+        ``views="per_view"`` keeps T per view."""
+        return self.budget - self.selected
 
 
 @dataclass

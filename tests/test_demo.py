@@ -12,6 +12,11 @@ def test_image_demo_writes_png(tmp_path, capsys):
     out = capsys.readouterr().out
     for method in ("random", "pool", "cls", "hiprune"):
         assert f"{method}" in out and "144/576" in out
+    # keep=0.25 is the 8-layer LM's floor for the in-LLM methods (their last layers would see nothing)
+    for method in ("fastv", "pdrop", "transprune"):
+        line = next(row for row in out.splitlines() if row.startswith(f"{method}@0.4 "))
+        seen, total = line.split()[1].split("/")
+        assert 0.25 * 576 < int(seen) < int(total)
     image = Image.open(tmp_path / "kept.png")
     assert image.size[0] > 336 * 2 and image.size[1] > 336
 

@@ -114,3 +114,26 @@ def test_hiprune_default_layers_follow_reference_on_clip_depth():
     assert [r.layer for r in reqs] == [8, 22]  # OBJECT_LAYER=9 (1-based) and layer -2
     cls = get_method("cls")(variant="vtc")
     assert [r.layer for r in cls.bind(EncoderInfo(24, 22, True, "llava"))] == list(range(16, 23))
+
+
+# ---- the real LLaVA-1.5 layout: CLIP-L/14-336, 24 layers, 576 patches, the references' budgets --------
+@pytest.fixture(scope="module")
+def clip_l():
+    model = tiny_llava(image_size=336, patch=14, vision_layers=24, vision_hidden=32, seed=9)
+    pixel_values = torch.randn(2, 3, 336, 336, generator=torch.Generator().manual_seed(10))
+    return model, pixel_values, _attentions(model, pixel_values)
+
+
+@pytest.mark.parametrize("budget", [192, 128, 64])
+def test_clip_l_layout_matches_the_references(clip_l, budget):
+    model, pv, atts = clip_l
+    assert len(atts) == 24 and atts[0].shape[-1] == 577
+    feature = _feature_layer(model, atts)  # 22: layer -2
+    for method, options, reference in (
+        ("cls", {}, lambda i: _fastervlm(atts, i, feature, budget)),
+        ("cls", {"variant": "vtc"}, lambda i: _vtc(atts, i, 16, budget)),  # VTC-CLS default start 16
+        ("hiprune", {}, lambda i: _hiprune(atts, i, 8, feature, budget, width=24)),  # OBJECT_LAYER=9, alpha 0.1
+    ):
+        kept = _kept_patches(model, pv, method, budget, **options)
+        for image in range(2):
+            assert kept[image] == reference(image), (method, options)

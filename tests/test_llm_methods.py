@@ -288,3 +288,38 @@ def test_keep_below_the_first_cut_floor_is_refused(method, layers, keep):
     ok = m.schedule(layers, 0.33)
     assert abs(average_fraction(ok, layers) - 0.33) < 1e-6
     assert all(fraction > 0 for _, fraction in ok)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_keep_exactly_at_the_floor_is_refused(method):
+    # 8 layers, first cut at layer 2 for all three: keep=0.25 would leave layers 2.. with no vision token
+    model, _ = make()
+    with pytest.raises(ValueError, match="cannot average keep=0.25 on 8 layers"):
+        prune.wrap(model, method, keep=0.25)
+    assert get_method(method)().min_keep(8) == 0.25
+    from prune.evaluation.demo import llm_keep
+
+    assert llm_keep(method, 0.25, 8) == 0.4 and llm_keep(method, 0.3, 8) == 0.3 and llm_keep("cls", 0.25, 8) == 0.25
+
+
+def test_fastv_ratio_and_keep():
+    model, inputs = make()
+    with pytest.raises(ValueError, match="keep=1.0 keeps every vision token but ratio=0.5"):
+        prune.wrap(model, "fastv", keep=1.0, ratio=0.5)
+    with pytest.raises(ValueError, match="keep=1.0 keeps every vision token but schedule"):
+        prune.wrap(model, "pdrop", keep=1.0, schedule=[(2, 0.5)])
+    for bad, error in (({"ratio": 1.0}, ValueError), ({"ratio": -0.1}, ValueError), ({"ratio": "half"}, TypeError),
+                       ({"layer": 0}, ValueError), ({"layer": 2.5}, TypeError), ({"score_dtype": "fp8"}, ValueError),
+                       ({"ratio": 0.5, "schedule": [(2, 0.5)]}, ValueError)):
+        with pytest.raises(error, match=next(iter(bad)) if len(bad) == 1 else "not both"):
+            prune.wrap(model, "fastv", **bad)
+    with pytest.raises(ValueError, match="layers"):
+        prune.wrap(model, "pdrop", layers=(0, 4))
+    with pytest.raises(TypeError, match="use_attention"):
+        prune.wrap(model, "transprune", use_attention="yes")
+    # (K, R) directly: layer 3 sees 1 - R of the 64 vision tokens, whatever keep says
+    prune.wrap(model, "fastv", layer=3, ratio=0.75)
+    with torch.no_grad():
+        model(**inputs)
+    assert [first for first, _ in model.prune_state.last.layer_masks] == [0, 3]
+    assert model.prune_state.last.images[0].tokens_after == 16

@@ -52,6 +52,19 @@ def _tokens_seen(model, last, rec) -> int:
     return round(sum(int(last.seen_by(i)[0, rec.positions].sum()) for i in range(layers)) / layers)
 
 
+def llm_keep(method: str, keep: float | int, num_layers: int) -> float | int:
+    """``keep`` for encoder-side methods; for an in-LLM method whose floor on ``num_layers`` layers
+    (the share the layers before its first cut see) is ``keep`` or more, a keep it can honour: the
+    floor plus a fifth of what is left above it."""
+    from ..methods import get_method
+
+    cls = get_method(method)
+    if not getattr(cls, "in_llm", False) or not isinstance(keep, float) or keep >= 1.0:
+        return keep
+    floor = cls().min_keep(num_layers)
+    return keep if keep > floor + 1e-9 else round(floor + (1.0 - floor) / 5, 2)
+
+
 def _median_ms(fn, repeats: int = 3) -> float:
     times = []
     for _ in range(repeats):
@@ -90,9 +103,13 @@ def run_demo(
     rows, tiles = [], [("original", image)]
     skipped = []
     for method in ["none", *sorted(prune.available_methods())]:
+        label = method
         if method != "none":
+            method_keep = llm_keep(method, keep, model.config.text_config.num_hidden_layers)
+            if method_keep != keep:
+                label = f"{method}@{method_keep}"
             try:
-                prune.wrap(model, method, keep=keep)
+                prune.wrap(model, method, keep=method_keep)
             except (TypeError, ValueError) as err:  # e.g. a method for another model family
                 skipped.append(f"{method} ({err})")
                 continue
@@ -108,18 +125,19 @@ def run_demo(
         last = model.prune_state.last
         rec = last.images[0]
         after = _tokens_seen(model, last, rec)
-        rows.append((method, rec.tokens_before, after, prefill, total, answer))
-        tiles.append((f"{method}: {after}/{rec.tokens_before}", overlay_kept(image, rec.kept, (side, side))))
+        rows.append((label, rec.tokens_before, after, prefill, total, answer))
+        tiles.append((f"{label}: {after}/{rec.tokens_before}", overlay_kept(image, rec.kept, (side, side))))
         prune.unwrap(model)
 
     print(f"tiny random LLaVA (CLIP {SIZE}px/{PATCH}, {n} vision tokens), keep={keep}")
-    print(f"{'method':<11} {'tokens':>9} {'prefill ms':>11} {'generate ms':>12}  first tokens")
+    print(f"{'method':<15} {'tokens':>9} {'prefill ms':>11} {'generate ms':>12}  first tokens")
     for method, before, after, prefill, total, answer in rows:
-        print(f"{method:<11} {f'{after}/{before}':>9} {prefill:>11.1f} {total:>12.1f}  {answer[:6]}")
+        print(f"{method:<15} {f'{after}/{before}':>9} {prefill:>11.1f} {total:>12.1f}  {answer[:6]}")
     for note in skipped:
         print(f"skipped {note}")
     print("in-LLM methods (fastv, pdrop, transprune): tokens = average per decoder layer; the picture shows")
-    print("what their last layers see")
+    print("what their last layers see; method@k: run at keep=k, the keep given being at or below the share")
+    print("the layers before its first cut see alone (its floor on this 8-layer LM)")
     path = out_dir / "kept.png"
     labelled_grid(tiles, columns=3).save(path)
     print(f"kept patches: {path}")

@@ -34,8 +34,8 @@ class ImageLayout:
         that are never pruned (e.g. LLaVA-NeXT's image_newline).
     token_patch: (n,) long, the patch index inside its view (-1 where token_view is -1).
     signals: per view, SignalRequest.key -> (h*w,) fp32 score of each patch.
-    split: how the image's budget spreads over its views: "even" (HiPrune's LLaVA-NeXT reference) or
-        "proportional" to the views' token counts.
+    split: how the image's budget spreads over its views: "even" or "proportional" to the views'
+        token counts (a method's ``views`` option can replace both with its reference's budgeting).
     """
 
     grids: list[tuple[int, int]]
@@ -218,6 +218,8 @@ class Adapter:
             stats = attention_stats(
                 q.detach(), k.detach(), query_index=query_index, segments=segments, scale=kwargs.get("scaling")
             )  # (batch, N) fp32
+            if req.query == "sum":  # every row of this call was averaged: back to the sum over rows
+                stats = stats * q.shape[2]
             collected.setdefault(req.key, []).append(stats)
 
     def _on_multimodal_call(self, module, args, kwargs):
@@ -426,7 +428,8 @@ class Adapter:
             prunable = token_view >= 0
             caps = torch.bincount(token_view[prunable], minlength=len(lay.grids)).tolist()
             budget = config.budget(int(prunable.sum()))
-            shares = split_budget(budget, caps, proportional=lay.split == "proportional")
+            shares = self.method.view_budgets(budget, caps, [h * w for h, w in lay.grids], config.budget,
+                                              proportional=lay.split == "proportional")
             kept = ~prunable
             score = torch.full((n,), float("nan"))
             for v, (h, w) in enumerate(lay.grids):
@@ -467,6 +470,7 @@ class Adapter:
                     merged=embeds[sample, pos[kept].to(device)].detach() if self.method.needs_features else None,
                     token_view=token_view,
                     token_patch=token_patch,
+                    view_budgets=list(shares),
                 )
             )
         return embeds

@@ -8,11 +8,12 @@ cache length (``create_causal_mask(..., layer_idx=K)``), and positions that cont
 logical value ("original") or from the renumbered one ("compact", what the TransPrune reference does).
 
 Signals (all from the layers' own tensors, never ``output_attentions``, never an N x N matrix):
-- last-token attention of layer K-1 (FastV, PyramidDrop): the attention tap on that layer, one
-  query row per prompt;
+- last-token attention of layer K-1 (FastV): the attention tap on that layer, one query row per
+  prompt;
 - token transition variation (TransPrune): forward hooks on the sub-layers' inputs and outputs;
-- instruction-guided attention (TransPrune): layer K's attention called once in "stats only" mode on
-  the uncut sequence, so only its q and k are computed, for the instruction rows.
+- instruction-guided attention (TransPrune; PyramidDrop with the last instruction row only): layer
+  K's attention called once in "stats only" mode on the uncut sequence, so only its q and k are
+  computed, for the instruction rows.
 """
 
 from __future__ import annotations
@@ -262,7 +263,7 @@ class DecoderCut:
         keep = ~vision_cpu  # text and padding stay
         for b in range(hidden.shape[0]):
             candidates = torch.nonzero(vision_cpu[b], as_tuple=True)[0]
-            target = min(candidates.numel(), round(fraction * int(budget[b])))
+            target = min(candidates.numel(), self.method.kept_count(fraction, int(budget[b])))
             keep[b, candidates[stable_topk(score[b, candidates], target)]] = True
         keep = keep.to(hidden.device)
         packing = Packing.of(keep)
@@ -326,6 +327,8 @@ class DecoderCut:
             vis = torch.nonzero(vision[b], as_tuple=True)[0]
             after = torch.arange(hidden.shape[1], device=hidden.device) > (int(vis[-1]) if vis.numel() else -1)
             chosen = torch.nonzero(real & after, as_tuple=True)[0]
+            if self.method.instruction_query == "last":
+                chosen = chosen[-1:]  # PyramidDrop: the last instruction token's row only
             rows.append(chosen if chosen.numel() else torch.tensor([hidden.shape[1] - 1], device=hidden.device))
         causal = prev.causal if prev.layer else kwargs.get("attention_mask")
         embeddings = prev.embeddings if prev.layer else kwargs.get("position_embeddings")

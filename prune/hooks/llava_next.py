@@ -4,8 +4,9 @@
 Where each placeholder token comes from is read off the model's own ``pack_image_features`` run on
 (view, patch) indices instead of features, so unpadding follows the installed transformers exactly.
 Newline tokens are never pruned. The per-image budget is split evenly over the base image and the
-crops (as HiPrune's reference does); a crop cannot take more than its patches left after unpadding,
-and what it cannot take goes to the other views.
+crops; a crop cannot take more than its patches left after unpadding, and what it cannot take goes
+to the other views (the methods' ``views`` option gives the forks' ``int(T / views)`` or T per view;
+README: "LLaVA-NeXT: prune's layout and the forks'").
 """
 
 from __future__ import annotations

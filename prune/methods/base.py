@@ -28,6 +28,8 @@ class SignalRequest:
     """An attention statistic of one encoder layer.
 
     ``query="all"``: attention each key receives, mean over heads and all query rows.
+    ``query="sum"``: the same, summed (not averaged) over the query rows of each attention call
+    (HiPrune's Qwen reference works on that scale).
     ``query="cls"``: attention the [CLS] row pays each key, mean over heads.
     """
 
@@ -162,6 +164,53 @@ class Method:
 
     def select(self, view: View) -> Selection:
         raise NotImplementedError
+
+    def view_budgets(self, total: int, caps: list[int], patches: list[int], budget_of, proportional: bool = False
+                     ) -> list[int]:
+        """Tokens each view of one image keeps. ``total``: the image's budget; ``caps``: prunable
+        tokens of each view; ``patches``: each view's full grid size; ``budget_of(n)``: the budget
+        ``keep`` gives n tokens. Default: ``total`` split evenly (or proportionally), what a view
+        cannot take going to the others; the option ``views`` (hiprune, cls) picks the references'
+        LLaVA-NeXT budgeting instead."""
+        from ..hooks.base import split_budget
+
+        mode = self.options.get("views", "even")
+        if mode == "floor":  # HiPrune / FasterVLM forks: int(T / views) each, the remainder is lost
+            return [min(cap, total // len(caps)) for cap in caps]
+        if mode == "per_view":  # FasterVLM's fork: every view keeps T of its full grid
+            return [min(cap, budget_of(p)) for cap, p in zip(caps, patches)]
+        return split_budget(total, caps, proportional=proportional)
+
+
+SCORE_DTYPES = {None: None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_option(method: str, name: str, value: Any, *, kind: type | tuple[type, ...] | None = None,
+                 choices: tuple | None = None, low: float | None = None, high: float | None = None,
+                 optional: bool = False) -> Any:
+    """Validate one method option at wrap time; raises TypeError / ValueError naming it."""
+    if optional and value is None:
+        return value
+    if choices is not None:
+        if value not in choices:
+            raise ValueError(f"{method} option {name}={value!r} must be one of {list(choices)}")
+        return value
+    if kind is not None and (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))
+                             or not isinstance(value, kind)):
+        names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise TypeError(f"{method} option {name} must be {names}, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{method} option {name}={value!r} must be in [{low}, {high}]")
+    return value
+
+
+def cast_scores(scores: torch.Tensor, dtype: str | None) -> torch.Tensor:
+    """``scores`` rounded to ``dtype`` ("float16" / "bfloat16", as the references rank) and back to
+    fp32; None leaves them in fp32. Values that round to the same number tie, and ties go to the
+    lower index (the references' CUDA top-k breaks them its own way)."""
+    if dtype is None:
+        return scores.float()
+    return scores.to(SCORE_DTYPES[dtype]).float()
 
 
 def stable_topk(scores: torch.Tensor, k: int, allowed: torch.Tensor | None = None) -> torch.Tensor:

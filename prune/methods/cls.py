@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 from . import register
-from .base import EncoderInfo, Method, Selection, SignalRequest, View, layer_index, stable_topk
+from .base import (
+    SCORE_DTYPES,
+    EncoderInfo,
+    Method,
+    Selection,
+    SignalRequest,
+    View,
+    cast_scores,
+    check_option,
+    layer_index,
+    stable_topk,
+)
 
 
 @register("cls")
@@ -13,6 +24,11 @@ class ClsPrune(Method):
         "variant": "fastervlm",  # "fastervlm": one layer; "vtc": sum over layers [start, L-1)
         "layer": None,  # fastervlm layer (0-based); None = the layer LLaVA takes features from
         "start": None,  # vtc first layer; None = 2/3 of the depth (16 on the 24-layer CLIP-L)
+        # LLaVA-NeXT: "even" splits T over the views (what a view cannot take goes to the others);
+        # "floor": int(T / views) each (remainder lost); "per_view": every view keeps T of its grid
+        # (FasterVLM's fork), so an image of V views keeps up to V * T
+        "views": "even",
+        "score_dtype": None,  # None: rank fp32 scores; "float16": FasterVLM's fp16 attention (ties)
     }
     option_choices = {"variant": ("fastervlm", "vtc")}
     option_types = {"layer": int, "start": int}
@@ -22,6 +38,10 @@ class ClsPrune(Method):
         super().__init__(**options)
         if self.options["variant"] not in ("fastervlm", "vtc"):
             raise ValueError(f"cls variant must be 'fastervlm' or 'vtc', got {self.options['variant']!r}")
+        check_option("cls", "layer", self.options["layer"], kind=int, optional=True)
+        check_option("cls", "start", self.options["start"], kind=int, optional=True)
+        check_option("cls", "views", self.options["views"], choices=("even", "floor", "per_view"))
+        check_option("cls", "score_dtype", self.options["score_dtype"], choices=tuple(SCORE_DTYPES))
 
     def layers(self, encoder: EncoderInfo) -> list[int]:
         if self.options["variant"] == "fastervlm":
@@ -46,6 +66,6 @@ class ClsPrune(Method):
         return [SignalRequest(layer, "cls") for layer in self.layers(encoder)]
 
     def select(self, view: View) -> Selection:
-        score = sum(view.signals.values())
+        score = cast_scores(sum(view.signals.values()), self.options["score_dtype"])
         keep = stable_topk(score, view.budget, view.valid).sort().values
         return Selection(keep=keep, score=score)

@@ -6,7 +6,18 @@ from __future__ import annotations
 import torch
 
 from . import register
-from .base import EncoderInfo, Method, Selection, SignalRequest, View, layer_index, stable_topk
+from .base import (
+    SCORE_DTYPES,
+    EncoderInfo,
+    Method,
+    Selection,
+    SignalRequest,
+    View,
+    cast_scores,
+    check_option,
+    layer_index,
+    stable_topk,
+)
 
 
 @register("hiprune")
@@ -18,9 +29,29 @@ class HiPrune(Method):
         "object_ratio": 0.375,  # 9/24: the reference's OBJECT_LAYER=9 of CLIP-L; Qwen preset 0.5 (block 15 of 32)
         "deep_layer": None,  # 0-based; None = the layer the LLM takes features from
         "wrap_rows": True,  # reference: the +-1 buffer wraps to the neighbouring row; False stops at edges
+        # "exact": registers never repeat an anchor/buffer, the image keeps exactly T. "reference": the
+        # reference's subtraction of 1 from the deep attention of anchors/buffers (summed over queries
+        # on Qwen, so a strong one is picked again and the image keeps fewer than T)
+        "exclusion": "exact",
+        # LLaVA-NeXT: "even" splits T over the views (what a view cannot take goes to the others);
+        # "floor": int(T / views) each, the remainder lost (the reference's fork)
+        "views": "even",
+        "score_dtype": None,  # None: rank fp32 scores; "float16"/"bfloat16": round them first (ties)
     }
     option_ranges = {"alpha": (0.0, 5.0), "object_ratio": (0.0, 1.0)}
     option_types = {"object_layer": int, "deep_layer": int}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        o = self.options
+        check_option("hiprune", "alpha", o["alpha"], kind=(int, float), low=0.0, high=5.0)
+        check_option("hiprune", "object_layer", o["object_layer"], kind=int, optional=True)
+        check_option("hiprune", "object_ratio", o["object_ratio"], kind=(int, float), low=0.0, high=1.0)
+        check_option("hiprune", "deep_layer", o["deep_layer"], kind=int, optional=True)
+        check_option("hiprune", "wrap_rows", o["wrap_rows"], kind=bool)
+        check_option("hiprune", "exclusion", o["exclusion"], choices=("exact", "reference"))
+        check_option("hiprune", "views", o["views"], choices=("even", "floor"))
+        check_option("hiprune", "score_dtype", o["score_dtype"], choices=tuple(SCORE_DTYPES))
 
     def layers(self, encoder: EncoderInfo) -> tuple[int, int]:
         obj, deep = self.options["object_layer"], self.options["deep_layer"]
@@ -32,10 +63,13 @@ class HiPrune(Method):
 
     def signals(self, encoder: EncoderInfo) -> list[SignalRequest]:
         obj, deep = self.layers(encoder)
-        return [SignalRequest(obj), SignalRequest(deep)]
+        # The reference's Qwen path sums the deep attention over queries (mean 1.0 per token) and its
+        # LLaVA path averages it (CLS encoders): "reference" exclusion subtracts 1 on that scale.
+        deep_query = "sum" if self.options["exclusion"] == "reference" and not encoder.has_cls else "all"
+        return [SignalRequest(obj), SignalRequest(deep, deep_query)]
 
     def select(self, view: View) -> Selection:
-        shallow, deep = (view.signals[r.key] for r in self.requests)
+        shallow, deep = (cast_scores(view.signals[r.key], self.options["score_dtype"]) for r in self.requests)
         h, w = view.grid
         n = h * w
         budget = view.budget
@@ -57,7 +91,12 @@ class HiPrune(Method):
             )
             picked = torch.zeros_like(picked)
             picked[keep_first] = True
-        registers = stable_topk(deep, budget - int(picked.sum()), view.valid & ~picked)
+        wanted = budget - int(picked.sum())
+        if self.options["exclusion"] == "reference":
+            # deep - 1 on anchors/buffers, all valid tokens candidates: one picked again is lost
+            registers = stable_topk(deep - picked.float(), wanted, view.valid)
+        else:
+            registers = stable_topk(deep, wanted, view.valid & ~picked)
         picked[registers] = True
         keep = torch.nonzero(picked, as_tuple=True)[0]
         return Selection(keep=keep, score=deep)

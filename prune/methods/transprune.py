@@ -11,6 +11,7 @@ over the vision tokens of the sample. ``use_attention=False`` ranks by TTV alone
 from __future__ import annotations
 
 from . import register
+from .base import check_option
 from .llm import LLMMethod, scaled_layer, solve_scale
 
 REFERENCE = [(7, 0.875), (9, 0.625), (12, 0.125)]  # LLaVA-1.5-7B (32 layers)
@@ -25,8 +26,23 @@ class TransPrune(LLMMethod):
         # (0-based 6..11), scaled to the model's depth
         "accumulate": None,
         "schedule": None,
+        "score_dtype": None,  # None: rank fp32 scores; "float16"/"bfloat16": round them first (ties)
     }
     preset_positions = "compact"
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        check_option("transprune", "use_attention", self.options["use_attention"], kind=bool)
+        acc = self.options["accumulate"]
+        if acc is not None and not (
+            isinstance(acc, (list, tuple)) and len(acc) == 2 and all(isinstance(x, int) and x >= 0 for x in acc)
+            and acc[0] <= acc[1]
+        ):
+            raise ValueError(f"transprune option accumulate={acc!r} must be (first, last) 0-based layers, first <= last")
+        self.check_common()
+
+    def kept_count(self, fraction, n):
+        return int(n * fraction)  # the reference's int(n * ratio)
 
     def solve(self, num_layers, keep):
         """The reference schedule with its fractions scaled by one factor (1 at keep ~ 0.41, its average)."""
@@ -55,4 +71,4 @@ class TransPrune(LLMMethod):
         if self.instruction_attention():
             iga = signals[f"iga@{layer}"]
             score = score + iga / iga.sum(-1, keepdim=True).clamp_min(1e-8)
-        return score
+        return self.cast(score)
