@@ -385,6 +385,10 @@ def make_inputs(
         if spec and k in spec.inputs
     }
     ids = text_inputs(model, counts, prompt_tokens=prompt_tokens, seed=seed, **extra)
+    # what the model's forward takes by name (InternVL's processor also returns num_patches, which
+    # the model reads off the prompt instead and generate refuses)
+    params = inspect.signature(model.forward).parameters
+    pixels = {k: v for k, v in pixels.items() if k in params}
     return {**{k: v.to(device) for k, v in ids.items()}, **pixels}
 
 
