@@ -256,6 +256,11 @@ def qwen_prompts(
                 typ += [0] + [1 if kind == "image" else 2] * n + [0]
         rows.append(row)
         types.append(typ)
+    return _left_padded(rows, types)
+
+
+def _left_padded(rows: list[list[int]], types: list[list[int]]) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask and mm_token_type_ids (B, L) of token rows, padded on the left."""
     length = max(len(r) for r in rows)
     out = {
         "input_ids": torch.full((len(rows), length), PAD_TOKEN, dtype=torch.long),
@@ -672,17 +677,7 @@ def qwen3_prompts(
                 typ += [0] * QWEN3_TIMESTAMP + [0] + [2] * n + [0]
         rows.append(row)
         types.append(typ)
-    length = max(len(r) for r in rows)
-    out = {
-        "input_ids": torch.full((len(rows), length), PAD_TOKEN, dtype=torch.long),
-        "attention_mask": torch.zeros(len(rows), length, dtype=torch.long),
-        "mm_token_type_ids": torch.zeros(len(rows), length, dtype=torch.long),
-    }
-    for b, (row, typ) in enumerate(zip(rows, types)):
-        out["input_ids"][b, length - len(row) :] = torch.tensor(row)
-        out["attention_mask"][b, length - len(row) :] = 1
-        out["mm_token_type_ids"][b, length - len(row) :] = torch.tensor(typ)
-    return out
+    return _left_padded(rows, types)
 
 
 # ---- Gemma 3 -----------------------------------------------------------------------------------
