@@ -272,13 +272,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens,
         warmup=args.warmup,
-        repeats=args.repeats,
+        rounds=args.rounds,
         dtype=dtype,
         attn=args.attn,
         device=device,
         seed=args.seed,
+        compile=args.compile,
     )
-    result = bench.run_bench(spec, args.methods, args.keep, settings, progress=not args.no_progress)
+    options = _eval_options(args.option, args.methods)
+    result = bench.run_bench(spec, args.methods, args.keep, settings, options=options, progress=not args.no_progress)
     paths = bench.write_outputs(result, args.out)
     print(bench.markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -462,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="speed, memory, KV cache and FLOPs per method x keep (JSON + markdown + PNG)",
         description="Measure vision-encoder ms, prefill ms, time to first token, decode tokens/s, peak memory, "
         "KV-cache size, FLOPs and the 'ideal' prefill (the same model on an input with just the kept number of "
-        "tokens) for the unpruned model and every method x keep. Medians after warm-up; CUDA events on a GPU.",
+        "tokens) for the unpruned model and every method x keep. Round-robin: every row once per round (min, median, "
+        "spread over --rounds rounds after --warmup rounds); CUDA events on a GPU.",
     )
     p.add_argument("--model", required=True, help=models_help)
     p.add_argument("--methods", type=_name_list, default=None, help="comma-separated methods (default: all)")
@@ -491,13 +494,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens generated for decode timing (default: %(default)s)",
     )
     p.add_argument(
-        "--warmup", type=_non_negative, default=2, help="warm-up runs per measurement (default: %(default)s)"
+        "--warmup", type=_non_negative, default=2, help="warm-up rounds, not recorded (default: %(default)s)"
     )
     p.add_argument(
-        "--repeats",
+        "--rounds",
         type=_positive,
-        default=5,
-        help="timed runs per measurement, median kept (default: %(default)s)",
+        default=10,
+        help="timed rounds; every row is measured once per round (default: %(default)s)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="each row on its own copy of the model, the language model under torch.compile(mode='reduce-overhead') "
+        "with a static cache (CUDA only)",
+    )
+    p.add_argument(
+        "--option",
+        action="append",
+        metavar="[METHOD.]NAME=VALUE",
+        help="a method option (repeatable): fastv.layer=1 for one method, seed=3 for every method that has it",
     )
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument(

@@ -34,7 +34,7 @@ def test_help_everywhere(capsys):
         (["bench", "--model", "tiny-llava", "--keep", "1.5"], "keep '1.5'"),
         (["bench", "--model", "tiny-llava", "--keep", "half"], "must be numbers"),
         (["bench", "--model", "tiny-llava", "--image-size", "0x3"], "image size"),
-        (["bench", "--model", "tiny-llava", "--repeats", "0"], "positive integer"),
+        (["bench", "--model", "tiny-llava", "--rounds", "0"], "positive integer"),
         (["show", "missing.png", "--model", "tiny-llava"], "missing.png is not a file"),
         (
             ["show", "{image}", "--model", "tiny-llava", "--method", "hiprune", "--option", "alpah=0.2"],
@@ -103,7 +103,7 @@ def _eval_result(path, method, keep, value, after):
 def test_report_merges_bench_and_eval(tmp_path, capsys):
     bench_dir = tmp_path / "bench"
     assert main(["bench", "--model", "tiny-llava", "--methods", "random", "--keep", "0.5", "--device", "cpu",
-                 "--warmup", "0", "--repeats", "1", "--new-tokens", "2", "--prompt-tokens", "8",
+                 "--warmup", "0", "--rounds", "2", "--new-tokens", "2", "--prompt-tokens", "8",
                  "--out", str(bench_dir), "--no-progress"]) == 0  # fmt: skip
     _eval_result(tmp_path / "eval_a", "none", 1.0, 0.75, 64.0)
     _eval_result(tmp_path / "eval_b", "random", 0.25, 0.5, 16.0)

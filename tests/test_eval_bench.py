@@ -12,8 +12,10 @@ from prune.evaluation import bench
 TOP_KEYS = {"schema", "created", "model", "environment", "settings", "rows"}
 ROW_KEYS = [
     "method", "keep", "status", "vision_tokens_before", "vision_tokens_after", "keep_ratio", "seq_len",
-    "kv_tokens", "vision_ms", "prefill_ms", "ttft_ms", "decode_tok_s", "peak_mem_mb", "kv_cache_mb",
-    "vision_gflops", "prefill_gflops", "ideal_prefill_ms", "ideal_decode_tok_s", "overhead_ms", "prefill_speedup",
+    "kv_tokens", "vision_ms", "prefill_ms", "prefill_median_ms", "prefill_spread", "host_ms", "ttft_ms",
+    "ttft_median_ms", "decode_tok_s", "decode_median_tok_s", "peak_mem_mb", "kv_cache_mb", "vision_gflops",
+    "prefill_gflops", "ideal", "ideal_prefill_ms", "ideal_decode_tok_s", "overhead_ms", "prefill_speedup",
+    "ideal_speedup", "ratio_to_ideal",
 ]  # fmt: skip
 CPU_NONE = {"peak_mem_mb"}  # CUDA only
 
@@ -24,7 +26,7 @@ def bench_dir(tmp_path_factory):
     code = main(
         [
             "bench", "--model", "tiny-llava", "--methods", "random,hiprune", "--keep", "1,0.25",
-            "--device", "cpu", "--warmup", "0", "--repeats", "1", "--new-tokens", "3",
+            "--device", "cpu", "--warmup", "0", "--rounds", "2", "--new-tokens", "3",
             "--prompt-tokens", "16", "--out", str(out), "--no-progress",
         ]
     )  # fmt: skip
@@ -40,7 +42,7 @@ def _result(bench_dir):
 def test_bench_json_schema_is_stable(bench_dir):
     result = _result(bench_dir)
     assert set(result) == TOP_KEYS
-    assert result["schema"] == "prune.bench/1" == bench.SCHEMA
+    assert result["schema"] == "prune.bench/2" == bench.SCHEMA
     assert list(bench.ROW_FIELDS) == ROW_KEYS
     assert [list(r) for r in result["rows"]] == [ROW_KEYS] * len(result["rows"])
     assert [(r["method"], r["keep"]) for r in result["rows"]] == [
@@ -87,7 +89,7 @@ def test_unsupported_method_keeps_its_row_with_the_reason(tmp_path):
     code = main(
         [
             "bench", "--model", "tiny-qwen2.5-vl", "--methods", "cls", "--keep", "0.5", "--device", "cpu",
-            "--warmup", "0", "--repeats", "1", "--new-tokens", "2", "--prompt-tokens", "8", "--out", str(tmp_path),
+            "--warmup", "0", "--rounds", "2", "--new-tokens", "2", "--prompt-tokens", "8", "--out", str(tmp_path),
             "--no-progress",
         ]
     )  # fmt: skip
@@ -131,3 +133,84 @@ def test_decode_rate_comes_from_step_timestamps():
     assert steps.rate(batch=4) == pytest.approx(4 * 3 / 1.5)
     steps.times = [0.0, 1.0]
     assert steps.rate(batch=1) is None
+
+
+class _FakeConfig:
+    def __init__(self, name, log, oom_at=None):
+        self.name, self.log, self.oom_at = name, log, oom_at
+        self.samples = bench._Samples()
+        self.row = {"status": "ok"}
+        self.calls = 0
+        self.entered = 0
+
+    def enter(self):
+        self.entered += 1
+
+    def exit(self):
+        self.entered -= 1
+
+    def measure(self, samples):
+        self.calls += 1
+        if self.calls == self.oom_at:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")
+        self.log.append(self.name)
+        samples.add("prefill_ms", float(self.calls))
+
+
+def test_round_robin_measures_every_configuration_once_per_round_in_rotating_order():
+    log = []
+    configs = [_FakeConfig(n, log) for n in "abc"]
+    settings = bench.BenchSettings(warmup=2, rounds=3, device="cpu")
+    bench._round_robin(configs, settings, progress=False, log=print)
+    rounds = [log[i : i + 3] for i in range(0, len(log), 3)]
+    assert len(rounds) == 5 and all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    assert [r[0] for r in rounds] == ["a", "b", "c", "a", "b"]  # the first in line rotates
+    for cfg in configs:  # warm-up rounds are not recorded; every round is unwrapped again
+        assert cfg.samples.values["prefill_ms"] == [3.0, 4.0, 5.0] and cfg.entered == 0
+        assert cfg.samples.low("prefill_ms") == 3.0 and cfg.samples.median("prefill_ms") == 4.0
+        assert cfg.samples.spread("prefill_ms") == pytest.approx(2 / 3)
+
+
+def test_round_robin_drops_a_configuration_that_runs_out_of_memory():
+    log = []
+    configs = [_FakeConfig("a", log), _FakeConfig("b", log, oom_at=2)]
+    bench._round_robin(configs, bench.BenchSettings(warmup=0, rounds=3, device="cpu"), progress=False, log=print)
+    assert configs[1].row["status"] == "OOM" and configs[1].samples.values["prefill_ms"] == [1.0]
+    assert configs[0].samples.values["prefill_ms"] == [1.0, 2.0, 3.0]
+
+
+def test_ratio_to_ideal_is_achieved_over_ideal_speedup():
+    base = {"status": "ok", "prefill_ms": 100.0, "ideal_prefill_ms": 100.0}
+    row = dict.fromkeys(bench.ROW_FIELDS) | {"status": "ok", "prefill_ms": 50.0, "ideal_prefill_ms": 40.0}
+    bench._ratios(row, base)
+    assert row["prefill_speedup"] == 2.0 and row["ideal_speedup"] == 2.5
+    assert row["ratio_to_ideal"] == pytest.approx(0.8) == row["prefill_speedup"] / row["ideal_speedup"]
+    assert row["overhead_ms"] == 10.0
+
+
+def test_in_llm_rows_get_the_flops_weighted_ideal(tmp_path):
+    code = main(
+        [
+            "bench", "--model", "tiny-llava", "--methods", "fastv,random", "--keep", "0.75", "--option", "fastv.layer=1", "--device", "cpu",
+            "--warmup", "0", "--rounds", "2", "--new-tokens", "2", "--prompt-tokens", "8", "--out", str(tmp_path),
+            "--no-progress",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    (path,) = tmp_path.glob("*.json")
+    rows = {r["method"]: r for r in json.loads(path.read_text())["rows"]}
+    none, fastv, rand = rows["none"], rows["fastv"], rows["random"]
+    assert none["ideal"] == rand["ideal"] == "kept-length" and fastv["ideal"] == "flops-weighted"
+    lm = lambda r: r["prefill_gflops"] - r["vision_gflops"]  # noqa: E731
+    # the full-length language model (the none row's ideal minus the encoder) scaled by fastv's FLOPs
+    full_lm = none["ideal_prefill_ms"] - none["vision_ms"]
+    assert fastv["ideal_prefill_ms"] == pytest.approx(none["vision_ms"] + full_lm * lm(fastv) / lm(none), rel=1e-3)
+    assert lm(fastv) < lm(none)
+    assert rand["kv_tokens"] < none["kv_tokens"] and rand["ideal_prefill_ms"] is not None
+    for r in rows.values():
+        assert r["ratio_to_ideal"] == pytest.approx(r["ideal_prefill_ms"] / r["prefill_ms"], rel=1e-3)
+        assert r["host_ms"] > 0 and r["prefill_median_ms"] >= r["prefill_ms"]
+
+
+def test_compile_needs_cuda():
+    assert main(["bench", "--model", "tiny-llava", "--device", "cpu", "--compile", "--no-progress"]) == 2

@@ -1,37 +1,55 @@
-"""`prune bench`: what pruning saves at real scale, per method x keep.
+"""`prune bench`: what pruning saves at real scale, per method x keep, measured round-robin.
 
 For one model (a shipped shape with random weights built on the device, or a local pretrained
-folder) and one batch of prompts with an image each, every row measures:
+folder) and one batch of prompts with an image each, every configuration (the unpruned model, each
+method x keep, and the "ideal" inputs below) is measured **once per round**, for ``rounds`` rounds
+after ``warmup`` rounds, the order rotating by one each round. A shared machine drifts by tens of
+percent over minutes; measured this way the drift lands on every row alike instead of on whichever
+row ran during it. Per row:
 
 - ``vision_ms``: the image encoder and projector (``get_image_features``), with the method's signal
   collection when the model is wrapped;
 - ``prefill_ms``: one forward over the prompt (vision encoder + pruning + language-model prefill);
+  ``prefill_median_ms`` and ``prefill_spread`` ((max - min) / min over the rounds) beside it;
+- ``host_ms``: the host's time from the prefill call to its return, before synchronising: when it
+  is close to ``prefill_ms`` the row is launch-bound (the GPU waits for Python);
 - ``ttft_ms``: ``generate`` with one new token (prefill, first token, generate's own overhead);
 - ``decode_tok_s``: tokens per second of the batch over the decoding steps (the ``new_tokens`` - 1
-  steps after the first new token, timestamped inside one generate call);
+  steps after the first new token, timestamped inside one generate call); best and median;
 - ``peak_mem_mb``: the allocator's peak during the decode-timing generate calls (CUDA only);
 - ``kv_cache_mb`` / ``kv_tokens``: the cache the prefill leaves (bytes of all layers' keys and values);
 - ``vision_gflops`` / ``prefill_gflops``: FLOPs counted by ``torch.utils.flop_counter`` (matmuls and
   attention of the model; prune's own statistics kernels are not counted);
-- ``ideal_prefill_ms`` / ``ideal_decode_tok_s``: the unwrapped model on an input that simply has the
-  kept number of tokens (its vision encoder, plus the language model on ``kv_tokens`` rows), so
-  ``overhead_ms = prefill_ms - ideal_prefill_ms`` is what the pruning machinery costs.
+- ``ideal_prefill_ms``: what the prefill would cost if pruning were free. ``ideal = "kept-length"``
+  (vision-side methods): the unwrapped vision encoder's time plus the unwrapped language model's
+  prefill on ``inputs_embeds`` of exactly ``kv_tokens`` rows, both measured round-robin with the
+  rest. ``ideal = "flops-weighted"`` (in-LLM methods, whose layers see different token counts): the
+  unwrapped encoder's time plus the full-length language-model prefill scaled by the row's
+  language-model FLOPs over the unpruned model's (``prefill_gflops - vision_gflops``);
+- ``prefill_speedup`` (over the unpruned row), ``ideal_speedup``, and ``ratio_to_ideal`` =
+  achieved / ideal speedup = ``ideal_prefill_ms / prefill_ms``: 1.0 means the pruning machinery is
+  free; ``overhead_ms = prefill_ms - ideal_prefill_ms``.
 
-Times are medians over ``repeats`` runs after ``warmup`` runs, CUDA events on a GPU
-(``time.perf_counter`` on CPU). Rows of a method the model's family does not support, or that run
-out of memory, keep their place with a ``status`` saying why.
+Times are the minimum over rounds (the best estimate of what the code costs), CUDA events on a GPU
+(``time.perf_counter`` on CPU). With ``compile``, every configuration gets its own copy of the
+model whose language model runs under ``torch.compile(mode="reduce-overhead")`` with a static KV
+cache (CUDA graphs; the pruned length is fixed per batch), pruned and unpruned alike. Rows of a
+method the model's family does not support, or that run out of memory, keep their place with a
+``status`` saying why.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import math
 import platform
 import re
 import statistics
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +60,11 @@ import prune
 
 from .._compat import cache_length as _cache_length
 from .._compat import find_cache
+from ..methods import get_method
 from . import models as M
 from ._format import fmt as _fmt
 
-SCHEMA = "prune.bench/1"
+SCHEMA = "prune.bench/2"
 ROW_FIELDS = (
     "method",
     "keep",
@@ -57,16 +76,24 @@ ROW_FIELDS = (
     "kv_tokens",
     "vision_ms",
     "prefill_ms",
+    "prefill_median_ms",
+    "prefill_spread",
+    "host_ms",
     "ttft_ms",
+    "ttft_median_ms",
     "decode_tok_s",
+    "decode_median_tok_s",
     "peak_mem_mb",
     "kv_cache_mb",
     "vision_gflops",
     "prefill_gflops",
+    "ideal",
     "ideal_prefill_ms",
     "ideal_decode_tok_s",
     "overhead_ms",
     "prefill_speedup",
+    "ideal_speedup",
+    "ratio_to_ideal",
 )
 
 
@@ -76,45 +103,38 @@ class BenchSettings:
     image_size: tuple[int, int] | None = None  # (height, width); None: the shape's default
     prompt_tokens: int = 64
     new_tokens: int = 32
-    warmup: int = 2
-    repeats: int = 5
+    warmup: int = 2  # rounds before the timed ones
+    rounds: int = 10
     dtype: str = "bfloat16"
     attn: str = "sdpa"
     device: str = "cuda"
     seed: int = 0
+    compile: bool = False
 
 
 class _Clock:
-    """Median milliseconds of a callable: CUDA events on a GPU, perf_counter elsewhere."""
+    """One timed call: (GPU ms by CUDA events or host ms on CPU, host ms to return, result)."""
 
-    def __init__(self, device: torch.device, warmup: int, repeats: int) -> None:
+    def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
-        self.warmup, self.repeats = warmup, repeats
 
     def sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize()
 
-    def __call__(self, fn: Callable[[], Any]) -> tuple[float, Any]:
-        out = None
-        for _ in range(self.warmup):
-            out = fn()
-        times = []
-        for _ in range(self.repeats):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                out = fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                import time
-
-                t0 = time.perf_counter()
-                out = fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times), out
+    def __call__(self, fn: Callable[[], Any]) -> tuple[float, float, Any]:
+        self.sync()
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        out = fn()
+        host = (time.perf_counter() - t0) * 1e3
+        if not self.cuda:
+            return host, host, out
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end), host, out
 
 
 class _Steps:
@@ -126,8 +146,6 @@ class _Steps:
         self.times: list[float] = []
 
     def put(self, value) -> None:  # first call: the prompt; then one call per new token
-        import time
-
         if self.cuda:
             torch.cuda.synchronize()
         self.times.append(time.perf_counter())
@@ -236,89 +254,192 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-") or "device"
 
 
-class _Runner:
+def _language_model(model: nn.Module) -> nn.Module:
+    from ..hooks import adapter_for
+
+    return adapter_for(model).language_model()
+
+
+def _compile_language_model(model: nn.Module) -> None:
+    """The language model's forward under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs),
+    set on the instance (``del lm.forward`` undoes it); prune's hooks stay outside the graph."""
+    lm = _language_model(model)
+    lm.forward = torch.compile(lm.forward, mode="reduce-overhead", dynamic=False)
+
+
+@dataclass
+class _Samples:
+    """The timed rounds of one configuration."""
+
+    values: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, key: str, value: float | None) -> None:
+        if value is not None:
+            self.values.setdefault(key, []).append(value)
+
+    def low(self, key: str) -> float | None:
+        return min(self.values[key]) if self.values.get(key) else None
+
+    def high(self, key: str) -> float | None:
+        return max(self.values[key]) if self.values.get(key) else None
+
+    def median(self, key: str) -> float | None:
+        return statistics.median(self.values[key]) if self.values.get(key) else None
+
+    def spread(self, key: str) -> float | None:
+        low = self.low(key)
+        return (self.high(key) - low) / low if low else None
+
+
+class _Measure:
+    """What every configuration shares: the inputs, the clock and the generate arguments."""
+
+    def __init__(self, inputs: dict[str, torch.Tensor], settings: BenchSettings, device, log) -> None:
+        self.inputs, self.s, self.device, self.log = inputs, settings, device, log
+        self.clock = _Clock(device)
+        self.cache_kwargs = _CacheMaker(settings, inputs).kwargs
+
+    def generate_kwargs(self, model: nn.Module) -> dict[str, Any]:
+        kwargs = {"do_sample": False, "pad_token_id": model.generation_config.pad_token_id}
+        if self.s.compile:  # the language model is compiled already; generate must not compile the whole
+            kwargs.update(cache_implementation="static", disable_compile=True)
+        return kwargs
+
+    def generate(self, model: nn.Module, n: int, **inputs):
+        _reset_rope_deltas(model)
+        return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **self.generate_kwargs(model))
+
+    def decode_rate(self, model: nn.Module, samples: _Samples, **inputs) -> None:
+        steps = _Steps(self.device.type == "cuda")
+        self.generate(model, self.s.new_tokens, streamer=steps, **inputs)
+        samples.add("decode_tok_s", steps.rate(inputs["attention_mask"].shape[0]))
+
+
+class _Config:
+    """The unpruned model or one method x keep: wrapped for its round, unwrapped after (or, compiled,
+    its own wrapped copy of the model)."""
+
     def __init__(
-        self, model: nn.Module, inputs: dict[str, torch.Tensor], settings: BenchSettings, device, log=print
-    ):
-        self.model, self.inputs, self.s = model, inputs, settings
-        self.log = log
-        self.device = device
-        self.clock = _Clock(device, settings.warmup, settings.repeats)
-        self.pixels = _pixel_kwargs(model, inputs)
-        self.gen = {"do_sample": False, "pad_token_id": model.generation_config.pad_token_id}
+        self, method: str, keep: float | int, model: nn.Module, shared: _Measure, options: dict | None = None
+    ) -> None:
+        self.method, self.keep, self.model, self.m = method, keep, model, shared
+        self.options = dict(options or {})
+        self.row = _empty_row(method, keep)
+        self.samples = _Samples()
+        self.own_copy = False
+        self.pixels = _pixel_kwargs(model, shared.inputs)
 
-    def _generate(self, n: int, **inputs):
-        return self.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **self.gen)
+    @property
+    def in_llm(self) -> bool:
+        return self.method != "none" and bool(getattr(get_method(self.method), "in_llm", False))
 
-    def _decode_rate(self, **inputs) -> float | None:
-        """Median decode rate (tokens/s of the batch) over timed generate calls of ``new_tokens``."""
-        rates: list[float | None] = []
+    def enter(self) -> None:
+        if self.method != "none" and getattr(self.model, "prune_state", None) is None:
+            prune.wrap(self.model, self.method, keep=self.keep, **self.options)
 
-        def run():
-            steps = _Steps(self.device.type == "cuda")
-            self._generate(self.s.new_tokens, streamer=steps, **inputs)
-            rates.append(steps.rate(inputs["attention_mask"].shape[0]))
+    def exit(self) -> None:
+        if not self.own_copy and getattr(self.model, "prune_state", None) is not None:
+            prune.unwrap(self.model)
 
-        self.clock(run)
-        timed = [r for r in rates[-self.s.repeats :] if r is not None]
-        return statistics.median(timed) if timed else None
+    def own(self, model: nn.Module) -> None:
+        """Measure on ``model`` (a copy made for this configuration), wrapped once and kept so."""
+        self.model, self.own_copy = model, True
+        self.enter()
 
-    @torch.no_grad()
-    def measure(self) -> dict[str, Any]:
-        model, clock = self.model, self.clock
+    def prefill(self):
+        _reset_rope_deltas(self.model)
+        return self.model(**self.m.inputs, use_cache=True, logits_to_keep=1, **self.m.cache_kwargs(self.model))
+
+    def probe(self) -> None:
+        """One untimed call: the cache, the kept tokens and the FLOPs (sizes, not times)."""
+        model, m = self.model, self.m
         fm = _feature_module(model)
-        row: dict[str, Any] = {}
-        row["vision_ms"], _ = clock(lambda: fm.get_image_features(**self.pixels))
-        row["prefill_ms"], out = clock(lambda: model(**self.inputs, use_cache=True, logits_to_keep=1))
+        out = self.prefill()
         cache = find_cache(out)
-        row["kv_tokens"] = cache_length(cache)
-        row["kv_cache_mb"] = cache_bytes(cache) / 2**20
+        self.row["kv_tokens"] = cache_length(cache)
+        self.row["kv_cache_mb"] = cache_bytes(cache) / 2**20
         del out, cache
         state = getattr(model, "prune_state", None)
         if state is not None and state.last is not None:
-            batch = self.inputs["input_ids"].shape[0]
-            row["vision_tokens_before"] = state.last.vision_tokens_before / batch
-            row["vision_tokens_after"] = state.last.vision_tokens_after / batch
-        row["ttft_ms"], _ = clock(lambda: self._generate(1, **self.inputs))
-        if self.device.type == "cuda":
+            batch = m.inputs["input_ids"].shape[0]
+            self.row["vision_tokens_before"] = state.last.vision_tokens_before / batch
+            self.row["vision_tokens_after"] = state.last.vision_tokens_after / batch
+        if not m.s.compile:  # a FLOP counter around CUDA graphs counts nothing
+            self.row["vision_gflops"] = _gflops(lambda: fm.get_image_features(**self.pixels), m.log)
+            self.row["prefill_gflops"] = _gflops(self.prefill, m.log)
+
+    def measure(self, samples: _Samples) -> None:
+        m, fm = self.m, _feature_module(self.model)
+        ms, _, _ = m.clock(lambda: fm.get_image_features(**self.pixels))
+        samples.add("vision_ms", ms)
+        ms, host, out = m.clock(self.prefill)
+        samples.add("prefill_ms", ms)
+        samples.add("host_ms", host)
+        del out
+        ms, _, _ = m.clock(lambda: m.generate(self.model, 1, **m.inputs))
+        samples.add("ttft_ms", ms)
+        if m.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        row["decode_tok_s"] = self._decode_rate(**self.inputs)
-        if self.device.type == "cuda":
-            row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        row["vision_gflops"] = _gflops(lambda: fm.get_image_features(**self.pixels), self.log)
-        row["prefill_gflops"] = _gflops(
-            lambda: model(**self.inputs, use_cache=True, logits_to_keep=1), self.log
-        )
-        return row
-
-    @torch.no_grad()
-    def ideal(self, length: int) -> dict[str, float]:
-        """The unwrapped language model on ``length`` rows of embeddings (no images)."""
-        model, clock = self.model, self.clock
-        batch = self.inputs["input_ids"].shape[0]
-        dim = model.get_input_embeddings().weight.shape[1]
-        dtype = model.get_input_embeddings().weight.dtype
-        gen = torch.Generator(device=self.device).manual_seed(self.s.seed)
-        embeds = torch.randn(batch, length, dim, generator=gen, device=self.device, dtype=dtype) * 0.02
-        mask = torch.ones(batch, length, dtype=torch.long, device=self.device)
-
-        def prefill():
-            _reset_rope_deltas(model)
-            return model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
-
-        lm_ms, _ = clock(prefill)
-        _reset_rope_deltas(model)
-        return {
-            "lm_prefill_ms": lm_ms,
-            "decode_tok_s": self._decode_rate(inputs_embeds=embeds, attention_mask=mask),
-        }
+        m.decode_rate(self.model, samples, **m.inputs)
+        if m.device.type == "cuda":
+            samples.add("peak_mem_mb", torch.cuda.max_memory_allocated() / 2**20)
 
 
-def _empty_row(method: str, keep: float | int) -> dict[str, Any]:
-    row = dict.fromkeys(ROW_FIELDS)
-    row.update(method=method, keep=keep, status="ok")
-    return row
+class _Ideal:
+    """The unwrapped language model on ``length`` rows of embeddings (no images)."""
+
+    def __init__(self, length: int, model: nn.Module, shared: _Measure) -> None:
+        self.length, self.model, self.m = length, model, shared
+        self.samples = _Samples()
+        batch = shared.inputs["input_ids"].shape[0]
+        weight = model.get_input_embeddings().weight
+        gen = torch.Generator(device=shared.device).manual_seed(shared.s.seed)
+        self.embeds = torch.randn(batch, length, weight.shape[1], generator=gen, device=shared.device,
+                                  dtype=weight.dtype) * 0.02
+        self.mask = torch.ones(batch, length, dtype=torch.long, device=shared.device)
+
+    def enter(self) -> None:
+        pass
+
+    exit = enter
+
+    def prefill(self):
+        _reset_rope_deltas(self.model)
+        return self.model(inputs_embeds=self.embeds, attention_mask=self.mask, use_cache=True, logits_to_keep=1,
+                          **self.m.cache_kwargs(self.model))
+
+    def measure(self, samples: _Samples) -> None:
+        ms, host, _ = self.m.clock(self.prefill)
+        samples.add("prefill_ms", ms)
+        samples.add("host_ms", host)
+        self.m.decode_rate(self.model, samples, inputs_embeds=self.embeds, attention_mask=self.mask)
+
+
+def _round_robin(configs: list, settings: BenchSettings, progress: bool, log) -> None:
+    """Every configuration once per round, the order rotated by one each round; the first ``warmup``
+    rounds are not recorded. A configuration that runs out of memory is dropped with status OOM."""
+    from tqdm.auto import tqdm
+
+    total = settings.warmup + settings.rounds
+    active = list(configs)
+    for r in tqdm(range(total), desc="rounds", unit="round", disable=not progress):
+        shift = r % max(1, len(active))
+        for cfg in active[shift:] + active[:shift]:
+            samples = cfg.samples if r >= settings.warmup else _Samples()
+            try:
+                cfg.enter()
+                with torch.no_grad():
+                    cfg.measure(samples)
+            except RuntimeError as exc:
+                if not _is_oom(exc):
+                    raise
+                getattr(cfg, "row", {})["status"] = "OOM"
+                active.remove(cfg)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            finally:
+                cfg.exit()
 
 
 def run_bench(
@@ -327,18 +448,18 @@ def run_bench(
     keeps: Sequence[float | int],
     settings: BenchSettings,
     *,
+    options: dict[str, dict[str, Any]] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Build the model, measure the unpruned model and every method x keep; returns the JSON dict."""
-    from tqdm.auto import tqdm
-
+    """Build the model, measure the unpruned model and every method x keep round-robin; returns the
+    JSON dict. ``options``: method name -> options passed to ``prune.wrap``."""
     device = torch.device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise M.ModelSpecError("--device cuda but torch sees no CUDA device (use --device cpu)")
+    if settings.compile and device.type != "cuda":
+        raise M.ModelSpecError("--compile times CUDA graphs: it needs --device cuda")
     dtype = M.DTYPES[settings.dtype]
-    import time
-
     t0 = time.perf_counter()
     model = M.build_model(
         spec, device=device, dtype=dtype, attn_implementation=settings.attn, seed=settings.seed
@@ -365,62 +486,31 @@ def run_bench(
     log(
         f"{spec.name}: {type(model).__name__}, {_params(M.parameter_count(model) / 1e9)} parameters "
         f"({'pretrained' if spec.pretrained else 'random weights'}), built on {device} in {build_s:.1f} s; "
-        f"batch {settings.batch}, image {height}x{width}, prompt {inputs['input_ids'].shape[1]} tokens"
+        f"batch {settings.batch}, image {height}x{width}, prompt {inputs['input_ids'].shape[1]} tokens; "
+        f"{settings.rounds} rounds after {settings.warmup} warm-up rounds"
+        + (", language model compiled (reduce-overhead, static cache)" if settings.compile else "")
     )
-    runner = _Runner(model, inputs, settings, device, log)
-    with torch.no_grad():  # untimed: kernels selected, allocator and clocks warm before the first row
-        for _ in range(max(1, settings.warmup)):
-            model(**inputs, use_cache=True, logits_to_keep=1)
-            runner._generate(min(4, settings.new_tokens), **inputs)
-    runner.clock.sync()
-    plan = [("none", 1.0)] + [(m, k) for m in methods for k in keeps]
-    rows: list[dict[str, Any]] = []
-    bar = tqdm(plan, desc="bench", unit="row", disable=not progress)
-    for method, keep in bar:
-        bar.set_postfix_str(f"{method} keep={keep}")
-        row = _empty_row(method, keep)
-        try:
-            if method != "none":
-                prune.wrap(model, method, keep=keep)
-            row.update(runner.measure())
-        except (TypeError, ValueError) as exc:  # method or family not supported: keep the row, say why
-            row["status"] = f"unsupported: {exc}"
-        except RuntimeError as exc:
-            if not _is_oom(exc):
-                raise
-            row["status"] = "OOM"
-        finally:
-            if getattr(model, "prune_state", None) is not None:
-                prune.unwrap(model)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        rows.append(row)
-    base = rows[0]
+    shared = _Measure(inputs, settings, device, log)
+    options = options or {}
+    configs = [_Config("none", 1.0, model, shared)] + [
+        _Config(m, k, model, shared, options.get(m, {})) for m in methods for k in keeps
+    ]
+    probe_configs(configs, model, settings, log)
+    live = [c for c in configs if c.row["status"] == "ok"]
+    base = configs[0]
     seq_len = int(inputs["input_ids"].shape[1])
-    n_vision = int(sum(M.feature_counts(model, runner.pixels)) / settings.batch)
-    if base["status"] == "ok":
-        base["vision_tokens_before"] = base["vision_tokens_after"] = n_vision
-    # the ideal: same model, an input with just the kept number of tokens
-    ideal_cache: dict[int, dict[str, float]] = {}
-    for row in tqdm([r for r in rows if r["status"] == "ok"], desc="ideal", unit="row", disable=not progress):
-        row["seq_len"] = seq_len
-        if row["vision_tokens_before"]:
-            row["keep_ratio"] = row["vision_tokens_after"] / row["vision_tokens_before"]
-        length = row["kv_tokens"]
-        if length not in ideal_cache:
-            try:
-                ideal_cache[length] = runner.ideal(length)
-            except RuntimeError as exc:
-                if not _is_oom(exc):
-                    raise
-                ideal_cache[length] = {}
-        ideal = ideal_cache[length]
-        if ideal:
-            row["ideal_prefill_ms"] = base["vision_ms"] + ideal["lm_prefill_ms"]
-            row["ideal_decode_tok_s"] = ideal["decode_tok_s"]
-            row["overhead_ms"] = row["prefill_ms"] - row["ideal_prefill_ms"]
-        if base["status"] == "ok" and row["prefill_ms"]:
-            row["prefill_speedup"] = base["prefill_ms"] / row["prefill_ms"]
+    lengths = sorted({c.row["kv_tokens"] for c in live if not c.in_llm} | {seq_len})
+    ideal_model = base.model
+    ideals = {n: _Ideal(n, ideal_model, shared) for n in lengths}
+    _round_robin(live + list(ideals.values()), settings, progress, log)
+    n_vision = int(sum(M.feature_counts(model, base.pixels)) / settings.batch)
+    if base.row["status"] == "ok":
+        base.row["vision_tokens_before"] = base.row["vision_tokens_after"] = n_vision
+    for cfg in configs:
+        _summarize(cfg, base, ideals, seq_len)
+    if base.row["status"] == "ok":
+        for cfg in configs:
+            _ratios(cfg.row, base.row)
     return {
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -438,9 +528,109 @@ def run_bench(
             "transformers": __import__("transformers").__version__,
             "prune": prune.__version__,
         },
-        "settings": {**asdict(settings), "image_size": [height, width]},
-        "rows": [_round(r) for r in rows],
+        "settings": {**asdict(settings), "image_size": [height, width], "options": options},
+        "rows": [_round(c.row) for c in configs],
     }
+
+
+class _CacheMaker:
+    """The KV-cache argument of a timed forward: none (the model makes a dynamic cache), or, compiled,
+    a static cache per model, reset before every call (CUDA graphs need fixed addresses)."""
+
+    def __init__(self, settings: BenchSettings, inputs: dict[str, torch.Tensor]) -> None:
+        self.compile = settings.compile
+        self.max_len = int(inputs["input_ids"].shape[1]) + settings.new_tokens + 8
+        self.caches: dict[int, Any] = {}
+
+    def kwargs(self, model: nn.Module) -> dict[str, Any]:
+        if not self.compile:
+            return {}
+        from transformers import StaticCache
+
+        cache = self.caches.get(id(model))
+        if cache is None:
+            cache = self.caches[id(model)] = StaticCache(config=model.config, max_cache_len=self.max_len)
+        cache.reset()
+        return {"past_key_values": cache}
+
+
+def probe_configs(configs: list[_Config], model: nn.Module, settings: BenchSettings, log) -> None:
+    """Wrap every configuration once: refuse what the family does not support (status), read sizes
+    and FLOPs, and, compiled, give each configuration its own compiled copy of the model (copied
+    before the unpruned model, the original, is compiled)."""
+    for cfg in configs:
+        try:
+            cfg.enter()
+            if settings.compile and cfg.method != "none":
+                cfg.exit()
+                own = copy.deepcopy(model)
+                _compile_language_model(own)
+                cfg.own(own)
+            with torch.no_grad():
+                cfg.probe()
+        except (TypeError, ValueError) as exc:  # method or family not supported: keep the row, say why
+            cfg.row["status"] = f"unsupported: {exc}"
+        except RuntimeError as exc:
+            if not _is_oom(exc):
+                raise
+            cfg.row["status"] = "OOM"
+        finally:
+            cfg.exit()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    if settings.compile:
+        _compile_language_model(model)
+
+
+def _summarize(cfg: _Config, base: _Config, ideals: dict[int, _Ideal], seq_len: int) -> None:
+    row, s = cfg.row, cfg.samples
+    if row["status"] != "ok":
+        return
+    row["seq_len"] = seq_len
+    for key in ("vision_ms", "prefill_ms", "ttft_ms", "host_ms"):
+        row[key] = s.low(key)
+    row["prefill_median_ms"], row["prefill_spread"] = s.median("prefill_ms"), s.spread("prefill_ms")
+    row["ttft_median_ms"] = s.median("ttft_ms")
+    row["decode_tok_s"], row["decode_median_tok_s"] = s.high("decode_tok_s"), s.median("decode_tok_s")
+    row["peak_mem_mb"] = s.high("peak_mem_mb")
+    if row["vision_tokens_before"]:
+        row["keep_ratio"] = row["vision_tokens_after"] / row["vision_tokens_before"]
+    vision = base.samples.low("vision_ms")
+    if vision is None:
+        return
+    if cfg.in_llm:
+        full, lm_base = ideals[seq_len].samples.low("prefill_ms"), _lm_gflops(base.row)
+        lm_row = _lm_gflops(row)
+        if full is not None and lm_base and lm_row is not None:
+            row["ideal"], row["ideal_prefill_ms"] = "flops-weighted", vision + full * lm_row / lm_base
+        return
+    ideal = ideals.get(row["kv_tokens"])
+    if ideal is not None and ideal.samples.low("prefill_ms") is not None:
+        row["ideal"] = "kept-length"
+        row["ideal_prefill_ms"] = vision + ideal.samples.low("prefill_ms")
+        row["ideal_decode_tok_s"] = ideal.samples.high("decode_tok_s")
+
+
+def _lm_gflops(row: dict[str, Any]) -> float | None:
+    if row["prefill_gflops"] is None or row["vision_gflops"] is None:
+        return None
+    return row["prefill_gflops"] - row["vision_gflops"]
+
+
+def _ratios(row: dict[str, Any], base: dict[str, Any]) -> None:
+    if row["status"] != "ok" or not row["prefill_ms"]:
+        return
+    row["prefill_speedup"] = base["prefill_ms"] / row["prefill_ms"]
+    if row["ideal_prefill_ms"]:
+        row["overhead_ms"] = row["prefill_ms"] - row["ideal_prefill_ms"]
+        row["ideal_speedup"] = base["prefill_ms"] / row["ideal_prefill_ms"]
+        row["ratio_to_ideal"] = row["ideal_prefill_ms"] / row["prefill_ms"]
+
+
+def _empty_row(method: str, keep: float | int) -> dict[str, Any]:
+    row = dict.fromkeys(ROW_FIELDS)
+    row.update(method=method, keep=keep, status="ok")
+    return row
 
 
 def _round(row: dict[str, Any]) -> dict[str, Any]:
@@ -467,34 +657,46 @@ def _sig(value: float | None) -> str:
     return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
 def markdown(result: dict[str, Any]) -> str:
     """A markdown table of a bench result."""
     m, env, s = result["model"], result["environment"], result["settings"]
+    compiled = ", language model compiled (reduce-overhead, static cache)" if s.get("compile") else ""
     lines = [
-        f"### {m['name']} on {env['device']}, batch {s['batch']}",
+        f"### {m['name']} on {env['device']}, batch {s['batch']}{' (compiled)' if s.get('compile') else ''}",
         "",
         f"{m['architecture']}, {_params(m['parameters_b'])} parameters, {m['source']}; batch {s['batch']}, "
         f"image {s['image_size'][0]}x{s['image_size'][1]}, {s['prompt_tokens']} text tokens, "
-        f"{s['new_tokens']} new tokens, {s['dtype']}, attention {s['attn']}; medians of {s['repeats']} runs "
-        f"after {s['warmup']} warm-up runs. torch {env['torch']}, transformers {env['transformers']}.",
+        f"{s['new_tokens']} new tokens, {s['dtype']}, attention {s['attn']}{compiled}. Round-robin: every row "
+        f"once per round, {s['rounds']} rounds after {s['warmup']} warm-up rounds; times are the minimum over "
+        f"rounds (median and spread = (max - min) / min beside prefill). Ideal: the unwrapped encoder plus the "
+        "language model on the kept length (kept-length), or for in-LLM methods the full-length language "
+        f"model scaled by the row's FLOPs (flops-weighted). torch {env['torch']}, transformers {env['transformers']}.",
         "",
-        "| method | keep | vision tokens | vision ms | prefill ms | ideal prefill ms | overhead ms | speedup | "
-        "TTFT ms | decode tok/s | peak MiB | KV MiB | prefill GFLOPs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | keep | vision tokens | vision ms | prefill ms | median | spread | host ms | ideal ms | "
+        "ratio to ideal | speedup | TTFT ms | decode tok/s | peak MiB | KV MiB | prefill GFLOPs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     notes = []
     for r in result["rows"]:
         if r["status"] != "ok":
             notes.append(f"- {r['method']} keep={r['keep']}: {r['status']}")
-            lines.append(f"| {r['method']} | {r['keep']} | " + " | ".join(["n/a"] * 11) + " |")
+            lines.append(f"| {r['method']} | {r['keep']} | " + " | ".join(["n/a"] * 14) + " |")
             continue
         tokens = f"{_fmt(r['vision_tokens_after'], 0)}/{_fmt(r['vision_tokens_before'], 0)}"
+        ideal = _fmt(r["ideal_prefill_ms"]) + (" (F)" if r["ideal"] == "flops-weighted" else "")
         lines.append(
             f"| {r['method']} | {r['keep']} | {tokens} | {_fmt(r['vision_ms'])} | {_fmt(r['prefill_ms'])} | "
-            f"{_fmt(r['ideal_prefill_ms'])} | {_fmt(r['overhead_ms'])} | {_fmt(r['prefill_speedup'], 2)}x | "
-            f"{_fmt(r['ttft_ms'])} | {_fmt(r['decode_tok_s'])} | {_fmt(r['peak_mem_mb'], 0)} | "
-            f"{_fmt(r['kv_cache_mb'], 1)} | {_sig(r['prefill_gflops'])} |"
+            f"{_fmt(r['prefill_median_ms'])} | {_pct(r['prefill_spread'])} | {_fmt(r['host_ms'])} | {ideal} | "
+            f"{_fmt(r['ratio_to_ideal'], 3)} | {_fmt(r['prefill_speedup'], 2)}x | {_fmt(r['ttft_ms'])} | "
+            f"{_fmt(r['decode_tok_s'])} | {_fmt(r['peak_mem_mb'], 0)} | {_fmt(r['kv_cache_mb'], 1)} | "
+            f"{_sig(r['prefill_gflops'])} |"
         )
+    if any(r["ideal"] == "flops-weighted" for r in result["rows"]):
+        notes.append("- (F): flops-weighted ideal (in-LLM method)")
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"
@@ -537,6 +739,8 @@ def write_outputs(
     stem = f"bench_{_slug(result['model']['name'])}_{_slug(result['environment']['device'])}"
     if result["settings"]["batch"] != 1:
         stem += f"_b{result['settings']['batch']}"
+    if result["settings"].get("compile"):
+        stem += "_compiled"
     paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
     paths["json"].write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)
