@@ -59,7 +59,7 @@ from torch import nn
 import prune
 
 from .._compat import cache_length as _cache_length
-from .._compat import find_cache
+from .._compat import cache_parameter, find_cache
 from ..methods import get_method
 from . import models as M
 from ._format import fmt as _fmt
@@ -267,6 +267,16 @@ def _compile_language_model(model: nn.Module) -> None:
     lm.forward = torch.compile(lm.forward, mode="reduce-overhead", dynamic=False)
 
 
+def _compile_limits(settings: BenchSettings):
+    """Compiled: room for every shape the rows need (each prompt length, ideal length and the decode
+    step is a graph of its own under ``dynamic=False``), for the bench only."""
+    import contextlib
+
+    if not settings.compile:
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(cache_size_limit=64, accumulated_cache_size_limit=512)
+
+
 @dataclass
 class _Samples:
     """The timed rounds of one configuration."""
@@ -301,8 +311,8 @@ class _Measure:
 
     def generate_kwargs(self, model: nn.Module) -> dict[str, Any]:
         kwargs = {"do_sample": False, "pad_token_id": model.generation_config.pad_token_id}
-        if self.s.compile:  # the language model is compiled already; generate must not compile the whole
-            kwargs.update(cache_implementation="static", disable_compile=True)
+        if self.s.compile:  # the language model is compiled already: generate must not compile the whole
+            kwargs.update(self.cache_kwargs(model), disable_compile=True)  # generate passes it to forward
         return kwargs
 
     def generate(self, model: nn.Module, n: int, **inputs):
@@ -495,14 +505,16 @@ def run_bench(
     configs = [_Config("none", 1.0, model, shared)] + [
         _Config(m, k, model, shared, options.get(m, {})) for m in methods for k in keeps
     ]
-    probe_configs(configs, model, settings, log)
+    with _compile_limits(settings):
+        probe_configs(configs, model, settings, log)
     live = [c for c in configs if c.row["status"] == "ok"]
     base = configs[0]
     seq_len = int(inputs["input_ids"].shape[1])
     lengths = sorted({c.row["kv_tokens"] for c in live if not c.in_llm} | {seq_len})
     ideal_model = base.model
     ideals = {n: _Ideal(n, ideal_model, shared) for n in lengths}
-    _round_robin(live + list(ideals.values()), settings, progress, log)
+    with _compile_limits(settings):
+        _round_robin(live + list(ideals.values()), settings, progress, log)
     n_vision = int(sum(M.feature_counts(model, base.pixels)) / settings.batch)
     if base.row["status"] == "ok":
         base.row["vision_tokens_before"] = base.row["vision_tokens_after"] = n_vision
@@ -534,11 +546,13 @@ def run_bench(
 
 
 class _CacheMaker:
-    """The KV-cache argument of a timed forward: none (the model makes a dynamic cache), or, compiled,
-    a static cache per model, reset before every call (CUDA graphs need fixed addresses)."""
+    """The KV-cache argument of a timed forward or generate: none (the model makes a dynamic cache),
+    or, compiled, one static cache per model, reset before every call. Its first use runs the
+    language model eagerly: a static cache allocates its tensors on first use and marks them static
+    for CUDA graphs only outside a compiled region (transformers expects the prefill uncompiled)."""
 
     def __init__(self, settings: BenchSettings, inputs: dict[str, torch.Tensor]) -> None:
-        self.compile = settings.compile
+        self.compile, self.inputs = settings.compile, inputs
         self.max_len = int(inputs["input_ids"].shape[1]) + settings.new_tokens + 8
         self.caches: dict[int, Any] = {}
 
@@ -550,8 +564,17 @@ class _CacheMaker:
         cache = self.caches.get(id(model))
         if cache is None:
             cache = self.caches[id(model)] = StaticCache(config=model.config, max_cache_len=self.max_len)
+            lm = _language_model(model)
+            compiled = lm.__dict__.pop("forward", None)
+            try:
+                with torch.no_grad():
+                    _reset_rope_deltas(model)
+                    model(**self.inputs, **{cache_parameter(model.forward): cache}, use_cache=True, logits_to_keep=1)
+            finally:
+                if compiled is not None:
+                    lm.forward = compiled
         cache.reset()
-        return {"past_key_values": cache}
+        return {cache_parameter(model.forward): cache}
 
 
 def probe_configs(configs: list[_Config], model: nn.Module, settings: BenchSettings, log) -> None:

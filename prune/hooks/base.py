@@ -529,8 +529,8 @@ class _GenerateTurn(InstanceOverride):
         cache = find_cache(kwargs)
         plan = state.plan_for(cache) if cache is not None else None
         ids = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("input_ids")
-        if plan is not None and ids is not None:
-            physical = cache_length(cache)
+        physical = cache_length(cache) if plan is not None else 0
+        if physical > 0 and ids is not None:  # a cache reset since its prefill holds nothing to continue
             logical = plan.prefill_len + (physical - plan.kept_len)
             if ids.shape[-1] > logical:  # the whole history: generate feeds ids[:, physical:]
                 state._scratch["cached_prefix"] = (cache, logical - physical)
