@@ -188,6 +188,25 @@ def test_qwen_static_cache_equals_dynamic(method):
     assert static.tolist() == dynamic.tolist()
 
 
+@pytest.mark.parametrize("method, layers", [("random", 2), ("fastv", 4)])
+def test_a_static_cache_reset_and_reused_is_a_fresh_prompt(make_case, method, layers):
+    # compiled serving keeps one StaticCache and resets it per request: the plan of its last prefill is stale
+    from transformers import StaticCache
+
+    from prune._compat import cache_parameter
+
+    case = _llava(make_case, prompts=((0,), (1,)), text_layers=layers)
+    model = prune.wrap(case.model, method, keep=0.75 if method == "fastv" else 0.3)
+    inputs = case.inputs()
+    cache = StaticCache(config=model.config, max_cache_len=inputs["input_ids"].shape[1] + 8)
+    name = cache_parameter(model.forward)
+    with torch.no_grad():
+        dynamic = model.generate(**inputs, **GEN, do_sample=False)
+        for _ in range(2):
+            cache.reset()
+            assert model.generate(**inputs, **GEN, do_sample=False, **{name: cache}).tolist() == dynamic.tolist()
+
+
 # ---- copies and pickles ------------------------------------------------------------------------------
 
 
