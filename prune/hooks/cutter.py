@@ -27,11 +27,18 @@ class Packing:
     kept_len: int
 
     @classmethod
-    def of(cls, keep_mask: torch.Tensor) -> Packing:
-        counts = keep_mask.sum(1)  # (B,)
-        kept_len = int(counts.max()) if counts.numel() else 0
-        dest = (kept_len - counts)[:, None] + keep_mask.long().cumsum(1) - 1  # (B, L)
-        rows, cols = keep_mask.nonzero(as_tuple=True)
+    def of(cls, keep_mask: torch.Tensor, counts: list[int] | None = None) -> Packing:
+        """``counts``: the kept elements of each row when the caller knows them on the host (from
+        budgets, not from the mask): then nothing is read back from the device."""
+        if counts is None:
+            kept = keep_mask.sum(1)  # (B,)
+            kept_len = int(kept.max()) if kept.numel() else 0
+            rows, cols = keep_mask.nonzero(as_tuple=True)
+        else:
+            kept = torch.tensor(counts, device=keep_mask.device)
+            kept_len = max(counts, default=0)
+            rows, cols = torch.nonzero_static(keep_mask, size=sum(counts)).unbind(1)
+        dest = (kept_len - kept)[:, None] + keep_mask.long().cumsum(1) - 1  # (B, L)
         return cls(rows, cols, dest[rows, cols], kept_len)
 
     def sequence(self, x: torch.Tensor, fill: float = 0) -> torch.Tensor:
