@@ -53,3 +53,36 @@ def test_cuda_bf16_generate_runs():
     out = model.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), pixel_values=pv, **GEN)
     assert out.shape == (2, ids.shape[1] + 8)
     assert model.prune_state.last.vision_tokens_after == 3 * 16
+
+
+def _synchronisations(fn) -> int:
+    """How many times ``fn`` made the host wait for the GPU (torch's sync debug mode, as warnings)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in seen)
+
+
+@cuda
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "transprune"])
+def test_cuda_in_llm_prefill_reads_the_device_once(make_case, method):
+    """An in-LLM call reads the device twice per prefill (each prompt's placeholder counts, then its
+    vision and instruction counts); the ranking and masks of every cut stay on the device (sizes
+    follow from those counts), so the host never waits between layers."""
+    case = make_case("llava", attn="sdpa", prompts=((0,), (1,)), text_lens=(6, 11), seed=1, text_layers=6)
+    model = case.model.cuda()
+    batch = _to(case.inputs(), "cuda")
+    with torch.no_grad():
+        model(**batch)  # warm-up: lazy initialisations are not the cut's
+        base = _synchronisations(lambda: model(**batch))
+        prune.wrap(model, method, keep=0.5)
+        model(**batch)
+        pruned = _synchronisations(lambda: model(**batch))
+    assert pruned - base <= 2, (base, pruned)

@@ -325,3 +325,41 @@ def test_fastv_ratio_and_keep():
         model(**inputs)
     assert [first for first, _ in model.prune_state.last.layer_masks] == [0, 3]
     assert model.prune_state.last.images[0].tokens_after == 16
+
+
+class _HostReads:
+    """Counts the ops that make a GPU's host wait (a scalar read, nonzero, masked_select) whose
+    innermost frame in prune's code lies in prune/hooks; on the CPU they are free, so this is how the
+    CPU suite keeps the cut's path free of them (``.tolist()`` of a whole tensor, the one planned read
+    per prefill, does not go through these ops)."""
+
+    OPS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
+           "aten.repeat_interleave.Tensor"}
+
+    def __init__(self):
+        import traceback
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        hits = self.hits = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if str(func) in _HostReads.OPS:
+                    frames = [f for f in traceback.extract_stack() if "/prune/" in f.filename.replace("\\", "/")]
+                    if frames and "/prune/hooks/" in frames[-1].filename.replace("\\", "/"):
+                        hits.append(f"{func} at {frames[-1].filename}:{frames[-1].lineno}")
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_cut_never_reads_the_device_between_layers(method):
+    model, inputs = make(prompts=((64,), (64, 64)), text_lens=(6, 11))
+    prune.wrap(model, method, keep=0.4)
+    probe = _HostReads()
+    with torch.no_grad(), probe.mode:
+        model(**inputs)
+    assert len(model.prune_state.last.layer_masks) >= 2  # it cut
+    assert probe.hits == []

@@ -340,20 +340,25 @@ class Adapter:
         batch, length = embeds.shape[:2]
         vision = torch.zeros(batch, length, dtype=torch.bool, device=embeds.device)
         records = []
+        found = 0
         if call:
-            for modality in self.feature_functions:
-                placeholders = self._placeholder_mask(modality, call).to(embeds.device)
+            masks = [(modality, self._placeholder_mask(modality, call).to(embeds.device))
+                     for modality in self.feature_functions]
+            # one read for every modality and prompt: how many placeholders each holds
+            counts = torch.stack([m.sum(1) for _, m in masks]).tolist() if masks else []
+            for (modality, placeholders), row_counts in zip(masks, counts):
                 vision |= placeholders
-                for b in range(batch):
-                    pos = torch.nonzero(placeholders[b], as_tuple=True)[0]
-                    if pos.numel():
+                for b, n in enumerate(row_counts):
+                    if n:
+                        pos = torch.nonzero_static(placeholders[b], size=n)[:, 0]
                         records.append(ImageRecord(sample=b, positions=pos, kept=torch.ones_like(pos, dtype=torch.bool),
-                                                   scores={}, budget=int(pos.numel()), grids=[], modality=modality))
+                                                   scores={}, budget=n, grids=[], modality=modality))
+                        found += n
         keep_mask = torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
         state.last = PruneRecord(
             keep_mask=keep_mask, images=records, positions=state.positions, padding=_padding(kwargs, keep_mask)
         )
-        if bool(vision.any()):
+        if found:
             cut.start_prefill(kwargs, cache, vision)
         else:
             cut.context = None

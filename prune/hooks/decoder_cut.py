@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 from .._compat import call_with_cache
@@ -221,7 +222,14 @@ class DecoderCut:
         return args, new_kwargs
 
 
-    def _causal(self, stage: Stage, hidden: torch.Tensor, mask2d: torch.Tensor, text_positions):
+    def _causal(self, stage: Stage, hidden: torch.Tensor, mask2d: torch.Tensor, text_positions, given=None):
+        """The 4-D mask of a stage's layers. ``given``: the mask transformers built for the layers
+        before the cut. Where its form is known (a bool or additive 4-D tensor over a dynamic
+        cache, or none at all under SDPA), the stage's mask is built here in the same form: the
+        library's builder reads the padding mask back to the host to decide whether it may skip it."""
+        mask = causal_like(given, hidden, mask2d, self.context.cache, self.lm.config)
+        if mask is not None:
+            return mask
         return call_with_cache(
             create_causal_mask,
             self.context.cache,
@@ -247,7 +255,7 @@ class DecoderCut:
                 out["position_embeddings"] = self._embeddings(hidden, positions)
             text = _split_positions(positions)[1]
             out["position_ids"] = text
-            out["attention_mask"] = self._causal(stage, hidden, mask2d, text)
+            out["attention_mask"] = self._causal(stage, hidden, mask2d, text, kwargs.get("attention_mask"))
             stage.decode_step, stage.decode_kwargs = ctx.step, out
         return stage.decode_kwargs
 
@@ -290,7 +298,8 @@ class DecoderCut:
             vision_counts=targets,
         )
         stage.embeddings = self._embeddings(new_hidden, stage.positions)
-        stage.causal = self._causal(stage, new_hidden, stage.mask2d, _split_positions(stage.positions)[1])
+        stage.causal = self._causal(stage, new_hidden, stage.mask2d, _split_positions(stage.positions)[1],
+                                    kwargs.get("attention_mask"))
         ctx.stages.append(stage)
         return new_hidden
 
@@ -342,7 +351,7 @@ class DecoderCut:
             # text is never cut): their count is known on the host, nothing is read back
             length = hidden.shape[1]
             rows = [torch.arange(length - n, length, device=hidden.device) if n else
-                    torch.tensor([length - 1], device=hidden.device) for n in ctx.instruction_counts]
+                    torch.full((1,), length - 1, device=hidden.device) for n in ctx.instruction_counts]
         else:  # a right-padded prompt (its padding stays after its text): find its rows
             rows = []
             for b in range(hidden.shape[0]):
@@ -406,8 +415,10 @@ def keep_top(score: torch.Tensor, allowed: torch.Tensor, counts: list[int]) -> t
     order = torch.sort(score, dim=1, descending=True, stable=True).indices
     order = order.gather(1, torch.sort(allowed.gather(1, order).byte(), dim=1, descending=True, stable=True).indices)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(length, device=score.device).expand(batch, length))
-    limit = torch.tensor(counts, device=score.device)[:, None]
-    return allowed & (rank < limit)
+    limit = torch.tensor(counts)[:, None]
+    if score.device.type == "cuda":  # from pinned memory, not waiting for the GPU (a pageable copy would)
+        limit = limit.pin_memory().to(score.device, non_blocking=True)
+    return allowed & (rank < limit.to(score.device))
 
 
 def last_instruction_row(real: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
@@ -419,3 +430,27 @@ def last_instruction_row(real: torch.Tensor, vision: torch.Tensor) -> torch.Tens
     last_real = torch.where(real & (index > last_vision), index, -1).amax(1, keepdim=True)
     return torch.where(last_real >= 0, last_real, length - 1)
 
+
+
+def causal_like(given, hidden: torch.Tensor, mask2d: torch.Tensor, cache, config) -> torch.Tensor | None:
+    """A (B, 1, Q, K) causal mask over ``mask2d``'s K keys (the last Q of them are the queries), in
+    the form of ``given`` (the mask transformers built for the same call): bool (True attends) or
+    additive float. None where the form is not one of those (static cache, flash / flex attention):
+    the caller then asks transformers."""
+    if cache is not None and not isinstance(cache, DynamicCache):
+        return None
+    if given is None:  # transformers skipped the mask: SDPA's is_causal (no padding in the base rows)
+        if getattr(config, "_attn_implementation", None) != "sdpa":
+            return None
+        form = torch.bool
+    elif isinstance(given, torch.Tensor) and given.ndim == 4 and (given.dtype == torch.bool or given.is_floating_point()):
+        form = given.dtype
+    else:
+        return None
+    queries, keys = hidden.shape[1], mask2d.shape[1]
+    device = hidden.device
+    causal = torch.arange(keys, device=device)[None, :] <= torch.arange(keys - queries, keys, device=device)[:, None]
+    allowed = causal[None, None] & mask2d.bool()[:, None, None, :]
+    if form == torch.bool:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=form, device=device).masked_fill_(~allowed, torch.finfo(form).min)
