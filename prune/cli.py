@@ -698,7 +698,9 @@ def _from_prune(exc: BaseException) -> bool:
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
-    return module in ("prune", "prune.config", "prune.hooks") or module.startswith("prune.methods")
+    return module in ("prune", "prune.config", "prune.hooks", "prune.hooks.vision_attention") or module.startswith(
+        "prune.methods"
+    )
 
 
 if __name__ == "__main__":

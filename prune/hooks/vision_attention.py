@@ -182,8 +182,13 @@ def resolve(adapter, requested: str | None) -> str:
         return "default"
     impl = _loaded_config(modules[0])._attn_implementation  # a re-wrap still has the old views on
     param = next(modules[0].parameters(), None)
-    on_cuda = param is not None and param.device.type == "cuda"
-    return "segmented" if on_cuda and impl in (None, "eager", "sdpa") else "default"
+    return auto_choice(impl, param.device.type if param is not None else "meta")
+
+
+def auto_choice(implementation: str | None, device_type: str) -> str:
+    """``vision_attention=None`` on an encoder with segments: segmented where it pays (CUDA, and the
+    encoder runs eager / SDPA, i.e. one call per segment); FlashAttention already takes cu_seqlens."""
+    return "segmented" if device_type == "cuda" and implementation in (None, "eager", "sdpa") else "default"
 
 
 def install(modules: list[nn.Module]) -> list[Callable[[], None]]:
@@ -212,4 +217,12 @@ def _config_view(base: Any) -> SegmentedConfigView:
     return SegmentedConfigView(base)
 
 
-__all__ = ["SEGMENTED_NAME", "VISION_ATTENTION", "SegmentedConfigView", "install", "resolve", "seam_available"]
+__all__ = [
+    "SEGMENTED_NAME",
+    "VISION_ATTENTION",
+    "SegmentedConfigView",
+    "auto_choice",
+    "install",
+    "resolve",
+    "seam_available",
+]

@@ -134,9 +134,19 @@ def segment_block_mask(cu_seqlens: torch.Tensor, n: int, device: torch.device | 
     partial = touch & ~full
     kv_num, kv_idx = _ordered(partial)
     full_num, full_idx = _ordered(full)
+    extra = {"seq_lengths": (n, n)} if _takes_seq_lengths() else {}  # older torch: the lengths of q and k
     return BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK_SIZE, mask_mod=_segment_mask_mod(ids), seq_lengths=(n, n)
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK_SIZE, mask_mod=_segment_mask_mod(ids), **extra
     )
+
+
+@functools.lru_cache(maxsize=1)
+def _takes_seq_lengths() -> bool:
+    import inspect
+
+    from torch.nn.attention.flex_attention import BlockMask
+
+    return "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters
 
 
 # Block masks of the cu_seqlens tensors seen last, keyed by the tensor object (and its version and
