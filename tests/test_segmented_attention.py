@@ -98,6 +98,12 @@ def test_bad_cu_seqlens(bad):
 
 # ---- tiny encoders: eager == SDPA == segmented --------------------------------------------------
 def _model(family, impl):
+    if family == "qwen2_5_omni":
+        if not hasattr(transformers, "Qwen2_5OmniThinkerForConditionalGeneration"):
+            pytest.skip("no Qwen2.5-Omni in this transformers")
+        from prune._tiny import tiny_omni_thinker
+
+        return tiny_omni_thinker(attn_implementation=impl)
     if family == "qwen3_vl":
         if not HAS_QWEN3:
             pytest.skip("no Qwen3-VL in this transformers")
@@ -140,9 +146,10 @@ def flex_kernel(monkeypatch):
 
 
 FAMILIES = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
+ENCODER_FAMILIES = [*FAMILIES, "qwen2_5_omni"]  # Omni's prompts interleave audio: its encoder is tested alone
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ENCODER_FAMILIES)
 @pytest.mark.parametrize("kernel", ["reference", "flex"])
 def test_encoder_eager_and_sdpa_and_segmented(family, kernel, request):
     if kernel == "flex":
@@ -160,7 +167,7 @@ def test_encoder_eager_and_sdpa_and_segmented(family, kernel, request):
             assert torch.equal(segmented[modality], sdpa[modality])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ENCODER_FAMILIES)
 def test_one_call_per_layer_with_cu_seqlens(family, monkeypatch):
     """The seam (see prune/hooks/vision_attention.py): transformers routes a module whose config reads
     as our 'flash' name to its varlen path, so each vision layer makes ONE attention call, with
@@ -181,8 +188,11 @@ def test_one_call_per_layer_with_cu_seqlens(family, monkeypatch):
     image, video = calls[:depth], calls[depth:]
     assert all(n == 96 and cu[0] == 0 and cu[-1] == 96 for n, cu in image)
     assert all(n == 128 and cu == [0, 64, 128] for n, cu in video[-1:])  # the last block: one segment per slice
-    if family == "qwen2_5_vl":  # windowed blocks: windows of 2x2 merge units (16 patches)
+    if family in ("qwen2_5_vl", "qwen2_5_omni"):  # windowed blocks: windows of 2x2 merge units (16 patches)
         assert [len(cu) - 1 for _, cu in image] == [6, 1, 6, 1]
+    if family == "qwen2_5_omni":  # the audio encoder keeps its own attention
+        audio = adapter_for(model).audio_tower()
+        assert all(m.config._attn_implementation == "sdpa" for m in audio.modules() if "config" in m.__dict__)
 
 
 def test_seam_is_available_on_this_transformers():
