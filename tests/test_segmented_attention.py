@@ -389,6 +389,14 @@ def test_gpu_compiled_flex_equals_reference(lengths):
 
 @gpu
 @needs_cuda
+def test_gpu_small_head_dim_takes_the_reference():
+    q = torch.randn(1, 4, 96, 8, device="cuda")
+    cu = _cu([16] * 6, "cuda")
+    assert torch.equal(segmented_attention(q, q, q, cu), segmented_attention_reference(q, q, q, cu))
+
+
+@gpu
+@needs_cuda
 def test_gpu_new_segments_of_one_length_do_not_recompile():
     from torch._dynamo.utils import counters
 
@@ -403,15 +411,23 @@ def test_gpu_new_segments_of_one_length_do_not_recompile():
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("family", FAMILIES)
-def test_gpu_wrapped_default_is_segmented_and_close(family):
-    model = _model(family, "sdpa").to("cuda", torch.bfloat16)
+@pytest.mark.parametrize("family", ENCODER_FAMILIES)
+def test_gpu_wrapped_default_is_segmented_and_close(family, monkeypatch):
+    tiny = _model(family, "sdpa")
+    config = copy.deepcopy(tiny.config)
+    vision = getattr(config, "vision_config", None) or config.thinker_config.vision_config
+    vision.num_heads = 2  # head dim 16: the smallest FlexAttention's CUDA kernel takes (the tiny's is 8)
+    torch.manual_seed(0)
+    model = type(tiny)(config).eval().to("cuda", torch.bfloat16)
+    calls = []
+    monkeypatch.setattr(VA, "segmented_attention", lambda *a, **k: calls.append(1) or segmented_attention(*a, **k))
     inputs = {k: v.to("cuda") for k, v in _inputs(family).items()}
     inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
     ref = _features(model, inputs)
     prune.wrap(model, "hiprune", keep=1.0)
     assert model.prune_state.vision_attention == "segmented"
     out = _features(model, inputs)
+    assert calls  # the compiled FlexAttention path ran
     for modality in ref:
         torch.testing.assert_close(out[modality].float(), ref[modality].float(), atol=3e-2, rtol=3e-2)
 

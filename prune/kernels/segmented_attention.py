@@ -9,8 +9,12 @@ Qwen-style vision encoders attend inside windows (Qwen2.5-VL) or inside each ima
   it defines the semantics;
 - :func:`segmented_attention_flex`: FlexAttention with a block mask built from the segment ids
   (compiled on CUDA; eager elsewhere, which materializes the scores: tests only);
-- :func:`segmented_attention`: the dispatcher (FlexAttention for CUDA tensors, the reference
-  elsewhere).
+- :func:`segmented_attention`: the dispatcher (compiled FlexAttention for CUDA tensors with head
+  dim >= 16, the reference elsewhere).
+
+FlexAttention on the CPU (torch 2.14): eager works (it materializes the scores: what the tests use);
+compiled, the first compile takes about a minute and a second sequence length (dynamic shapes)
+fails in inductor's C++ template, so the CPU path is the reference.
 
 All three take (B, H, N, d) queries, (B, Hk, N, d) keys / values (``H % Hk == 0``) and return
 (B, H, N, d), as ``scaled_dot_product_attention`` does.
@@ -32,6 +36,8 @@ import torch.nn.functional as F  # noqa: N812
 
 #: FlexAttention's tile (rows and columns of one block of the block mask)
 BLOCK_SIZE = 128
+#: the smallest head dim FlexAttention's CUDA kernel takes
+MIN_FLEX_HEAD_DIM = 16
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens) -> tuple[int, int, int]:
@@ -228,7 +234,8 @@ def segmented_attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     """Dispatcher: compiled FlexAttention for CUDA tensors, :func:`segmented_attention_reference`
-    elsewhere (same signature and semantics)."""
-    if q.is_cuda:
+    elsewhere (same signature and semantics) and for head dims below 16, which FlexAttention's CUDA
+    kernel does not take (``tl.dot`` needs K >= 16; other sizes are rounded up to a power of two)."""
+    if q.is_cuda and q.shape[-1] >= MIN_FLEX_HEAD_DIM and v.shape[-1] >= MIN_FLEX_HEAD_DIM:
         return segmented_attention_flex(q, k, v, cu_seqlens, scale=scale, compiled=True)
     return segmented_attention_reference(q, k, v, cu_seqlens, scale=scale)
