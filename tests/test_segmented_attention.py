@@ -168,7 +168,7 @@ def test_encoder_eager_and_sdpa_and_segmented(family, kernel, request):
 
 
 @pytest.mark.parametrize("family", ENCODER_FAMILIES)
-def test_one_call_per_layer_with_cu_seqlens(family, monkeypatch):
+def test_one_call_per_layer_with_cu_seqlens_on_this_version(family, monkeypatch):
     """The seam (see prune/hooks/vision_attention.py): transformers routes a module whose config reads
     as our 'flash' name to its varlen path, so each vision layer makes ONE attention call, with
     cu_seqlens. A release that decides otherwise makes this fail (0 calls), not silently slow."""
@@ -195,7 +195,7 @@ def test_one_call_per_layer_with_cu_seqlens(family, monkeypatch):
         assert all(m.config._attn_implementation == "sdpa" for m in audio.modules() if "config" in m.__dict__)
 
 
-def test_seam_is_available_on_this_transformers():
+def test_seam_is_available_on_this_version():
     attn = adapter_for(tiny_qwen_vl("2.5")).vision_attention_modules()
     assert VA.seam_available(attn) is None
     from transformers.utils.generic import is_flash_attention_requested
@@ -250,7 +250,7 @@ def test_identity_at_keep_one_segmented(family, impl):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_statistics_unchanged_under_the_tap(family, impl):
+def test_tap_statistics_identity_with_segmented(family, impl):
     """hiprune taps two encoder layers: they keep the per-segment loop (the tap's name routes them
     there) and call the model's own implementation, so their statistics match the default's."""
     inputs = _inputs(family)
@@ -438,3 +438,19 @@ def test_lmms_model_args_take_vision_attention():
         {"base": "qwen2_5_vl", "method": "random", "keep": 0.5, "vision_attention": "segmented", "pretrained": "p"}
     )
     assert config.vision_attention == "segmented" and rest == {"pretrained": "p"}
+
+
+def test_block_mask_cache_follows_the_tensor_object():
+    import importlib
+
+    SA = importlib.import_module("prune.kernels.segmented_attention")  # noqa: N806 - the module, not the function
+
+    cu = _cu([10, 20])
+    first = SA._cached_block_mask(cu, 30, torch.device("cpu"))
+    assert SA._cached_block_mask(cu, 30, torch.device("cpu")) is first  # the layers of one forward
+    same_values = _cu([10, 20])
+    assert SA._cached_block_mask(same_values, 30, torch.device("cpu")) is not first  # another forward's tensor
+    cu[1] = 5  # changed in place: a new mask
+    changed = SA._cached_block_mask(cu, 30, torch.device("cpu"))
+    assert changed is not first
+    assert torch.equal(changed.to_dense(), segment_block_mask(_cu([5, 25]), 30).to_dense())

@@ -29,6 +29,7 @@ length recompiles once with a symbolic length, later lengths reuse it).
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 
 import torch
@@ -159,19 +160,22 @@ def _takes_seq_lengths() -> bool:
 # the length): the layers of one forward reuse them; a new forward's tensors replace them.
 _MASKS: dict[tuple, tuple[weakref.ref, object]] = {}
 _MASKS_SIZE = 8
+_MASKS_LOCK = threading.Lock()
 
 
 def _cached_block_mask(cu_seqlens: torch.Tensor, n: int, device: torch.device):
     key = (id(cu_seqlens), cu_seqlens._version, n, str(device))
-    hit = _MASKS.get(key)
-    if hit is not None and hit[0]() is cu_seqlens:
-        return hit[1]
+    with _MASKS_LOCK:  # threads share the cache (a hit needs the very tensor object, alive)
+        hit = _MASKS.get(key)
+        if hit is not None and hit[0]() is cu_seqlens:
+            return hit[1]
     mask = segment_block_mask(cu_seqlens, n, device)
-    for old in [k for k, (ref, _) in _MASKS.items() if ref() is None]:
-        del _MASKS[old]
-    while len(_MASKS) >= _MASKS_SIZE:
-        del _MASKS[next(iter(_MASKS))]
-    _MASKS[key] = (weakref.ref(cu_seqlens), mask)
+    with _MASKS_LOCK:
+        for old in [k for k, (ref, _) in _MASKS.items() if ref() is None]:
+            del _MASKS[old]
+        while len(_MASKS) >= _MASKS_SIZE:
+            del _MASKS[next(iter(_MASKS))]
+        _MASKS[key] = (weakref.ref(cu_seqlens), mask)
     return mask
 
 
