@@ -98,6 +98,12 @@ def test_bad_cu_seqlens(bad):
 
 # ---- tiny encoders: eager == SDPA == segmented --------------------------------------------------
 def _model(family, impl):
+    if family == "qwen3_5":
+        if not hasattr(transformers, "Qwen3_5ForConditionalGeneration"):
+            pytest.skip("no Qwen3.5 in this transformers")
+        from prune._tiny import tiny_qwen3_5
+
+        return tiny_qwen3_5(attn_implementation=impl)
     if family == "qwen2_5_omni":
         if not hasattr(transformers, "Qwen2_5OmniThinkerForConditionalGeneration"):
             pytest.skip("no Qwen2.5-Omni in this transformers")
@@ -112,7 +118,7 @@ def _model(family, impl):
 
 
 def _inputs(family, media=MEDIA, text=9):
-    build = qwen3_prompts if family == "qwen3_vl" else qwen_prompts
+    build = qwen3_prompts if family in ("qwen3_vl", "qwen3_5") else qwen_prompts
     inputs = build([media], [text])
     for kind, pv, grid in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos",
                                                                         "video_grid_thw")):
@@ -146,7 +152,7 @@ def flex_kernel(monkeypatch):
 
 
 FAMILIES = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
-ENCODER_FAMILIES = [*FAMILIES, "qwen2_5_omni"]  # Omni's prompts interleave audio: its encoder is tested alone
+ENCODER_FAMILIES = [*FAMILIES, "qwen2_5_omni", "qwen3_5"]  # Omni's prompts interleave audio: encoder alone
 
 
 @pytest.mark.parametrize("family", ENCODER_FAMILIES)

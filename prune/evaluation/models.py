@@ -323,8 +323,11 @@ def text_inputs(
     vocab = int(text.vocab_size)
     bos = getattr(text, "bos_token_id", None)
     # every modality's placeholder is special: a stray video token in an image prompt is a video token
-    others = [_config_id(config, *n) for n in (("image_token_id", "image_token_index"), ("video_token_id",
-                                                                                         "video_token_index"))]
+    others = [
+        _config_id(config, "image_token_id", "image_token_index"),
+        _config_id(config, "video_token_id", "video_token_index"),
+        _config_id(config, "audio_token_id", "audio_token_index"),
+    ]
     special = {
         i for i in (image_id, *others, start, end, bos, getattr(text, "eos_token_id", None)) if isinstance(i, int)
     }
