@@ -222,6 +222,16 @@ def test_seam_gone_fails_loudly(monkeypatch):
     assert model.prune_state.vision_attention == "default"
 
 
+def test_inference_mode(flex_kernel):
+    model = tiny_qwen_vl("2.5", attn_implementation="sdpa")
+    inputs = _inputs("qwen2_5_vl")
+    with torch.inference_mode():
+        ref = model(**inputs).logits
+        prune.wrap(model, "hiprune", keep=1.0, vision_attention="segmented")
+        out = model(**inputs).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
 def test_per_segment_call_without_tap_warns_and_stays_right(monkeypatch):
     """If a release routed the module to its per-segment loop anyway, the output is still right."""
     import sys

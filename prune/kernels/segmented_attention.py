@@ -163,8 +163,15 @@ _MASKS_SIZE = 8
 _MASKS_LOCK = threading.Lock()
 
 
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor (made under torch.inference_mode) has no version counter
+        return -1
+
+
 def _cached_block_mask(cu_seqlens: torch.Tensor, n: int, device: torch.device):
-    key = (id(cu_seqlens), cu_seqlens._version, n, str(device))
+    key = (id(cu_seqlens), _version(cu_seqlens), n, str(device))
     with _MASKS_LOCK:  # threads share the cache (a hit needs the very tensor object, alive)
         hit = _MASKS.get(key)
         if hit is not None and hit[0]() is cu_seqlens:
