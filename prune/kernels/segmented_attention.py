@@ -176,6 +176,11 @@ def _cached_block_mask(cu_seqlens: torch.Tensor, n: int, device: torch.device):
         hit = _MASKS.get(key)
         if hit is not None and hit[0]() is cu_seqlens:
             return hit[1]
+    if cu_seqlens.device.type == "cpu":
+        _bounds(cu_seqlens, n)  # host data: validated on the host
+    else:  # device data: checked on the device, without a host sync
+        ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == n) & (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
+        _assert_async(ok, "cu_seqlens must rise from 0 to N")
     mask = segment_block_mask(cu_seqlens, n, device)
     with _MASKS_LOCK:
         for old in [k for k, (ref, _) in _MASKS.items() if ref() is None]:
@@ -212,11 +217,7 @@ def segmented_attention_flex(
     _, h, hk = _check(q, k, v, cu_seqlens)
     if not isinstance(cu_seqlens, torch.Tensor):
         cu_seqlens = torch.tensor(_bounds(cu_seqlens, q.shape[2]), dtype=torch.int32)
-    elif cu_seqlens.device.type == "cpu":
-        _bounds(cu_seqlens, q.shape[2])  # host data: validate on the host
-    else:  # device data: checked on the device, no host sync
-        _assert_async((cu_seqlens[0] == 0) & (cu_seqlens[-1] == q.shape[2]), "cu_seqlens must rise from 0 to N")
-    block_mask = _cached_block_mask(cu_seqlens, q.shape[2], q.device)
+    block_mask = _cached_block_mask(cu_seqlens, q.shape[2], q.device)  # validates cu_seqlens when it builds
     if compiled is None:
         compiled = q.is_cuda
     fn = _compiled_flex() if compiled else flex_attention
