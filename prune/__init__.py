@@ -16,6 +16,7 @@ from torch import nn
 from ._compat import warn_if_untested
 from .config import PruneConfig
 from .hooks import adapter_for
+from .hooks import vision_attention as _vision_attention
 from .methods import get_method, method_names
 from .state import PruneRecord, PruneState
 
@@ -29,6 +30,7 @@ def wrap(
     keep: float | int = 0.33,
     *,
     positions: str | None = None,
+    vision_attention: str | None = None,
     **options: Any,
 ) -> nn.Module:
     """Install pruning hooks on ``model`` in place and return it.
@@ -38,6 +40,11 @@ def wrap(
         method: a method name, or a :class:`PruneConfig` (then ``keep``/``positions``/options must be unset).
         keep: fraction in (0, 1] of each image's vision tokens, or an int >= 1 tokens per image.
         positions: "original" | "compact" | None (the method's preset for this model family).
+        vision_attention: "segmented" | "default" | None: "segmented" runs the vision encoder's windowed /
+            per-image attention as one FlexAttention call per layer (Qwen-family encoders; compiled on
+            CUDA), "default" leaves the model's implementation; None: segmented for Qwen-family
+            encoders on CUDA loaded with eager / SDPA, default elsewhere. ``prune_state.vision_attention``
+            says what was installed.
         **options: method options, e.g. ``alpha=0.1`` for hiprune (``prune methods`` lists them).
 
     Wrapping a wrapped model replaces its config. ``model.prune_state.last`` records the last prefill.
@@ -46,12 +53,15 @@ def wrap(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(method, PruneConfig):
-        if options or positions is not None:
+        if options or positions is not None or vision_attention is not None:
             raise TypeError("pass either a PruneConfig or method/keep/options, not both")
         config = method
     else:
-        config = PruneConfig(method=method, keep=keep, positions=positions, options=options)
+        config = PruneConfig(
+            method=method, keep=keep, positions=positions, options=options, vision_attention=vision_attention
+        )
     adapter = adapter_for(model)  # raises for unsupported classes before anything changes
+    attention = _vision_attention.resolve(adapter, config.vision_attention)
     positions_mode, method_options = config.resolved(adapter.family)
     preset = getattr(get_method(config.method), "preset_positions", None)
     if config.positions is None and preset in adapter.position_modes:
@@ -66,7 +76,7 @@ def wrap(
     previous = getattr(model, "prune_state", None)
     if previous is not None:
         unwrap(model)
-    state = PruneState(config=config, family=adapter.family, positions=positions_mode)
+    state = PruneState(config=config, family=adapter.family, positions=positions_mode, vision_attention=attention)
     try:
         adapter.install(state, method_obj)
     except BaseException:

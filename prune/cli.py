@@ -287,6 +287,33 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_encoder(args: argparse.Namespace) -> int:
+    from .evaluation import bench_encoder
+    from .evaluation import models as M
+
+    spec = M.resolve_model(args.model)
+    device = args.device or _default_device()
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    settings = bench_encoder.EncoderBenchSettings(
+        image_size=args.image_size,
+        frames=args.frames,
+        frame_size=args.frame_size,
+        prompt_tokens=args.prompt_tokens,
+        warmup=args.warmup,
+        rounds=args.rounds,
+        dtype=dtype,
+        attn=args.attn,
+        device=device,
+        seed=args.seed,
+        prefill=not args.no_prefill,
+    )
+    result = bench_encoder.run_encoder_bench(spec, settings, progress=not args.no_progress)
+    paths = bench_encoder.write_outputs(result, args.out)
+    print(bench_encoder.markdown(result))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def _eval_options(pairs: list[str] | None, methods: list[str]) -> dict[str, dict[str, Any]]:
     """``--option`` for prune eval: ``method.name=value`` for one method, ``name=value`` for every
     method of the sweep that has the option."""
@@ -534,6 +561,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser(
+        "bench-encoder",
+        help="Qwen-family vision encoder: transformers' per-window attention vs one segmented call (JSON + markdown)",
+        description="Time the vision encoder (image and video) and the wrapped model's prefill (keep 1 and hiprune "
+        "keep 0.11) with vision_attention='default' and 'segmented', round-robin (min, median, spread over --rounds "
+        "rounds after --warmup rounds; CUDA events on a GPU), and the largest difference of the encoder outputs.",
+    )
+    p.add_argument("--model", default="qwen2.5-vl-7b", help=models_help + " (default: %(default)s)")
+    p.add_argument("--image-size", type=_positive, default=1344, help="square image side in px (default: %(default)s)")
+    p.add_argument("--frames", type=_positive, default=32, help="video frames (default: %(default)s)")
+    p.add_argument("--frame-size", type=_positive, default=448, help="square frame side in px (default: %(default)s)")
+    p.add_argument(
+        "--prompt-tokens", type=_positive, default=64, help="text tokens per prompt (default: %(default)s)"
+    )
+    p.add_argument(
+        "--warmup", type=_non_negative, default=2, help="warm-up rounds, not recorded (default: %(default)s)"
+    )
+    p.add_argument("--rounds", type=_positive, default=10, help="timed rounds (default: %(default)s)")
+    p.add_argument("--no-prefill", action="store_true", help="time the encoder only")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument(
+        "--dtype", choices=["bfloat16", "float16", "float32"], help="default: bfloat16 on cuda, float32 on cpu"
+    )
+    p.add_argument(
+        "--attn", choices=["sdpa", "eager"], default="sdpa", help="the model's attention implementation (default: %(default)s)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, media and prompt (default: %(default)s)")
+    p.add_argument("--out", default="benchmarks/results", help="output folder (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_bench_encoder)
+
+    p = sub.add_parser(
         "eval",
         help="lmms-eval sweeps over methods x keep: accuracy table and accuracy-vs-keep plot",
         description="Run lmms-eval tasks on the unpruned model and every method x keep (one model load, in process). "
@@ -640,7 +698,9 @@ def _from_prune(exc: BaseException) -> bool:
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
-    return module in ("prune", "prune.config", "prune.hooks") or module.startswith("prune.methods")
+    return module in ("prune", "prune.config", "prune.hooks", "prune.hooks.vision_attention") or module.startswith(
+        "prune.methods"
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import yaml
 from .methods import get_method
 
 POSITION_MODES = ("original", "compact")
+VISION_ATTENTION = ("segmented", "default")
 
 
 def configs_dir() -> Path:
@@ -44,12 +45,17 @@ class PruneConfig:
         positions: "original" keeps each kept token's position id, "compact" renumbers the kept
             sequence contiguously; None takes the method x family preset (configs/presets.yaml).
         options: method options (see ``prune methods``); unknown names raise TypeError.
+        vision_attention: how the vision encoder of a wrapped model runs windowed / per-image attention:
+            "segmented" (one FlexAttention call per layer over all windows; Qwen-family encoders),
+            "default" (the model's own implementation, e.g. one SDPA call per window), or None:
+            segmented for Qwen-family encoders on CUDA that run eager / SDPA, default elsewhere.
     """
 
     method: str = "hiprune"
     keep: float | int = 0.33
     positions: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    vision_attention: str | None = None
 
     def __post_init__(self) -> None:
         method_cls = get_method(self.method)
@@ -62,6 +68,10 @@ class PruneConfig:
             raise ValueError(f"keep={keep} as a token count must be >= 1")
         if self.positions is not None and self.positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES} or None, got {self.positions!r}")
+        if self.vision_attention is not None and self.vision_attention not in VISION_ATTENTION:
+            raise ValueError(
+                f"vision_attention must be one of {VISION_ATTENTION} or None, got {self.vision_attention!r}"
+            )
         method_cls(**self.options)  # validates option names early
 
     def resolved(self, family: str) -> tuple[str, dict[str, Any]]:

@@ -143,6 +143,8 @@ class PruneState:
     config: PruneConfig
     family: str
     positions: str
+    #: the vision encoder's attention while wrapped: "segmented" (one call per layer) or "default"
+    vision_attention: str = "default"
     _removers: list = field(default_factory=list, repr=False)
     _latest: PruneRecord | None = field(default=None, repr=False)
 

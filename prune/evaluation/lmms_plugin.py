@@ -9,7 +9,8 @@ Registered through lmms-eval's entry-point group ``lmms_eval.models`` (see pypro
 ``base`` names an lmms-eval model (``llava_hf``, ``qwen2_5_vl``, ...); it is built by lmms-eval as
 usual from the remaining arguments, then its Hugging Face model is wrapped with :func:`prune.wrap`.
 ``method`` (a prune method, or ``none`` for the unpruned model with the same statistics), ``keep``
-(a fraction in (0, 1] -- write ``1.0`` for all tokens -- or an int token count), ``positions`` and
+(a fraction in (0, 1] -- write ``1.0`` for all tokens -- or an int token count), ``positions``,
+``vision_attention`` (``segmented`` | ``default``) and
 the method's options (``prune methods`` lists them; prefix one with ``prune_`` if the base model has
 an argument of the same name) go to prune; everything else goes to the base model.
 
@@ -46,7 +47,7 @@ __all__ = [
 
 LMMS_EVAL_RANGE = ">=0.7.3,<0.8"
 MODEL_ID = "pruned"
-PRUNE_KEYS = ("method", "keep", "positions")
+PRUNE_KEYS = ("method", "keep", "positions", "vision_attention")
 
 
 def manifests():
@@ -76,6 +77,7 @@ def split_model_args(args: dict[str, Any]) -> tuple[str, PruneConfig | None, dic
     method = str(args.pop("method", "hiprune"))
     keep = args.pop("keep", 0.33)
     positions = args.pop("positions", None)
+    vision_attention = args.pop("vision_attention", None)
     options = {k[len("prune_") :]: args.pop(k) for k in list(args) if k.startswith("prune_")}
     if method == "none":
         if options:
@@ -84,7 +86,10 @@ def split_model_args(args: dict[str, Any]) -> tuple[str, PruneConfig | None, dic
     defaults = get_method(method).defaults  # raises for an unknown method name
     # an option name is prune's, unless prune_<name> was given: then the plain name is the base model's
     options.update({k: args.pop(k) for k in list(args) if k in defaults and k not in options})
-    return str(base), PruneConfig(method=method, keep=keep, positions=positions, options=options), args
+    config = PruneConfig(
+        method=method, keep=keep, positions=positions, options=options, vision_attention=vision_attention
+    )
+    return str(base), config, args
 
 
 def find_hf_model(lm: Any) -> nn.Module:

@@ -322,8 +322,14 @@ def text_inputs(
     text = config.get_text_config()
     vocab = int(text.vocab_size)
     bos = getattr(text, "bos_token_id", None)
+    # every modality's placeholder is special: a stray video token in an image prompt is a video token
+    others = [
+        _config_id(config, "image_token_id", "image_token_index"),
+        _config_id(config, "video_token_id", "video_token_index"),
+        _config_id(config, "audio_token_id", "audio_token_index"),
+    ]
     special = {
-        i for i in (image_id, start, end, bos, getattr(text, "eos_token_id", None)) if isinstance(i, int)
+        i for i in (image_id, *others, start, end, bos, getattr(text, "eos_token_id", None)) if isinstance(i, int)
     }
     gen = torch.Generator().manual_seed(seed)
     low, high = min(10, vocab // 4), min(vocab, 30000)

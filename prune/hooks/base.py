@@ -21,6 +21,7 @@ from .._compat import cache_length, find_cache
 from ..kernels import attention_stats
 from ..methods import EncoderInfo, Method, SignalRequest, View
 from ..state import ImageRecord, PruneRecord, PruneState
+from . import vision_attention
 from .attention_tap import install_tap
 from .cutter import cut_prefill, map_decode, two_d_mask
 
@@ -108,6 +109,9 @@ class Adapter:
     feature_functions: ClassVar[dict[str, str]] = {"image": "get_image_features"}
     #: position modes this family supports
     position_modes: ClassVar[tuple[str, ...]] = ("original", "compact")
+    #: the vision encoder attends over segments (windows, images, frames) of one packed sequence and
+    #: its attention takes cu_seqlens: ``vision_attention="segmented"`` applies (vision_attention.py)
+    segmented_vision: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -151,6 +155,8 @@ class Adapter:
     def install(self, state: PruneState, method: Method) -> None:
         requests = method.bind(self.encoder_info())
         self.state, self.method = state, method
+        if state.vision_attention == "segmented":  # before any tap: a tap goes over this view
+            state._removers.extend(vision_attention.install(self.vision_attention_modules()))
         self.decoder_cut = None
         if getattr(method, "in_llm", False):
             from .decoder_cut import DecoderCut

@@ -26,6 +26,7 @@ class Qwen2VLAdapter(Adapter):
     model_classes = ("Qwen2VLForConditionalGeneration",)
     feature_functions = {"image": "get_image_features", "video": "get_video_features"}
     position_modes = ("original",)
+    segmented_vision = True  # every Qwen ViT packs images / frames (and 2.5's windows) with cu_seqlens
 
     def multimodal_module(self) -> nn.Module:
         return self.model.model

@@ -10,12 +10,21 @@ Host syncs: none on the Triton paths of ``attention_stats`` (index lists / CPU t
 ``query_index`` or ``segments`` are validated on the host and their device copies cached by content;
 indices already on the GPU are checked with ``torch._assert_async``) and ``transition_variation``;
 ``topk_gather`` syncs once when ``k`` is a per-row tensor (to size its output).
+
+``segmented_attention`` (attention inside the ``cu_seqlens`` segments of one packed sequence) is
+the exception to "Triton on CUDA": its fast path is compiled FlexAttention (which generates Triton),
+beside the same kind of plain-torch reference; no host sync on CUDA either.
 """
 
 from __future__ import annotations
 
 from ._triton_support import interpret_mode, triton_importable, use_triton
 from .attention_stats import attention_stats, attention_stats_reference, attention_stats_triton
+from .segmented_attention import (
+    segmented_attention,
+    segmented_attention_flex,
+    segmented_attention_reference,
+)
 from .topk_gather import topk_gather, topk_gather_reference, topk_gather_triton
 from .transition_variation import (
     transition_variation,
@@ -28,6 +37,9 @@ __all__ = [
     "attention_stats_reference",
     "attention_stats_triton",
     "interpret_mode",
+    "segmented_attention",
+    "segmented_attention_flex",
+    "segmented_attention_reference",
     "topk_gather",
     "topk_gather_reference",
     "topk_gather_triton",

@@ -1,0 +1,341 @@
+"""`prune bench-encoder`: the vision encoder with transformers' attention path vs one segmented call.
+
+Qwen-family encoders attend inside windows / images / frames; with SDPA or eager transformers runs one
+attention call per segment (~80 windows x 28 blocks per 1344 px image on Qwen2.5-VL-7B), which makes
+the encoder launch-bound. ``vision_attention="segmented"`` (``prune.wrap``) runs each layer as one
+FlexAttention call over all segments. This benchmark measures, on one model (a shipped shape with
+random weights: speed does not depend on the values), for an image and a video:
+
+- ``encoder``: ``get_image_features`` / ``get_video_features`` (vision encoder + merger) with the
+  model's own attention (``default``) and with the segmented one installed on the encoder's
+  attention modules (``segmented``);
+- ``prefill``: one forward of the wrapped model over the prompt (vision encoder + pruning + language
+  model) at keep 1.0 and with hiprune at keep 0.11, each with ``vision_attention`` default and
+  segmented;
+- ``max_abs_diff``: the largest difference between the encoder outputs of the two paths (and the
+  largest output magnitude beside it, for scale).
+
+Round-robin as MEASURING.md asks: every row once per round, the order rotating, ``rounds`` rounds
+after ``warmup`` rounds (bench.py's loop); per row min / median / spread of the GPU time (CUDA
+events) and the host time to return before synchronising. The first segmented call compiles
+FlexAttention (tens of seconds; a second sequence length recompiles once): the warm-up rounds take it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import prune
+
+from ..hooks import adapter_for
+from ..hooks import vision_attention as VA  # noqa: N812
+from . import models as M
+from .bench import _Clock, _device_name, _reset_rope_deltas, _round_robin, _Samples, _slug
+
+SCHEMA = "prune.bench_encoder/1"
+MODES = ("default", "segmented")
+
+
+@dataclass
+class EncoderBenchSettings:
+    image_size: int = 1344  # square image; the processor resizes it to its pixel budget
+    frames: int = 32
+    frame_size: int = 448
+    prompt_tokens: int = 64
+    warmup: int = 2
+    rounds: int = 10
+    dtype: str = "bfloat16"
+    attn: str = "sdpa"
+    device: str = "cuda"
+    seed: int = 0
+    prefill: bool = True
+    prefill_keeps: tuple[float, ...] = (1.0, 0.11)
+    method: str = "hiprune"
+
+
+def _modality_inputs(inputs: dict[str, torch.Tensor], modality: str) -> dict[str, torch.Tensor]:
+    keys = ("pixel_values", "image_grid_thw") if modality == "image" else ("pixel_values_videos", "video_grid_thw")
+    return {k: inputs[k] for k in keys if k in inputs}
+
+
+class _EncoderRow:
+    """The encoder (feature function) of one modality, with one attention mode."""
+
+    kind = "encoder"
+
+    def __init__(self, model: nn.Module, modality: str, mode: str, inputs: dict, clock: _Clock) -> None:
+        self.model, self.modality, self.mode, self.clock = model, modality, mode, clock
+        self.adapter = adapter_for(model)
+        self.pixels = _modality_inputs(inputs, modality)
+        self.fn = getattr(self.adapter.multimodal_module(), f"get_{modality}_features")
+        self.samples = _Samples()
+        self.row: dict[str, Any] = {"kind": self.kind, "input": modality, "attention": mode, "status": "ok"}
+        self._removers: list = []
+
+    def enter(self) -> None:
+        if self.mode == "segmented":
+            self._removers = VA.install(self.adapter.vision_attention_modules())
+
+    def exit(self) -> None:
+        for remove in reversed(self._removers):
+            remove()
+        self._removers = []
+
+    def run(self):
+        return self.fn(**self.pixels)
+
+    def measure(self, samples: _Samples) -> None:
+        ms, host, _ = self.clock(self.run)
+        samples.add("ms", ms)
+        samples.add("host_ms", host)
+
+
+class _PrefillRow(_EncoderRow):
+    """One forward of the wrapped model (``method`` at ``keep``) with one ``vision_attention``."""
+
+    kind = "prefill"
+
+    def __init__(self, model, modality, mode, inputs, clock, method: str, keep: float) -> None:
+        super().__init__(model, modality, mode, inputs, clock)
+        self.method, self.keep = method, keep
+        text = {k: inputs[k] for k in inputs if k not in ("pixel_values", "image_grid_thw", "pixel_values_videos",
+                                                           "video_grid_thw")}
+        self.inputs = {**text, **self.pixels}
+        self.row.update(method=method, keep=keep)
+
+    def enter(self) -> None:
+        prune.wrap(self.model, self.method, keep=self.keep, vision_attention=self.mode)
+
+    def exit(self) -> None:
+        if getattr(self.model, "prune_state", None) is not None:
+            prune.unwrap(self.model)
+
+    def run(self):
+        _reset_rope_deltas(self.model)
+        return self.model(**self.inputs, use_cache=True, logits_to_keep=1)
+
+
+def _encoder_output(out) -> torch.Tensor:
+    """The features of a feature function's return (a tensor, a tuple / list of per-item tensors, or
+    a model output whose first field holds them)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "pooler_output") and out.pooler_output is not None:
+        out = out.pooler_output
+    elif hasattr(out, "to_tuple"):
+        out = out.to_tuple()[0]
+    if isinstance(out, (list, tuple)):
+        return torch.cat([o.reshape(-1, o.shape[-1]) for o in out])
+    return out
+
+
+def _differences(rows: list[_EncoderRow]) -> dict[str, dict[str, float]]:
+    """Per modality: max |segmented - default| of the encoder outputs and max |default|."""
+    out = {}
+    by = {(r.modality, r.mode): r for r in rows if r.kind == "encoder"}
+    for modality in ("image", "video"):
+        if (modality, "default") not in by:
+            continue
+        with torch.no_grad():
+            outputs = {}
+            for mode in MODES:
+                row = by[(modality, mode)]
+                row.enter()
+                try:
+                    outputs[mode] = _encoder_output(row.run()).float()
+                finally:
+                    row.exit()
+        ref = outputs["default"]
+        out[modality] = {
+            "max_abs_diff": float((outputs["segmented"] - ref).abs().max()),
+            "max_abs": float(ref.abs().max()),
+            "rows": int(ref.shape[0]),
+        }
+    return out
+
+
+def _summary(row: _EncoderRow) -> dict[str, Any]:
+    s = row.samples
+    return {
+        **row.row,
+        "ms": s.low("ms"),
+        "median_ms": s.median("ms"),
+        "spread": s.spread("ms"),
+        "host_ms": s.low("host_ms"),
+        "rounds": len(s.values.get("ms", [])),
+    }
+
+
+def _speedups(rows: list[dict[str, Any]]) -> None:
+    """``speedup`` of each segmented row over its default twin (by min and by median)."""
+    key = lambda r: (r["kind"], r["input"], r.get("method"), r.get("keep"))  # noqa: E731
+    default = {key(r): r for r in rows if r["attention"] == "default"}
+    for r in rows:
+        base = default.get(key(r))
+        if r["attention"] == "segmented" and base and r["ms"] and base["ms"]:
+            r["speedup"] = base["ms"] / r["ms"]
+            r["median_speedup"] = base["median_ms"] / r["median_ms"] if r["median_ms"] else None
+
+
+def run_encoder_bench(
+    spec: M.ModelSpec,
+    settings: EncoderBenchSettings,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Build the model, measure every row round-robin; returns the JSON dict."""
+    device = torch.device(settings.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise M.ModelSpecError("--device cuda but torch sees no CUDA device (use --device cpu)")
+    dtype = M.DTYPES[settings.dtype]
+    model = M.build_model(spec, device=device, dtype=dtype, attn_implementation=settings.attn, seed=settings.seed)
+    adapter = adapter_for(model)
+    if not adapter.segmented_vision:
+        raise M.ModelSpecError(f"{spec.name}: its vision encoder has no segments (a Qwen-family model is needed)")
+    from .tasks.shapes import random_scene, render_scene
+
+    image = render_scene(random_scene(settings.seed), size=(settings.image_size, settings.image_size))
+    image_inputs = M.make_inputs(model, M.build_image_processor(spec), [image], prompt_tokens=settings.prompt_tokens,
+                                 seed=settings.seed, device=device, dtype=dtype, spec=spec)
+    frames = [render_scene(random_scene(settings.seed + 1 + i), size=(settings.frame_size, settings.frame_size))
+              for i in range(settings.frames)]
+    video_inputs = M.make_video_inputs(model, spec, frames, prompt_tokens=settings.prompt_tokens, seed=settings.seed,
+                                       device=device, dtype=dtype)
+    inputs = {"image": image_inputs, "video": video_inputs}
+    grids = {"image": image_inputs["image_grid_thw"].tolist(), "video": video_inputs["video_grid_thw"].tolist()}
+    clock = _Clock(device)
+    rows: list[_EncoderRow] = [
+        _EncoderRow(model, modality, mode, inputs[modality], clock) for modality in ("image", "video") for mode in MODES
+    ]
+    if settings.prefill:
+        rows += [
+            _PrefillRow(model, modality, mode, inputs[modality], clock, settings.method, keep)
+            for modality in ("image", "video")
+            for keep in settings.prefill_keeps
+            for mode in MODES
+        ]
+    log(
+        f"{spec.name}: {type(model).__name__} ({settings.dtype}, {settings.attn}) on {_device_name(device)}; "
+        f"image grid {grids['image']}, video grid {grids['video']}; {len(rows)} rows, {settings.rounds} rounds "
+        f"after {settings.warmup} warm-up rounds"
+    )
+    with torch.no_grad():
+        _round_robin(rows, settings, progress, log)  # reads warmup and rounds
+    differences = _differences(rows)
+    summaries = [_summary(r) for r in rows]
+    _speedups(summaries)
+    return {
+        "schema": SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": spec.name, "architecture": type(model).__name__, "source": "shape (random weights)"
+                  if not spec.pretrained else str(spec.path)},
+        "environment": {
+            "device": _device_name(device),
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "prune": prune.__version__,
+        },
+        "settings": {**asdict(settings), "prefill_keeps": list(settings.prefill_keeps)},
+        "grids": grids,
+        "vision_tokens": {k: int(sum(t * h * w for t, h, w in g) // adapter.merge_size() ** 2) for k, g in grids.items()},
+        "max_abs_diff": differences,
+        "rows": summaries,
+    }
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    env, s = result["environment"], result["settings"]
+    lines = [
+        f"### {result['model']['name']}: vision encoder, default vs segmented attention",
+        "",
+        f"{env['device']}, torch {env['torch']}, transformers {env['transformers']}; {s['dtype']}, {s['attn']}; "
+        f"image {s['image_size']} px (grid {result['grids']['image']}), video {s['frames']} x {s['frame_size']} px "
+        f"(grid {result['grids']['video']}); {s['rounds']} rounds after {s['warmup']} warm-up, round-robin",
+        "",
+        "| row | input | method @ keep | attention | min ms | median ms | spread | host ms | speedup (min / median) |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        what = f"{r['method']} @ {r['keep']}" if r["kind"] == "prefill" else "-"
+        speed = "-"
+        if r.get("speedup"):
+            speed = f"{r['speedup']:.2f}x / {_fmt(r.get('median_speedup'), 2)}x"
+        spread = "-" if r["spread"] is None else f"{100 * r['spread']:.0f} %"
+        lines.append(
+            f"| {r['kind']} | {r['input']} | {what} | {r['attention']} | {_fmt(r['ms'])} | {_fmt(r['median_ms'])} | "
+            f"{spread} | {_fmt(r['host_ms'])} | {speed} |"
+        )
+    lines.append("")
+    for modality, d in result["max_abs_diff"].items():
+        lines.append(
+            f"- {modality}: encoder outputs ({d['rows']} rows) differ by at most {d['max_abs_diff']:.3g} "
+            f"(largest output magnitude {d['max_abs']:.3g})"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: str | Path) -> Path:
+    """Bars: min ms of every row, default and segmented side by side."""
+    from . import plots
+
+    fig, axes = plots.figure(1, width=7.0)
+    ax = axes[0] if isinstance(axes, (list, tuple)) else axes
+    groups: dict[str, dict[str, float]] = {}
+    for r in result["rows"]:
+        label = f"{r['kind']} {r['input']}" + (f"\n{r['method']}@{r['keep']}" if r["kind"] == "prefill" else "")
+        groups.setdefault(label, {})[r["attention"]] = r["ms"] or 0.0
+    labels = list(groups)
+    width = 0.4
+    for i, mode in enumerate(MODES):
+        xs = [j + (i - 0.5) * width for j in range(len(labels))]
+        ax.bar(xs, [groups[lab].get(mode, 0.0) for lab in labels], width, label=mode)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylabel("ms (min over rounds)")
+    ax.legend()
+    ax.set_title(f"{result['model']['name']} on {result['environment']['device']}", fontsize=9)
+    return plots.save(fig, path)
+
+
+def write_outputs(result: dict[str, Any], out_dir: str | Path, *, log: Callable[[str], None] = print
+                  ) -> dict[str, Path]:
+    """``bench_encoder_<model>_<device>.{json,md,png}`` in ``out_dir`` (no PNG without matplotlib)."""
+    from .plots import PlotUnavailable
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"bench_encoder_{_slug(result['model']['name'])}_{_slug(result['environment']['device'])}"
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
+    text = markdown(result)
+    try:
+        paths["png"] = plot(result, out_dir / f"{stem}.png")
+        text += f"\n![{result['model']['name']}]({paths['png'].name})\n"
+    except PlotUnavailable as exc:
+        log(f"note: {exc}; wrote JSON and markdown only")
+    paths["md"].write_text(text)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m prune.evaluation.bench_encoder``: the same as ``prune bench-encoder``."""
+    from ..cli import main as cli_main
+
+    return cli_main(["bench-encoder", *(argv if argv is not None else __import__("sys").argv[1:])])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
