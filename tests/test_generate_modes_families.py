@@ -185,14 +185,17 @@ def test_second_turn_on_the_cache_equals_one_longer_call(family, method):
     case = FamilyCase(family, text_layers=4)
     model = prune.wrap(case.model, method, keep=_keep(method))
     inputs = case.inputs([0, 1, 2])
+    logits = {"return_dict_in_generate": True, "output_logits": True}
     with torch.no_grad():
-        whole = _new(model.generate(**inputs, max_new_tokens=7, min_new_tokens=7, do_sample=False), inputs)
+        whole = model.generate(**inputs, max_new_tokens=7, min_new_tokens=7, do_sample=False, **logits)
         out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
                              return_dict_in_generate=True)
         turn = case.history(inputs, _new(out, inputs))
         nxt = model.generate(**turn, past_key_values=find_cache(out), max_new_tokens=4, min_new_tokens=4,
-                             do_sample=False)
-    assert _new(nxt, turn).tolist() == whole[:, 3:].tolist()
+                             do_sample=False, **logits)
+    assert _new(nxt, turn).tolist() == _new(whole, inputs)[:, 3:].tolist()
+    for step in range(4):  # logits too: tiny models' greedy tokens barely depend on M-RoPE positions
+        torch.testing.assert_close(nxt.logits[step], whole.logits[3 + step], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family, method", _cases(llm=()))
