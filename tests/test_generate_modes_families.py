@@ -33,6 +33,15 @@ QWEN_PROMPTS = [  # an image, two images, text only, a video (timestamps between
     [("video", (2, 8, 8))],
 ]
 TEXT_LENS = [9, 6, 12, 7]
+# transformers < 5.23 runs the encoder inside the expanded forward on media it repeated per row
+# (repeat_interleave of tiles / images): the copies of an InternVL prompt with several tiles or a
+# Gemma 3 prompt with several images then see different pixels, unwrapped as well (known gap, README)
+OLD_GENERATE = tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (5, 23)
+
+
+def _skip_expanded_media(family, method):
+    if OLD_GENERATE and family in ("internvl", "gemma3") and method not in ("random", "fastv"):
+        pytest.skip(f"transformers {transformers.__version__} expands {family}'s media per row before encoding")
 
 
 class FamilyCase:
@@ -106,6 +115,7 @@ def _cases(methods=("random", "hiprune"), llm=("fastv",)):
 
 @pytest.mark.parametrize("family, method", _cases())
 def test_beams_keep_one_set_per_prompt_and_batch_equals_singles(family, method):
+    _skip_expanded_media(family, method)
     case = FamilyCase(family, text_layers=4)
     model = prune.wrap(case.model, method, keep=_keep(method))
     inputs = case.inputs([0, 1])
@@ -127,6 +137,7 @@ def test_beams_keep_one_set_per_prompt_and_batch_equals_singles(family, method):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sampling_with_return_sequences_keeps_one_set_per_prompt(family):
+    _skip_expanded_media(family, "hiprune")
     case = FamilyCase(family)
     inputs = case.inputs([1])
     sample = {"do_sample": True, "num_return_sequences": 2, "top_k": 5}
@@ -152,6 +163,7 @@ def test_expanded_generate_equals_the_language_model_on_the_reduced_embeds(famil
     """1-D positions (compact): the oracle is the unwrapped model's own generate with the same decoding
     arguments on the reduced inputs_embeds. (Gemma 3's generate takes no inputs_embeds; Qwen's
     M-RoPE positions are not those of an inputs_embeds call: their oracles are in their own files.)"""
+    _skip_expanded_media(family, "hiprune")
     case = FamilyCase(family)
     inputs = case.inputs([1])
     args = {"num_beams": 2, "num_return_sequences": 2, "do_sample": False} if mode == "beams" else \
