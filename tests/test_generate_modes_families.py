@@ -1,4 +1,5 @@
-"""Every generate mode (DESIGN.md) on the families of issue 16: Qwen3-VL, Qwen3.5, InternVL, Gemma 3.
+"""Every generate mode (DESIGN.md) on the families of issue 16: Qwen3-VL, Qwen3.5, InternVL, Gemma 3
+and LLaVA-NeXT-Video.
 Beam search and num_return_sequences, sampling, a later turn on the cache, static cache, copies,
 pickles, threads and mixed batches behave as on the unwrapped model (tests/test_generate_modes.py
 covers LLaVA, LLaVA-NeXT, Qwen2.5-VL and the Omni thinker the same way)."""
@@ -22,10 +23,11 @@ FAMILIES = [
         ("qwen3_5", "Qwen3_5ForConditionalGeneration"),
         ("internvl", "InternVLForConditionalGeneration"),
         ("gemma3", "Gemma3ForConditionalGeneration"),
+        ("llava_next_video", "LlavaNextVideoForConditionalGeneration"),
     )
     if hasattr(transformers, cls)  # a family whose classes are missing is simply absent
 ]
-IN_LLM = [f for f in FAMILIES if f in ("qwen3_vl", "internvl")]  # Qwen3.5 and Gemma 3 refuse in-LLM methods
+IN_LLM = [f for f in FAMILIES if f in ("qwen3_vl", "internvl", "llava_next_video")]  # Qwen3.5 and Gemma 3 refuse in-LLM methods
 QWEN_PROMPTS = [  # an image, two images, text only, a video (timestamps between its slices)
     [("image", (1, 8, 12))],
     [("image", (1, 8, 8)), ("image", (1, 12, 8))],
@@ -40,13 +42,14 @@ OLD_GENERATE = tuple(int(x) for x in transformers.__version__.split(".")[:2]) < 
 
 
 def _skip_expanded_media(family, method):
-    if OLD_GENERATE and family in ("internvl", "gemma3") and method not in ("random", "fastv"):
+    if OLD_GENERATE and family in ("internvl", "gemma3", "llava_next_video") and method not in ("random", "fastv"):
         pytest.skip(f"transformers {transformers.__version__} expands {family}'s media per row before encoding")
 
 
 class FamilyCase:
     """A tiny model of ``family`` and a batch of four prompts: one image, two images, text only, and
-    a video (Qwen) or a one-image prompt (InternVL: an image of 2 tiles; Gemma 3: one more image)."""
+    a video (Qwen, LLaVA-NeXT-Video) or a one-image prompt (InternVL: an image of 2 tiles; Gemma 3:
+    one more image)."""
 
     def __init__(self, family, text_layers=2, seed=4):
         from prune import _tiny
@@ -62,6 +65,14 @@ class FamilyCase:
             self.tiles = [[1], [3, 1], [], [2]]
             self.model = _tiny.tiny_internvl(text_layers=text_layers)
             self.batch = _tiny.internvl_inputs(self.tiles, TEXT_LENS, seed=seed)
+        elif family == "llava_next_video":
+            from tests.test_llava_next_video import KINDS
+
+            self.prompts = [KINDS["image"], KINDS["2 images"], [], KINDS["video"]]
+            self.model = _tiny.tiny_llava_next_video(text_layers=text_layers)
+            # placeholder counts from a twin: a forward leaves transformers' unpicklable hooks on a model
+            twin = _tiny.tiny_llava_next_video(text_layers=1)
+            self.batch = _tiny.next_video_inputs(twin, self.prompts, TEXT_LENS, seed=seed)
         else:
             self.images = [1, 2, 0, 1]
             self.model = _tiny.tiny_gemma3(text_layers=max(text_layers, 2))
@@ -74,6 +85,10 @@ class FamilyCase:
             from tests.test_qwen import select_rows
 
             return select_rows(QWEN_PROMPTS, self.batch, rows)
+        if self.family == "llava_next_video":
+            from tests.test_llava_next_video import select_rows
+
+            return select_rows(self.prompts, self.batch, rows)
         if self.family == "internvl":
             from tests.test_internvl import select_rows
 
@@ -84,7 +99,7 @@ class FamilyCase:
 
     def media(self, inputs):
         """The media arguments of ``inputs`` (a fresh call on a history passes them again)."""
-        keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+        keys = ("pixel_values", "image_grid_thw", "image_sizes", "pixel_values_videos", "video_grid_thw")
         return {k: inputs[k] for k in keys if k in inputs}
 
     def history(self, inputs, tokens):
@@ -158,7 +173,8 @@ def test_sampling_with_return_sequences_keeps_one_set_per_prompt(family):
     assert again.tolist() == model_out.tolist()
 
 
-@pytest.mark.parametrize("family, mode", [(f, m) for f in FAMILIES if f == "internvl" for m in ("beams", "sample2")])
+@pytest.mark.parametrize("family, mode", [(f, m) for f in FAMILIES if f in ("internvl", "llava_next_video")
+                                          for m in ("beams", "sample2")])
 def test_expanded_generate_equals_the_language_model_on_the_reduced_embeds(family, mode):
     """1-D positions (compact): the oracle is the unwrapped model's own generate with the same decoding
     arguments on the reduced inputs_embeds. (Gemma 3's generate takes no inputs_embeds; Qwen's
