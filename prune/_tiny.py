@@ -833,3 +833,76 @@ def tiny_qwen3_5(*, attn_implementation: str = "eager", depth: int = 4, text_lay
     model = Qwen3_5ForConditionalGeneration(config)
     model.generation_config.pad_token_id = PAD_TOKEN
     return model.eval()
+
+
+# ---- LLaVA-NeXT-Video --------------------------------------------------------------------------
+NEXT_VIDEO_TOKEN = 121
+NEXT_VIDEO_SIZE, NEXT_VIDEO_PATCH = 16, 2  # 8x8 patches per frame, pooled 2x2 -> 4x4 = 16 tokens per frame
+
+
+def tiny_llava_next_video(*, attn_implementation: str = "eager", text_layers: int = 2, pool: str = "average",
+                          seed: int = 0):
+    """A LLaVA-NeXT-Video-shaped model: LLaVA-NeXT's anyres images (pinpoints up to 2x2 crops,
+    image_newline tokens) and video frames through the same CLIP, pooled 2x2 (``pool``: average, max
+    or conv) into 16 tokens per frame."""
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    torch.manual_seed(seed)
+    s = NEXT_VIDEO_SIZE
+    config = LlavaNextVideoConfig(
+        vision_config=_vision(s, NEXT_VIDEO_PATCH, 4, 32),
+        text_config=_text(64, text_layers),
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=NEXT_VIDEO_TOKEN,
+        image_grid_pinpoints=[[s, s], [s, 2 * s], [2 * s, s], [2 * s, 2 * s]],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        spatial_pool_mode=pool,
+        spatial_pool_stride=2,
+    )
+    config._attn_implementation = attn_implementation
+    model = LlavaNextVideoForConditionalGeneration(config)
+    with torch.no_grad():
+        model.model.image_newline.normal_()
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model.eval()
+
+
+def next_video_inputs(model, items_per_prompt: list[list[tuple]], text_lens: list[int], *, seed: int = 0) -> dict:
+    """Left-padded inputs for prompts of ``("image", (height, width))`` and ``("video", frames)`` items:
+    input_ids, attention_mask, pixel_values + image_sizes (5 anyres views of 16 px per image) and
+    pixel_values_videos (videos, frames, 3, 16, 16; every video of a batch has the same frame count)."""
+    gen = torch.Generator().manual_seed(seed)
+    s = NEXT_VIDEO_SIZE
+    images = [size for items in items_per_prompt for kind, size in items if kind == "image"]
+    videos = [frames for items in items_per_prompt for kind, frames in items if kind == "video"]
+    out: dict[str, torch.Tensor] = {}
+    counts = []
+    if images:
+        out["pixel_values"] = torch.randn(len(images), 5, 3, s, s, generator=gen)
+        out["image_sizes"] = torch.tensor(images)
+        counts = image_token_counts(model, out["pixel_values"], out["image_sizes"])
+    if videos:
+        if len(set(videos)) != 1:
+            raise ValueError("the videos of one batch need the same number of frames")
+        out["pixel_values_videos"] = torch.randn(len(videos), videos[0], 3, s, s, generator=gen)
+    per_frame = (s // NEXT_VIDEO_PATCH // model.config.spatial_pool_stride) ** 2
+    image_counts = iter(counts)
+    rows = []
+    for items, n_text in zip(items_per_prompt, text_lens):
+        pieces = len(items) + 1
+        cuts = [n_text * i // pieces for i in range(pieces + 1)]
+        row = [1]
+        for i in range(pieces):
+            row += torch.randint(3, IMAGE_TOKEN - 1, (cuts[i + 1] - cuts[i],), generator=gen).tolist()
+            if i < len(items):
+                kind, size = items[i]
+                row += [IMAGE_TOKEN] * next(image_counts) if kind == "image" else [NEXT_VIDEO_TOKEN] * (per_frame * size)
+        rows.append(row)
+    length = max(len(r) for r in rows)
+    out["input_ids"] = torch.full((len(rows), length), PAD_TOKEN, dtype=torch.long)
+    out["attention_mask"] = torch.zeros(len(rows), length, dtype=torch.long)
+    for b, row in enumerate(rows):
+        out["input_ids"][b, length - len(row) :] = torch.tensor(row)
+        out["attention_mask"][b, length - len(row) :] = 1
+    return out

@@ -147,6 +147,22 @@ def _default_device() -> str:
 # ---- commands ---------------------------------------------------------------------------------------
 
 
+# HiPrune's (object, deep) encoder layers (0-based) on each family's shipped real-size shape, from the
+# family preset's object_ratio and the adapter's feature layer (tests/test_cli_eval.py builds every
+# shape on the meta device and checks these against hiprune's own choice).
+HIPRUNE_LAYERS = {
+    "llava": ("llava-1.5-7b", "CLIP ViT-L/14, 24 layers, features of layer -2", 8, 22),
+    "llava_next": ("llava-next-7b", "CLIP ViT-L/14, 24 layers, features of layer -2", 8, 22),
+    "llava_onevision": ("llava-onevision-7b", "SigLIP so400m, 26 layers", 9, 25),
+    "qwen2_5_vl": ("qwen2.5-vl-7b", "Qwen2.5-VL ViT, 32 blocks", 15, 31),
+    "qwen2_5_omni": ("qwen2.5-omni-7b", "Qwen2.5-VL ViT, 32 blocks", 15, 31),
+    "qwen3_vl": ("qwen3-vl-8b", "Qwen3-VL ViT, 27 blocks", 13, 26),
+    "qwen3_5": ("qwen3.5-9b", "Qwen3-VL ViT, 27 blocks", 13, 26),
+    "gemma3": ("gemma-3-4b", "SigLIP so400m, 27 layers", 9, 26),
+    "internvl": ("internvl3.5-8b", "InternViT-300M, 24 layers", 8, 23),
+}
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
     from .config import load_presets
     from .methods import get_method, method_names
@@ -162,6 +178,9 @@ def _cmd_methods(args: argparse.Namespace) -> int:
             if options:
                 shown = ", ".join(f"{k} = {v!r}" for k, v in options.items())
                 print(f"{'':<11}on {family}: {shown}")
+        if name == "hiprune":
+            for family, (shape, encoder, obj, deep) in HIPRUNE_LAYERS.items():
+                print(f"{'':<11}layers on {family} ({shape}, {encoder}): object {obj}, deep {deep}")
     return 0
 
 

@@ -150,3 +150,28 @@ def test_show_views_of_anyres_records_map_every_kept_token():
     assert len(views) == len(record.grids) > 1
     assert sum(int(mask.sum()) for _, mask, _ in views) == int(record.kept[~newline].sum()) == record.budget
     assert all(mask.numel() == h * w for _, mask, (h, w) in views)
+
+
+@pytest.mark.parametrize("family", sorted(__import__("prune.cli", fromlist=["HIPRUNE_LAYERS"]).HIPRUNE_LAYERS))
+def test_methods_states_hiprune_layers_of_each_family_encoder(family, capsys):
+    """The layers `prune methods` states are hiprune's own choice on the family's real-size shape."""
+    import torch
+    import transformers
+
+    import prune
+    from prune.cli import HIPRUNE_LAYERS
+    from prune.evaluation import models as M
+    from prune.hooks import adapter_for
+    from prune.methods import get_method
+
+    shape, _, obj, deep = HIPRUNE_LAYERS[family]
+    spec = M.resolve_model(shape)
+    if not hasattr(transformers, spec.architecture):
+        pytest.skip(f"no {spec.architecture} in this transformers")
+    with torch.device("meta"):
+        adapter = adapter_for(M._model_class(spec)(M.build_config(spec)))
+    assert adapter.family == family
+    _, options = prune.PruneConfig(method="hiprune").resolved(family)
+    assert get_method("hiprune")(**options).layers(adapter.encoder_info()) == (obj, deep)
+    assert main(["methods"]) == 0
+    assert f"layers on {family} ({shape}, " in capsys.readouterr().out

@@ -18,6 +18,9 @@ REAL = {
     "qwen3-vl-8b": ("Qwen3VLForConditionalGeneration", 8.77),
     "gemma-3-4b": ("Gemma3ForConditionalGeneration", 4.30),
     "internvl3.5-8b": ("InternVLForConditionalGeneration", 8.53),  # model card: 0.3B vision + 8.2B language
+    # model card "9B"; the text model alone is 8.95B (as its GGUF conversions count it) + the 0.46B ViT;
+    # the checkpoint's multi-token-prediction layer is not part of transformers' model
+    "qwen3.5-9b": ("Qwen3_5ForConditionalGeneration", 9.41),
 }
 
 
@@ -53,6 +56,21 @@ def test_qwen_shape_keeps_the_7b_layout():
         152064,
     )
     assert text.rope_parameters["mrope_section"] == [16, 24, 24]
+
+
+def test_qwen3_5_shape_keeps_the_9b_hybrid_layout():
+    spec = M.resolve_model("qwen3.5-9b")
+    config = M.build_config(spec)
+    text = config.get_text_config()
+    assert text.layer_types == (["linear_attention"] * 3 + ["full_attention"]) * 8
+    assert (text.hidden_size, text.num_attention_heads, text.num_key_value_heads, text.head_dim) == (4096, 16, 4, 256)
+    assert (text.linear_num_key_heads, text.linear_num_value_heads, text.vocab_size) == (16, 32, 248320)
+    assert text.rope_parameters["mrope_section"] == [11, 11, 10] and text.rope_parameters["mrope_interleaved"]
+    assert config.vision_config.out_hidden_size == 4096 and not config.tie_word_embeddings
+    with torch.device("meta"):
+        model = M._model_class(spec)(config)
+    vision = sum(p.numel() for p in model.model.visual.parameters())
+    assert (M.parameter_count(model) - vision) / 1e9 == pytest.approx(8.95, abs=0.01)  # the text model's count
 
 
 def test_misspelled_config_key_is_refused():
@@ -126,6 +144,8 @@ _SHRUNK = {
     "gemma-3-4b": ({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}, 256),
     "internvl3.5-8b": ({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
                        256),
+    "qwen3.5-9b": ({"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64},
+                   576),
 }
 
 
@@ -135,6 +155,9 @@ def test_new_family_shapes_make_inputs_that_prune(name):
     spec = M.resolve_model(name)
     spec.config["vision_config"].update(vision)
     spec.config["text_config"].update(_SHRUNK_TEXT)
+    if "layer_types" in spec.config["text_config"]:  # Qwen3.5: one linear-attention and one full-attention layer
+        spec.config["text_config"].update(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                                          linear_num_value_heads=2, linear_key_head_dim=16, linear_value_head_dim=16)
     model = M.build_model(spec, dtype=torch.float32, attn_implementation="eager")
     processor = M.build_image_processor(spec)
     images = [Image.new("RGB", spec.image_size[::-1], (120, 30, 200))] * 2

@@ -144,7 +144,18 @@ def test_qwen_second_turn_on_the_cache_equals_one_longer_call(method):
     with torch.no_grad():
         whole = _new_tokens(model.generate(**inputs, max_new_tokens=7, min_new_tokens=7, do_sample=False), inputs)
         second = _continue(model, inputs, 3, 4)
+        # the M-RoPE positions of the later turn continue from rope_deltas (greedy tokens of a tiny model
+        # barely depend on them: the logits do)
+        whole_logits = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                      return_dict_in_generate=True, output_logits=True).logits
+        out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        ones = torch.ones(2, 3, dtype=torch.long)
+        turn = model.generate(input_ids=out.sequences, attention_mask=torch.cat([inputs["attention_mask"], ones], 1),
+                              mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"], 0 * ones], 1),
+                              past_key_values=find_cache(out), max_new_tokens=1, do_sample=False,
+                              return_dict_in_generate=True, output_logits=True)
     assert second.tolist() == whole[:, 3:].tolist()
+    torch.testing.assert_close(turn.logits[0], whole_logits[3], atol=1e-4, rtol=1e-4)
 
 
 def test_new_media_on_a_pruned_cache_is_refused(make_case):

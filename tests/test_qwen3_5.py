@@ -30,7 +30,7 @@ def test_identity_at_keep_one(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("kind", ["image", "video", "image+video"])
+@pytest.mark.parametrize("kind", ["image", "2 images", "video", "image+video"])
 def test_oracle_prefill_and_generate(method, kind):
     model = tiny_qwen3_5()
     inputs = make_inputs([KINDS[kind]], [11])
@@ -62,8 +62,9 @@ def test_batch_equals_singles(method):
         [("image", (1, 12, 8)), ("video", (2, 8, 8))],
         [],
         [("video", (2, 4, 8))],
+        [("image", (1, 8, 8)), ("image", (1, 4, 8))],  # two images
     ]
-    inputs = make_inputs(prompts, [5, 14, 9, 20], seed=4)
+    inputs = make_inputs(prompts, [5, 14, 9, 20, 7], seed=4)
     model = prune.wrap(tiny_qwen3_5(), method, keep=0.4)
     with torch.no_grad():
         out = model.generate(**inputs, **GEN, return_dict_in_generate=True, output_logits=True)

@@ -105,8 +105,9 @@ def test_batch_equals_singles(method):
         [("image", (1, 12, 8)), ("video", (2, 8, 8))],
         [],
         [("video", (2, 4, 8))],
+        [("image", (1, 8, 8)), ("image", (1, 4, 8))],  # two images
     ]
-    inputs = make_inputs(prompts, [5, 14, 9, 20], seed=4)
+    inputs = make_inputs(prompts, [5, 14, 9, 20, 7], seed=4)
     model = prune.wrap(tiny_qwen3_vl(), method, keep=0.4)
     with torch.no_grad():
         out = model.generate(**inputs, **GEN, return_dict_in_generate=True, output_logits=True)

@@ -9,6 +9,7 @@ from .gemma3 import Gemma3Adapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .llava_next_video import LlavaNextVideoAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_omni import Qwen25OmniAdapter
 from .qwen2_5_vl import Qwen25VLAdapter
@@ -19,6 +20,7 @@ from .qwen3_vl import Qwen3VLAdapter
 ADAPTERS: tuple[type[Adapter], ...] = (
     LlavaAdapter,
     LlavaNextAdapter,
+    LlavaNextVideoAdapter,
     LlavaOnevisionAdapter,
     Qwen2VLAdapter,
     Qwen25VLAdapter,

@@ -247,6 +247,12 @@ class Adapter:
                 self.state._media[modality] = cached[1]  # a re-used encoder output (no KV cache)
         return None
 
+    def later_turn_arguments(self, kwargs: dict[str, Any], physical: int, logical: int) -> dict[str, Any]:
+        """``generate`` arguments of a later turn on a pruned cache that holds ``physical`` rows for the
+        history's first ``logical`` tokens. Families whose ``generate`` reads per-token arguments at the
+        cache's length (Qwen: which uncached tokens are media) override this; the default changes nothing."""
+        return kwargs
+
     def _take_cached_prefix(self, cache) -> int:
         """Leading tokens of this call's input that the pruned cache already holds logically: a later
         turn's ``generate`` (history + new tokens) keeps the tokens past the cache's *physical* length,
@@ -545,6 +551,7 @@ class _GenerateTurn(InstanceOverride):
             logical = plan.prefill_len + (physical - plan.kept_len)
             if ids.shape[-1] > logical:  # the whole history: generate feeds ids[:, physical:]
                 state._scratch["cached_prefix"] = (cache, logical - physical)
+                kwargs = self.adapter.later_turn_arguments(kwargs, physical, logical)
         try:
             return self._original(*args, **kwargs)
         finally:

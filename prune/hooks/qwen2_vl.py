@@ -48,6 +48,19 @@ class Qwen2VLAdapter(Adapter):
         config = self.model.config
         return int(config.image_token_id if modality == "image" else config.video_token_id)
 
+    def later_turn_arguments(self, kwargs: dict[str, Any], physical: int, logical: int) -> dict[str, Any]:
+        """Qwen's ``generate`` decides whether a later turn brings new media from the token types past the
+        cache's length (``mm_token_type_ids[:, cache length:]``) and, if so, recomputes the M-RoPE
+        positions and resets ``rope_deltas``. After a pruned prefill that length is physical: the types of
+        the history's tokens the cache holds logically (columns physical..logical) are cleared in a copy,
+        so only tokens past the cached history count as new."""
+        types = kwargs.get("mm_token_type_ids")
+        if not isinstance(types, torch.Tensor) or types.ndim != 2 or types.shape[1] <= physical:
+            return kwargs
+        types = types.clone()
+        types[:, physical:logical] = 0
+        return dict(kwargs, mm_token_type_ids=types)
+
     def merge_size(self) -> int:
         return int(self.model.config.vision_config.spatial_merge_size)
 
