@@ -27,11 +27,17 @@ class Packing:
     kept_len: int
 
     @classmethod
-    def of(cls, keep_mask: torch.Tensor) -> Packing:
-        counts = keep_mask.sum(1)  # (B,)
-        kept_len = int(counts.max()) if counts.numel() else 0
-        dest = (kept_len - counts)[:, None] + keep_mask.long().cumsum(1) - 1  # (B, L)
-        rows, cols = keep_mask.nonzero(as_tuple=True)
+    def of(cls, keep_mask: torch.Tensor, counts: list[int] | None = None) -> Packing:
+        """``counts``: the kept elements of each row when the caller knows them on the host (from
+        budgets, not from the mask): then nothing is read back from the device."""
+        kept = keep_mask.sum(1)  # (B,) on the device either way (a host list would be a blocking copy)
+        if counts is None:
+            kept_len = int(kept.max()) if kept.numel() else 0
+            rows, cols = keep_mask.nonzero(as_tuple=True)
+        else:
+            kept_len = max(counts, default=0)
+            rows, cols = torch.nonzero_static(keep_mask, size=sum(counts)).unbind(1)
+        dest = (kept_len - kept)[:, None] + keep_mask.long().cumsum(1) - 1  # (B, L)
         return cls(rows, cols, dest[rows, cols], kept_len)
 
     def sequence(self, x: torch.Tensor, fill: float = 0) -> torch.Tensor:
@@ -82,12 +88,14 @@ def compact(positions: torch.Tensor, keep_mask: torch.Tensor) -> torch.Tensor:
 
 
 def cut_prefill(
-    kwargs: dict[str, Any], keep_mask: torch.Tensor, mode: str
+    kwargs: dict[str, Any], keep_mask: torch.Tensor, mode: str, counts: list[int] | None = None
 ) -> tuple[dict[str, Any], Plan, torch.Tensor]:
     """Return new language-model kwargs holding only the kept rows, the decode plan, and the
     position ids given to the kept rows.
 
-    keep_mask: (B, L) bool over the prefill. ``mode`` is "original" or "compact".
+    keep_mask: (B, L) bool over the prefill. ``mode`` is "original" or "compact". ``counts``: the
+    real (non-padding) kept tokens of each row when the host knows them (then nothing is read back
+    from the device; see :meth:`Packing.of`).
     """
     embeds = kwargs["inputs_embeds"]  # (B, L, D)
     batch, length, _ = embeds.shape
@@ -99,7 +107,7 @@ def cut_prefill(
     keep_mask = keep_mask.to(device)
     # Padding is never kept: rows are re-packed so the new length is the longest row's real tokens
     # (a text-only prompt beside an image prompt no longer holds the batch at the image's length).
-    packing = Packing.of(keep_mask & mask.bool())
+    packing = Packing.of(keep_mask & mask.bool(), counts)
     if mode == "compact":
         logical = compact(logical, keep_mask)
         shift = (~keep_mask).long().sum(1)
