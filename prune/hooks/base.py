@@ -351,6 +351,8 @@ class Adapter:
         new_kwargs, plan, positions = cut_prefill(kwargs, keep_mask, state.positions, counts)
         # the rows the cut packed (padding is never kept)
         self.state._scratch["cut_counts"] = counts
+        self.state._scratch["cut_removed"] = None if counts is None else sum(r.tokens_before - r.kept_count
+                                                                              for r in records)
         new_kwargs = self.cut_sequence_arguments(kwargs, new_kwargs, keep_mask & ~padding.to(keep_mask.device))
         state.set_plan(cache, plan)
         state.last = PruneRecord(
