@@ -713,9 +713,9 @@ def host_shape_arguments(args: dict[str, Any]) -> dict[str, Any]:
     batch_num_images, ...) copied to the host, for the layouts' arithmetic."""
     out = dict(args)
     for name, value in args.items():
-        if (isinstance(value, torch.Tensor) and value.device.type != "cpu" and value.numel() <= 65536
-                and not value.is_floating_point() and not value.is_complex()):
-            out[name] = value.cpu()
+        if (isinstance(value, torch.Tensor) and value.numel() <= 65536 and not value.is_floating_point()
+                and not value.is_complex() and value.dtype != torch.bool):
+            out[name] = value.to("cpu", copy=True)
     return out
 
 

@@ -36,7 +36,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
 
     def _pack(self, per_view: torch.Tensor, image_size: torch.Tensor, aspect: str) -> torch.Tensor:
         """(views, n, K) values -> the packed (tokens, K) sequence of one image, newline rows = NaN."""
-        newline = torch.full((per_view.shape[-1],), float("nan"), dtype=per_view.dtype, device=per_view.device)
+        newline = per_view.new_full((per_view.shape[-1],), float("nan"))
         packed, _ = self.model.model.pack_image_features(
             [per_view], image_size[None], image_newline=newline, vision_aspect_ratio=aspect
         )
