@@ -84,11 +84,11 @@ def main() -> None:
             model = model.cuda()
             inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
             model(**inputs)
-            unwrapped = count(lambda: model(**inputs))
+            unwrapped = count(functools.partial(model, **inputs))
             prune.wrap(model, method, keep=0.3)
             model(**inputs)  # warm-up
             counter.window = 0
-            wrapped = count(lambda: model(**inputs), counter)
+            wrapped = count(functools.partial(model, **inputs), counter)
             row = {"family": family, "method": method, "unwrapped": unwrapped, "wrapped": wrapped,
                    "in_prune_window": counter.window}
             rows.append(row)
