@@ -496,15 +496,22 @@ class Adapter:
             plans.append(plan)
             start += n
         # ---- rank every view of the call at once, on the device ----------------------------------
-        sel = None
+        sel = features = None
         grids = [layouts[i].grids[v] for i, v, _, _ in ranked]
         width = max((h * w for h, w in grids), default=0)
+        valid = torch.zeros(len(ranked), width, dtype=torch.bool)
+        for j, (i, _, here, _) in enumerate(ranked):
+            patches = plans[i].token_patch[here]
+            valid[j, patches] = True
+            plans[i].src[here] = j * width + patches
+        # where every token sits, and its row of the flattened (V, P) answer: copied once, non-blocking
+        index = torch.cat([torch.stack([torch.full_like(p.positions, p.sample), p.positions, p.src]) for p in plans], 1)
+        at_rows, at_cols, src = to_device(index, device)
+        ranked_token = src >= 0
+        if ranked and self.method.needs_features:  # (V, P, D) the views' embeddings, zeros elsewhere
+            features = _view_features(embeds, at_rows, at_cols, src, len(ranked) * width)
+            features = features.view(len(ranked), width, embeds.shape[-1])
         if ranked:
-            valid = torch.zeros(len(ranked), width, dtype=torch.bool)
-            for j, (i, _, here, _) in enumerate(ranked):
-                patches = plans[i].token_patch[here]
-                valid[j, patches] = True
-                plans[i].src[here] = j * width + patches
             keys = [r.key for r in getattr(self.method, "requests", [])]
             batch = ViewBatch(
                 grids=grids,
@@ -514,15 +521,13 @@ class Adapter:
                 signals={key: _pad_rows([layouts[i].signals[v][key].to(device) for i, v, _, _ in ranked], width,
                                         float("-inf")) for key in keys},
                 index=[v for _, v, _, _ in ranked],
+                features=features,
             )
             sel = self.method.select_batch(batch)
             for (i, _, _, _), count in zip(ranked, sel.counts or [None] * len(ranked)):
                 if plans[i].kept_count is not None:
                     plans[i].kept_count = None if count is None else plans[i].kept_count + count
-        # ---- scatter the answer into the keep-mask (indices copied once, non-blocking) -----------
-        index = torch.cat([torch.stack([torch.full_like(p.positions, p.sample), p.positions, p.src]) for p in plans], 1)
-        at_rows, at_cols, src = to_device(index, device)
-        ranked_token = src >= 0
+        # ---- scatter the answer into the keep-mask ---------------------------------------------
         kept = torch.ones(src.shape, dtype=torch.bool, device=device)
         score = torch.full(src.shape, float("nan"), device=device)
         if sel is not None:
@@ -530,7 +535,7 @@ class Adapter:
             if sel.score is not None:
                 score = torch.where(ranked_token, sel.score.flatten().float()[src.clamp(min=0)], score)
             if sel.assign is not None:
-                embeds = _merge_batch(embeds, at_rows, at_cols, src, sel.assign, width)
+                embeds = _merge_batch(embeds, at_rows, at_cols, src, sel.assign, features)
         keep_mask[at_rows, at_cols] = kept
         start = 0
         for p in plans:
@@ -577,26 +582,33 @@ class _Planned:
     kept_count: int | None  # host: tokens it keeps (None: the method's count is data-dependent)
 
 
-def _merge_batch(embeds, at_rows, at_cols, src, assign, width) -> torch.Tensor:
+def _view_features(embeds, at_rows, at_cols, src, rows: int) -> torch.Tensor:
+    """(rows, D): the embedding of each ranked token at its row ``src`` of the flattened (V, P)
+    views, zeros where no token sits."""
+    ranked = src >= 0
+    out = embeds.new_zeros(rows + 1, embeds.shape[-1])  # the last row takes the tokens not ranked
+    out.index_put_((torch.where(ranked, src, rows),), embeds[at_rows, at_cols])
+    return out[:rows]
+
+
+def _merge_batch(embeds, at_rows, at_cols, src, assign, features) -> torch.Tensor:
     """Embeddings with each kept representative's row replaced by the mean of the patches assigned
     to it, for every ranked view at once (out of place). ``src``: (T,) each token's row in the
-    flattened (V, P) answer (-1: not ranked); ``assign``: (V, P) the representative patch of each
-    patch (-1: dropped or padding)."""
-    views = assign.shape[0]
+    flattened (V, P) views (-1: not ranked); ``assign``: (V, P) the representative patch of each
+    patch (-1: dropped or padding); ``features``: (V, P, D) the views' embeddings."""
+    views, width = assign.shape
     dump = views * width  # the sum row of unassigned patches
-    ranked = src >= 0
-    rows = embeds[at_rows, at_cols]  # (T, D)
-    features = embeds.new_zeros(dump + 1, embeds.shape[-1])
-    features.index_put_((torch.where(ranked, src, dump),), torch.where(ranked[:, None], rows, 0))
     base = torch.arange(views, device=assign.device)[:, None] * width
     target = torch.where(assign >= 0, base + assign, dump).flatten()  # (V * P,)
     sums = torch.zeros(dump + 1, embeds.shape[-1], dtype=torch.float32, device=embeds.device)
-    sums.index_add_(0, target, features[:dump].float())
+    sums.index_add_(0, target, features.reshape(dump, -1).float())
     count = torch.zeros(dump + 1, device=embeds.device)
     count.index_add_(0, target, torch.ones(dump, device=embeds.device))
+    ranked = src >= 0
     mine = torch.where(ranked, src, dump)
     rep = ranked & (count[mine] > 0)
     mean = (sums[mine] / count[mine].clamp(min=1)[:, None]).to(embeds.dtype)
+    rows = embeds[at_rows, at_cols]
     return embeds.index_put((at_rows, at_cols), torch.where(rep[:, None], mean, rows))
 
 

@@ -95,6 +95,8 @@ class ViewBatch:
         valid_host: the same mask on the host (it comes from shapes: no device read).
         signals: SignalRequest.key -> (V, P) fp32 on the device, -inf at padding columns.
         index: each view's number inside its image (seeds random choices).
+        features: (V, P, D) LLM-input embeddings of the patches on the device (zeros where no token
+            sits), for methods with ``needs_features``; else None.
     """
 
     grids: list[tuple[int, int]]
@@ -103,6 +105,7 @@ class ViewBatch:
     valid_host: torch.Tensor
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
     index: list[int] = field(default_factory=list)
+    features: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -116,7 +119,8 @@ class ViewBatch:
         h, w = self.grids[v]
         n = h * w
         return View(grid=(h, w), budget=self.budgets[v], valid=self.valid[v, :n],
-                    signals={key: s[v, :n] for key, s in self.signals.items()}, index=self.index[v])
+                    signals={key: s[v, :n] for key, s in self.signals.items()}, index=self.index[v],
+                    features=None if self.features is None else self.features[v, :n])
 
     def host_view(self, v: int) -> View:
         """View ``v`` with host tensors only (for methods that need no signals)."""
@@ -171,6 +175,9 @@ class Method:
     defaults: ClassVar[dict[str, Any]] = {}
     needs_cls: ClassVar[bool] = False
     needs_features: ClassVar[bool] = False
+    #: ``select`` depends on the view's shape, validity and the options only (no signal, no feature):
+    #: the default ``select_batch`` runs it on the host and copies the answer once
+    host_select: ClassVar[bool] = False
 
     #: option name -> (low, high) inclusive bounds of a numeric option (None: unbounded on that side)
     option_ranges: ClassVar[dict[str, tuple[float | None, float | None]]] = {}
@@ -250,11 +257,11 @@ class Method:
     def select_batch(self, batch: ViewBatch) -> BatchSelection:
         """Every view of one call at once; the same token sets as :meth:`select` view by view.
 
-        Default: :meth:`select` per view. A method that reads no signal is run on host views (its
-        choice depends on shapes and options only) and its answer copied to the device once,
-        non-blocking; one that reads signals runs on the device views and reads the kept counts back
-        (a sync: methods on the fast path override this)."""
-        on_host = not getattr(self, "requests", None)
+        Default: :meth:`select` per view. A ``host_select`` method is run on host views (its choice
+        depends on shapes and options only) and its answer copied to the device once, non-blocking;
+        any other runs on the device views and its kept counts are read back (syncs: methods on the
+        fast path override this)."""
+        on_host = self.host_select
         width = batch.valid.shape[1]
         keep = torch.zeros(len(batch), width, dtype=torch.bool)
         assign = score = None
