@@ -106,11 +106,13 @@ def test_kv_cache_holds_what_each_layer_saw(method):
         assert cache.layers[i].keys.shape[-2] == width
 
 
+@pytest.mark.parametrize("positions", ["original", "compact"])
 @pytest.mark.parametrize("method", METHODS)
-def test_batch_equals_singles(method):
+def test_batch_equals_singles(method, positions):
+    # rows of different lengths: each cut re-pads them, and the padding it adds has no position
     prompts, lens = ((64,), (64, 64), (), (64,)), (5, 14, 9, 20)
     model, inputs = make(prompts=prompts, text_lens=lens, seed=2)
-    prune.wrap(model, method, keep=0.4)
+    prune.wrap(model, method, keep=0.4, positions=positions)
     with torch.no_grad():
         out = model.generate(**inputs, **GEN, return_dict_in_generate=True, output_logits=True)
         batch_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]

@@ -660,8 +660,8 @@ def _round(row: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key in ROW_FIELDS:
         value = row.get(key)
-        if isinstance(value, float):
-            value = None if math.isnan(value) else round(value, 4)
+        if isinstance(value, float):  # six significant digits: tiny models' GFLOPs are 1e-2
+            value = None if math.isnan(value) else float(f"{value:.6g}")
         out[key] = value
     return out
 

@@ -30,7 +30,9 @@ class Packing:
     def of(cls, keep_mask: torch.Tensor, counts: list[int] | None = None) -> Packing:
         """``counts``: the kept elements of each row when the caller knows them on the host (from
         budgets, not from the mask): then nothing is read back from the device."""
-        kept = keep_mask.sum(1)  # (B,) on the device either way (a host list would be a blocking copy)
+        # (B,) on the device either way: torch.tensor(counts, device=cuda) is a blocking copy that
+        # set_sync_debug_mode('error') refuses (seen on the H200)
+        kept = keep_mask.sum(1)
         if counts is None:
             kept_len = int(kept.max()) if kept.numel() else 0
             rows, cols = keep_mask.nonzero(as_tuple=True)

@@ -27,7 +27,6 @@ from transformers.masking_utils import create_causal_mask
 
 from .._compat import call_with_cache
 from ..kernels import attention_stats, transition_variation
-from ..methods.base import stable_topk
 from .attention_tap import STATS_ONLY_ATTR, install_tap
 from .cutter import Packing, compact, logical_positions, two_d_mask
 
@@ -45,6 +44,8 @@ class Stage:
     mask2d: torch.Tensor  # (B, Ls)
     positions: torch.Tensor  # (..., B, Ls) positions as the language model takes them (maybe 4 rows)
     shift: torch.Tensor  # (B,) rows removed so far (subtracted from decode positions in "compact")
+    lengths: list[int] = field(default_factory=list)  # host: rows of each prompt (padding included)
+    vision_counts: list[int] = field(default_factory=list)  # host: vision rows of each prompt
     embeddings: Any = None  # (cos, sin) for the prefill
     causal: Any = None  # the prefill's 4-D (or backend-specific) mask
     decode_step: int = -1
@@ -56,7 +57,7 @@ class Context:
     """One prefill and its decode steps."""
 
     vision: torch.Tensor  # (B, L0) vision rows of the language model's input
-    budget: torch.Tensor  # (B,) vision tokens of each prompt
+    budget: list[int]  # host: vision tokens of each prompt
     stages: list[Stage]
     cache: Any
     ttv: torch.Tensor | None = None  # (B, L0) transition variation accumulated on input columns
@@ -64,7 +65,9 @@ class Context:
     step: int = 0
     lm_mask: torch.Tensor | None = None  # decode: the language model's 2-D mask of this step
     lm_positions: torch.Tensor | None = None  # decode: its positions
-    iga_rows: list[torch.Tensor] | None = None  # rows whose attention the stats-only call reads
+    iga_rows: list[torch.Tensor] | torch.Tensor | None = None  # rows the stats-only call reads
+    instruction_counts: list[int] = field(default_factory=list)  # host: real rows after the last vision row
+    right_aligned: list[bool] = field(default_factory=list)  # host: the prompt's last column is real
     pending: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def stage_of(self, layer: int) -> Stage:
@@ -138,7 +141,15 @@ class DecoderCut:
             shift=torch.zeros(batch, dtype=torch.long, device=device),
         )
         vision = vision.to(device) & mask.bool()
-        ctx = Context(vision=vision, budget=vision.sum(1), stages=[base], cache=cache)
+        # the one read of the prefill: each prompt's vision count, its instruction rows (real rows
+        # after its last vision row) and whether its last column is real; every later size follows
+        index = torch.arange(length, device=device)
+        last_vision = torch.where(vision, index, -1).amax(1, keepdim=True)
+        instruction = (mask.bool() & (index > last_vision)).sum(1)
+        budget, instruction, aligned = torch.stack([vision.sum(1), instruction, mask[:, -1].long()]).tolist()
+        base.lengths, base.vision_counts = [length] * batch, list(budget)
+        ctx = Context(vision=vision, budget=budget, stages=[base], cache=cache,
+                      instruction_counts=instruction, right_aligned=[bool(a) for a in aligned])
         if self.method.transition_layers(self.schedule, len(self.layers)):
             ctx.ttv = torch.zeros(batch, length, device=device)
         self.context = ctx
@@ -176,12 +187,12 @@ class DecoderCut:
         """(first layer, (B, L0) bool of the input columns that layer and the next ones saw) per stage."""
         ctx = self.context
         out = []
+        batch, length = ctx.vision.shape
         for stage in ctx.stages:
-            seen = torch.zeros_like(ctx.vision)
+            seen = torch.zeros(batch, length + 1, dtype=torch.bool, device=ctx.vision.device)
             rows = stage.rows
-            valid = rows >= 0
-            seen[torch.nonzero(valid, as_tuple=True)[0], rows[valid]] = True
-            out.append((stage.layer, seen))
+            seen.scatter_(1, torch.where(rows >= 0, rows, length), True)  # added padding lands in the spare column
+            out.append((stage.layer, seen[:, :length]))
         return out
 
     # ---- per-layer hook -------------------------------------------------------------------------
@@ -247,31 +258,27 @@ class DecoderCut:
         stage_no = self.cut_layers[index]
         fraction = self.schedule[stage_no][1]
         valid_rows = prev.rows >= 0
-        vision = torch.zeros_like(valid_rows)
-        batch_idx = torch.nonzero(valid_rows, as_tuple=True)[0]
-        vision[valid_rows] = ctx.vision[batch_idx, prev.rows[valid_rows]]
+        vision = ctx.vision.gather(1, prev.rows.clamp(min=0)) & valid_rows
         if self.method.instruction_attention():
             self._instruction_attention(index, hidden, prev, kwargs, vision)
         signals = dict(ctx.pending.pop(index, {}))
         if ctx.ttv is not None:
             signals["ttv"] = torch.where(valid_rows, ctx.ttv.gather(1, prev.rows.clamp(min=0)), 0.0)
         signals = {k: v.float() * vision for k, v in signals.items()}  # sums run over vision rows
-        score = self.method.score(stage_no, index, signals).float().cpu()
-        # Rank on the host (one transfer, no per-prompt syncs); move the keep-mask back once.
-        vision_cpu = vision.cpu()
-        budget = ctx.budget.cpu().tolist()
-        keep = ~vision_cpu  # text and padding stay
-        for b in range(hidden.shape[0]):
-            candidates = torch.nonzero(vision_cpu[b], as_tuple=True)[0]
-            target = min(candidates.numel(), self.method.kept_count(fraction, int(budget[b])))
-            keep[b, candidates[stable_topk(score[b, candidates], target)]] = True
-        keep = keep.to(hidden.device)
-        packing = Packing.of(keep)
+        score = self.method.score(stage_no, index, signals).float()
+        # Sizes from the host's counts, ranking on the device: no read-back between layers.
+        targets = [min(n, self.method.kept_count(fraction, budget))
+                   for n, budget in zip(prev.vision_counts, ctx.budget)]
+        # text and the prompt's own padding stay; padding an earlier cut added is dropped and re-made
+        keep = (valid_rows & ~vision) | keep_top(score, vision, targets)
+        lengths = [n - (v - t) for n, v, t in zip(prev.lengths, prev.vision_counts, targets)]
+        packing = Packing.of(keep, lengths)
         positions = prev.positions
         shift = prev.shift
         if self.state.positions == "compact":
-            positions = compact(positions, keep)
-            shift = shift + (~keep).long().sum(1)
+            dropped = vision & ~keep  # only vision rows count: added padding has no position
+            positions = compact(positions, ~dropped)
+            shift = shift + dropped.long().sum(1)
         new_hidden = packing.sequence(hidden)
         stage = Stage(
             layer=index,
@@ -279,6 +286,8 @@ class DecoderCut:
             mask2d=packing.sequence(prev.mask2d),
             positions=packing.positions(positions),
             shift=shift,
+            lengths=lengths,
+            vision_counts=targets,
         )
         stage.embeddings = self._embeddings(new_hidden, stage.positions)
         stage.causal = self._causal(stage, new_hidden, stage.mask2d, _split_positions(stage.positions)[1])
@@ -310,6 +319,11 @@ class DecoderCut:
         if ctx is None or ctx.iga_rows is None:
             return
         mask = ctx.stages[-1].mask2d.bool()
+        if isinstance(ctx.iga_rows, torch.Tensor):  # one row per prompt: one batched call
+            stats = attention_stats(q.detach(), k.detach(), query_index=ctx.iga_rows, key_mask=mask, causal=True,
+                                    scale=kwargs.get("scaling"))
+            ctx.pending.setdefault(layer, {})[f"iga@{layer}"] = stats
+            return
         out = torch.zeros(q.shape[0], q.shape[2], device=q.device)
         for b, rows in enumerate(ctx.iga_rows):
             out[b] = attention_stats(q[b : b + 1].detach(), k[b : b + 1].detach(), query_index=rows[None],
@@ -321,15 +335,22 @@ class DecoderCut:
         """Layer ``index``'s attention of the instruction rows on the uncut sequence (q, k only)."""
         ctx = self.context
         layer = self.layers[index]
-        rows = []
-        for b in range(hidden.shape[0]):
-            real = prev.mask2d[b].bool()
-            vis = torch.nonzero(vision[b], as_tuple=True)[0]
-            after = torch.arange(hidden.shape[1], device=hidden.device) > (int(vis[-1]) if vis.numel() else -1)
-            chosen = torch.nonzero(real & after, as_tuple=True)[0]
-            if self.method.instruction_query == "last":
-                chosen = chosen[-1:]  # PyramidDrop: the last instruction token's row only
-            rows.append(chosen if chosen.numel() else torch.tensor([hidden.shape[1] - 1], device=hidden.device))
+        if self.method.instruction_query == "last":  # PyramidDrop: the last instruction token's row only
+            rows = last_instruction_row(prev.mask2d.bool(), vision)
+        elif all(ctx.right_aligned):
+            # the instruction rows are each prompt's last ones (a cut packs rows to the right, and
+            # text is never cut): their count is known on the host, nothing is read back
+            length = hidden.shape[1]
+            rows = [torch.arange(length - n, length, device=hidden.device) if n else
+                    torch.tensor([length - 1], device=hidden.device) for n in ctx.instruction_counts]
+        else:  # a right-padded prompt (its padding stays after its text): find its rows
+            rows = []
+            for b in range(hidden.shape[0]):
+                real = prev.mask2d[b].bool()
+                vis = torch.nonzero(vision[b], as_tuple=True)[0]
+                after = torch.arange(hidden.shape[1], device=hidden.device) > (int(vis[-1]) if vis.numel() else -1)
+                chosen = torch.nonzero(real & after, as_tuple=True)[0]
+                rows.append(chosen if chosen.numel() else torch.tensor([hidden.shape[1] - 1], device=hidden.device))
         causal = prev.causal if prev.layer else kwargs.get("attention_mask")
         embeddings = prev.embeddings if prev.layer else kwargs.get("position_embeddings")
         attn = layer.self_attn
@@ -370,6 +391,31 @@ class DecoderCut:
             weights = one_minus_cos.masked_fill(~valid, float("-inf")).softmax(-1)  # per prompt
             total = total + ratio * weights
         rows = stage.rows
-        ok = rows >= 0
-        ctx.ttv.index_put_((torch.nonzero(ok, as_tuple=True)[0], rows[ok]), total[ok].float(), accumulate=True)
+        ok = rows >= 0  # padding a cut added adds nothing (its 0 lands on column 0)
+        ctx.ttv.scatter_add_(1, rows.clamp(min=0), torch.where(ok, total.float(), 0.0))
         seen.clear()
+
+
+def keep_top(score: torch.Tensor, allowed: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """(B, L) bool: the ``counts[b]`` highest scores of row b among its ``allowed`` positions, ties
+    to the lower index (as :func:`prune.methods.base.stable_topk` picks them), ranked on the device.
+
+    Two stable sorts order each row by (allowed first, score descending, index); a position is kept
+    when its rank is below its row's count."""
+    batch, length = score.shape
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices
+    order = order.gather(1, torch.sort(allowed.gather(1, order).byte(), dim=1, descending=True, stable=True).indices)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(length, device=score.device).expand(batch, length))
+    limit = torch.tensor(counts, device=score.device)[:, None]
+    return allowed & (rank < limit)
+
+
+def last_instruction_row(real: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
+    """(B, 1): each prompt's last real row after its last vision row, or the sequence's last row when
+    there is none, computed on the device (no per-prompt read-back)."""
+    length = real.shape[1]
+    index = torch.arange(length, device=real.device).expand_as(real)
+    last_vision = torch.where(vision, index, -1).amax(1, keepdim=True)
+    last_real = torch.where(real & (index > last_vision), index, -1).amax(1, keepdim=True)
+    return torch.where(last_real >= 0, last_real, length - 1)
+
