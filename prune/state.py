@@ -39,6 +39,9 @@ class ImageRecord:
     #: tokens each view was asked to keep (sums to ``budget`` unless a method's option budgets views
     #: otherwise: ``views="floor"`` loses the remainder, ``views="per_view"`` gives every view T)
     view_budgets: list[int] | None = None
+    #: tokens kept, as the host knows it from budgets (no device read); None where the method's count
+    #: depends on the data (an opt-in reference quirk) and is read from ``kept``
+    kept_count: int | None = None
 
     def view_masks(self) -> list[torch.Tensor]:
         """Per view, a (h*w,) bool of the kept patches (False where the layout dropped a patch)."""
@@ -58,7 +61,7 @@ class ImageRecord:
 
     @property
     def tokens_after(self) -> int:
-        return int(self.kept.sum())
+        return self.kept_count if self.kept_count is not None else int(self.kept.sum())
 
     @property
     def selected(self) -> int:

@@ -19,11 +19,12 @@ from torch import nn
 
 from .._compat import cache_length, find_cache
 from ..kernels import attention_stats
-from ..methods import EncoderInfo, Method, SignalRequest, View
+from ..methods import EncoderInfo, Method, SignalRequest
+from ..methods.base import ViewBatch, _pad_rows, to_device
 from ..state import ImageRecord, PruneRecord, PruneState
 from . import vision_attention
 from .attention_tap import install_tap
-from .cutter import cut_prefill, map_decode, two_d_mask
+from .cutter import Packing, cut_prefill, map_decode, two_d_mask
 
 
 @dataclass
@@ -198,6 +199,9 @@ class Adapter:
         state = self.state
         if state._collecting is not None:  # called by another feature function (Qwen3-VL: video -> image)
             return original(*args, **kwargs)
+        # the layouts read the shape arguments (image_sizes, grid_thw, ...) on the host: copied now,
+        # before the encoder is queued, where a read costs no waiting (the model reads them too)
+        shape_arguments = host_shape_arguments(bind_arguments(original, args, kwargs))
         collected: dict[str, list[torch.Tensor]] = {}
         state._collecting = collected
         try:
@@ -205,7 +209,7 @@ class Adapter:
         finally:
             state._collecting = None
         signals = {k: torch.cat(v, dim=-1) if len(v) > 1 else v[0] for k, v in collected.items()}
-        state._media[modality] = (bind_arguments(original, args, kwargs), signals)
+        state._media[modality] = (shape_arguments, signals)
         # generate(use_cache=False) passes these same encoder outputs to every step's prefill
         state._encoded[modality] = (out, state._media[modality])
         return out
@@ -241,6 +245,8 @@ class Adapter:
                 self._refuse_new_media()
             return None
         self.state._call = {"input_ids": kwargs.get("input_ids"), "inputs_embeds": kwargs.get("inputs_embeds")}
+        if self.decoder_cut is None:
+            self.state._call.update(self._prompt_on_host(kwargs))
         for modality, output in (kwargs.get("mm_encoder_outputs") or {}).items():
             cached = self.state._encoded.get(modality)
             if modality not in self.state._media and cached is not None and cached[0] is output:
@@ -252,6 +258,27 @@ class Adapter:
         history's first ``logical`` tokens. Families whose ``generate`` reads per-token arguments at the
         cache's length (Qwen: which uncached tokens are media) override this; the default changes nothing."""
         return kwargs
+
+    def _prompt_on_host(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Host copies of what the selection needs from the prompt: each modality's (B, L) placeholder
+        mask (``host:<modality>``), the ids (``host:ids``), each row's real (non-padding) token count
+        (``host:real``) and the 2-D mask it was read from (``host:mask``). One device read, made where
+        the GPU queue is short: in the multimodal forward's pre-hook, before the encoder runs inside it,
+        or (generate, which encodes the media first) by :class:`_GenerateTurn` before generating."""
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        ref = kwargs.get("attention_mask")
+        mask = ref if isinstance(ref, torch.Tensor) and ref.ndim == 2 else None
+        key = _prompt_key(ids if ids is not None else embeds, mask)
+        early = self.state._scratch.get("prompt_on_host")
+        if early is not None and early[0] == key:
+            return early[1]
+        return read_prompt(self, ids, embeds, mask)
+
+    def _host_placeholder_mask(self, modality: str, call: dict[str, Any]) -> torch.Tensor:
+        """(B, L) bool on the host: the modality's placeholders (read once per call, see
+        :meth:`_prompt_on_host`; a call that did not pass through it is read now)."""
+        host = call.get(f"host:{modality}")
+        return host if host is not None else self._placeholder_mask(modality, call).cpu()
 
     def _take_cached_prefix(self, cache) -> int:
         """Leading tokens of this call's input that the pruned cache already holds logically: a later
@@ -319,26 +346,53 @@ class Adapter:
                 if modality in media:
                     fn_args, signals = media[modality]
                     embeds = self._select(modality, call, fn_args, signals, embeds, keep_mask, records)
-                elif bool(self._placeholder_mask(modality, call).any()):
+                elif bool(self._host_placeholder_mask(modality, call).any()):
                     warnings.warn(
                         f"the prompt holds {modality} tokens but the vision encoder did not run under prune "
                         "(pre-computed features?): they are not pruned",
                         stacklevel=2,
                     )
         padding = _padding(kwargs, keep_mask)
-        if bool(keep_mask.all()):
+        counts = self._kept_counts(call, kwargs, records, batch, length)
+        untouched = bool(keep_mask.all()) if counts is None else all(r.kept_count == r.tokens_before for r in records)
+        if untouched:
             # no media, or nothing removed (keep=1.0): the model runs untouched
             state.last = PruneRecord(keep_mask=keep_mask, images=records, positions=state.positions, padding=padding)
             return None
         kwargs = dict(kwargs, inputs_embeds=embeds)
-        new_kwargs, plan, positions = cut_prefill(kwargs, keep_mask, state.positions)
+        new_kwargs, plan, positions = cut_prefill(kwargs, keep_mask, state.positions, counts)
         # the rows the cut packed (padding is never kept)
+        self.state._scratch["cut_counts"] = counts
+        self.state._scratch["cut_removed"] = None if counts is None else sum(r.tokens_before - r.kept_count
+                                                                              for r in records)
         new_kwargs = self.cut_sequence_arguments(kwargs, new_kwargs, keep_mask & ~padding.to(keep_mask.device))
         state.set_plan(cache, plan)
         state.last = PruneRecord(
             keep_mask=keep_mask, images=records, positions=state.positions, position_ids=positions, padding=padding
         )
         return args, new_kwargs
+
+    def _kept_counts(self, call, kwargs, records, batch: int, length: int) -> list[int] | None:
+        """Real tokens each row keeps, from the host copy of the prompt and the records' host counts
+        (no device read); None where either is unknown (the cut then reads them back)."""
+        if any(r.kept_count is None for r in records):
+            return None
+        mask = two_d_mask(kwargs.get("attention_mask"), length)
+        ref = call.get("host:mask")
+        if mask is None:
+            real = [length] * batch
+        elif ref is not None and _same_tensor(mask, ref) and call.get("host:real") is not None:
+            real = call["host:real"].tolist()
+        else:
+            return None
+        for r in records:
+            real[r.sample] -= r.tokens_before - r.kept_count
+        return real
+
+    def packing(self, keep_mask: torch.Tensor) -> Packing:
+        """:meth:`Packing.of` for ``cut_sequence_arguments``: with the host counts of this call's cut
+        when the cut had them (no device read)."""
+        return Packing.of(keep_mask, self.state._scratch.get("cut_counts"))
 
     # ---- in-LLM methods: the language model's input is untouched; decoder layers cut ---------------
     def _start_llm_call(self, kwargs, cache, past_len: int):
@@ -406,10 +460,11 @@ class Adapter:
         """Run the method on every view of one modality; fill ``keep_mask`` and ``records`` in place.
         Returns the (possibly merged) embeddings.
 
-        Ranking runs on the host: a view holds a few hundred to a few thousand scores, which the CPU
-        ranks in microseconds while on a GPU every small op is a launch (and many a sync). Only the
-        statistics travel (once per call), and merged rows are computed on the model's device."""
-        signals = {key: stats.detach().float().cpu() for key, stats in signals.items()}
+        Host arithmetic on shapes (the layouts, budgets, where each token sits, read off the host copy
+        of the prompt) plans the call; the method ranks every view of it at once on the device
+        (:meth:`Method.select_batch`), and its answer is scattered into ``keep_mask`` with indices
+        copied from pinned memory: nothing is read back from the device."""
+        signals = {key: stats.detach().float() for key, stats in signals.items()}
         try:
             layouts = self.layouts(modality, fn_args, signals)
         except Expanded as expanded:  # an adapter that reads layouts off the prompt found copies
@@ -417,12 +472,13 @@ class Adapter:
                 return self._select(modality, c, fn_args, signals, e, k, r)
 
             return self._select_expanded(expanded.copies, select_first, call, embeds, keep_mask, records)
-        rows, cols = self._placeholder_mask(modality, call).cpu().nonzero(as_tuple=True)  # scatter order
+        rows, cols = self._host_placeholder_mask(modality, call).nonzero(as_tuple=True)  # scatter order
         expected = sum(lay.num_tokens for lay in layouts)
         if rows.numel() == 0:
             return embeds  # the encoder ran for another call (e.g. get_image_features called directly)
         if rows.numel() != expected:
-            copies = expansion(rows.numel(), expected, call, keep_mask.shape[0])
+            host_call = {"input_ids": call.get("host:ids")} if call.get("host:ids") is not None else call
+            copies = expansion(rows.numel(), expected, host_call, keep_mask.shape[0])
             if copies:
                 def select(c, e, k, r):
                     return self._select(modality, c, fn_args, signals, e, k, r)
@@ -431,66 +487,146 @@ class Adapter:
             raise RuntimeError(f"found {rows.numel()} {modality} placeholder tokens but the inputs give {expected}")
         config = self.state.config
         device = embeds.device
+        # ---- plan on the host: budgets, and which views need ranking --------------------------
+        plans: list[_Planned] = []
+        ranked: list[tuple[int, int, torch.Tensor, int]] = []  # (plan, view, its tokens, budget)
         start = 0
-        merged_any = False
-        for lay in layouts:
+        for i, lay in enumerate(layouts):
             n = lay.num_tokens
             sample = int(rows[start])
-            pos = cols[start : start + n]
             if not bool((rows[start : start + n] == sample).all()):
                 raise RuntimeError(f"one {modality}'s placeholder tokens span two prompts")
-            start += n
-            token_view = lay.token_view.cpu()
-            token_patch = lay.token_patch.cpu()
+            token_view, token_patch = lay.token_view.cpu(), lay.token_patch.cpu()
             prunable = token_view >= 0
             caps = torch.bincount(token_view[prunable], minlength=len(lay.grids)).tolist()
             budget = config.budget(int(prunable.sum()))
             shares = self.method.view_budgets(budget, caps, [h * w for h, w in lay.grids], config.budget,
                                               proportional=lay.split == "proportional")
-            kept = ~prunable
-            score = torch.full((n,), float("nan"))
-            for v, (h, w) in enumerate(lay.grids):
+            plan = _Planned(lay, sample, cols[start : start + n], token_view, token_patch, budget, shares,
+                            src=torch.full((n,), -1, dtype=torch.long), kept_count=int((~prunable).sum()))
+            for v in range(len(lay.grids)):
                 here = token_view == v
                 if shares[v] >= caps[v]:
-                    kept[here] = True  # the whole view fits its budget: nothing to rank
-                    continue
-                n_patch = h * w
-                valid = torch.zeros(n_patch, dtype=torch.bool)
-                valid[token_patch[here]] = True
-                features = None
-                if self.method.needs_features:
-                    features = embeds.new_zeros(n_patch, embeds.shape[-1])
-                    features[token_patch[here].to(device)] = embeds[sample, pos[here].to(device)]
-                view_signals = {key: sig.cpu().float() for key, sig in lay.signals[v].items()}
-                view = View(grid=(h, w), budget=shares[v], valid=valid, signals=view_signals, features=features, index=v)
-                sel = self.method.select(view)
-                keep_patch = torch.zeros(n_patch, dtype=torch.bool)
-                keep_patch[sel.keep.cpu()] = True
-                kept[here] = keep_patch[token_patch[here]]
-                if sel.score is not None:
-                    score[here] = sel.score.cpu().float()[token_patch[here]]
-                if sel.assign is not None:
-                    if not merged_any:
-                        embeds, merged_any = embeds.clone(), True
-                    _merge_into(embeds, sample, pos[here].to(device), token_patch[here].to(device),
-                                sel.assign.to(device), features)
-            keep_mask[sample, pos.to(device)] = kept.to(device)
+                    plan.kept_count += caps[v]  # the whole view fits its budget: nothing to rank
+                else:
+                    ranked.append((i, v, here, shares[v]))
+            plans.append(plan)
+            start += n
+        # ---- rank every view of the call at once, on the device ----------------------------------
+        sel = features = None
+        grids = [layouts[i].grids[v] for i, v, _, _ in ranked]
+        width = max((h * w for h, w in grids), default=0)
+        valid = torch.zeros(len(ranked), width, dtype=torch.bool)
+        for j, (i, _, here, _) in enumerate(ranked):
+            patches = plans[i].token_patch[here]
+            valid[j, patches] = True
+            plans[i].src[here] = j * width + patches
+        # where every token sits, and its row of the flattened (V, P) answer: copied once, non-blocking
+        index = torch.cat([torch.stack([torch.full_like(p.positions, p.sample), p.positions, p.src]) for p in plans], 1)
+        at_rows, at_cols, src = to_device(index, device)
+        ranked_token = src >= 0
+        if ranked and self.method.needs_features:  # (V, P, D) the views' embeddings, zeros elsewhere
+            features = _view_features(embeds, at_rows, at_cols, src, len(ranked) * width)
+            features = features.view(len(ranked), width, embeds.shape[-1])
+        if ranked:
+            keys = [r.key for r in getattr(self.method, "requests", [])]
+            batch = ViewBatch(
+                grids=grids,
+                budgets=[b for _, _, _, b in ranked],
+                valid=to_device(valid, device),
+                valid_host=valid,
+                signals={key: _pad_rows([layouts[i].signals[v][key].to(device) for i, v, _, _ in ranked], width,
+                                        float("-inf")) for key in keys},
+                index=[v for _, v, _, _ in ranked],
+                features=features,
+            )
+            sel = self.method.select_batch(batch)
+            for (i, _, _, _), count in zip(ranked, sel.counts or [None] * len(ranked)):
+                if plans[i].kept_count is not None:
+                    plans[i].kept_count = None if count is None else plans[i].kept_count + count
+        # ---- scatter the answer into the keep-mask ---------------------------------------------
+        kept = torch.ones(src.shape, dtype=torch.bool, device=device)
+        score = torch.full(src.shape, float("nan"), device=device)
+        if sel is not None:
+            kept = torch.where(ranked_token, sel.keep.flatten()[src.clamp(min=0)], kept)
+            if sel.score is not None:
+                score = torch.where(ranked_token, sel.score.flatten().float()[src.clamp(min=0)], score)
+            if sel.assign is not None:
+                embeds = _merge_batch(embeds, at_rows, at_cols, src, sel.assign, features)
+        keep_mask[at_rows, at_cols] = kept
+        start = 0
+        for p in plans:
+            part = slice(start, start + p.positions.numel())
+            start = part.stop
+            merged = None
+            if self.method.needs_features:
+                if p.kept_count is None:
+                    where = kept[part].nonzero().view(-1)
+                else:  # the kept rows in token order, sized from the host count
+                    where = torch.nonzero_static(kept[part], size=p.kept_count).view(-1)
+                merged = embeds[p.sample, at_cols[part][where]].detach()
             records.append(
                 ImageRecord(
-                    sample=sample,
-                    positions=pos,
-                    kept=kept,
-                    scores={"score": score},
-                    budget=budget,
-                    grids=list(lay.grids),
+                    sample=p.sample,
+                    positions=at_cols[part],
+                    kept=kept[part],
+                    scores={"score": score[part]},
+                    budget=p.budget,
+                    grids=list(p.layout.grids),
                     modality=modality,
-                    merged=embeds[sample, pos[kept].to(device)].detach() if self.method.needs_features else None,
-                    token_view=token_view,
-                    token_patch=token_patch,
-                    view_budgets=list(shares),
+                    merged=merged,
+                    token_view=p.token_view,
+                    token_patch=p.token_patch,
+                    view_budgets=list(p.shares),
+                    kept_count=p.kept_count,
                 )
             )
         return embeds
+
+
+@dataclass
+class _Planned:
+    """One image's (video's) share of a selection call, planned on the host."""
+
+    layout: ImageLayout
+    sample: int
+    positions: torch.Tensor  # (n,) host: sequence positions of its tokens
+    token_view: torch.Tensor
+    token_patch: torch.Tensor
+    budget: int
+    shares: list[int]
+    src: torch.Tensor  # (n,) host: each token's row of the flattened (V, P) answer, -1: kept as is
+    kept_count: int | None  # host: tokens it keeps (None: the method's count is data-dependent)
+
+
+def _view_features(embeds, at_rows, at_cols, src, rows: int) -> torch.Tensor:
+    """(rows, D): the embedding of each ranked token at its row ``src`` of the flattened (V, P)
+    views, zeros where no token sits."""
+    ranked = src >= 0
+    out = embeds.new_zeros(rows + 1, embeds.shape[-1])  # the last row takes the tokens not ranked
+    out.index_put_((torch.where(ranked, src, rows),), embeds[at_rows, at_cols])
+    return out[:rows]
+
+
+def _merge_batch(embeds, at_rows, at_cols, src, assign, features) -> torch.Tensor:
+    """Embeddings with each kept representative's row replaced by the mean of the patches assigned
+    to it, for every ranked view at once (out of place). ``src``: (T,) each token's row in the
+    flattened (V, P) views (-1: not ranked); ``assign``: (V, P) the representative patch of each
+    patch (-1: dropped or padding); ``features``: (V, P, D) the views' embeddings."""
+    views, width = assign.shape
+    dump = views * width  # the sum row of unassigned patches
+    base = torch.arange(views, device=assign.device)[:, None] * width
+    target = torch.where(assign >= 0, base + assign, dump).flatten()  # (V * P,)
+    sums = torch.zeros(dump + 1, embeds.shape[-1], dtype=torch.float32, device=embeds.device)
+    sums.index_add_(0, target, features.reshape(dump, -1).float())
+    count = torch.zeros(dump + 1, device=embeds.device)
+    count.index_add_(0, target, torch.ones(dump, device=embeds.device))
+    ranked = src >= 0
+    mine = torch.where(ranked, src, dump)
+    rep = ranked & (count[mine] > 0)
+    mean = (sums[mine] / count[mine].clamp(min=1)[:, None]).to(embeds.dtype)
+    rows = embeds[at_rows, at_cols]
+    return embeds.index_put((at_rows, at_cols), torch.where(rep[:, None], mean, rows))
 
 
 class InstanceOverride:
@@ -552,10 +688,20 @@ class _GenerateTurn(InstanceOverride):
             if ids.shape[-1] > logical:  # the whole history: generate feeds ids[:, physical:]
                 state._scratch["cached_prefix"] = (cache, logical - physical)
                 kwargs = self.adapter.later_turn_arguments(kwargs, physical, logical)
+        elif self.adapter.decoder_cut is None:
+            # generate encodes the media before the prefill forward: read the prompt now, while the GPU
+            # queue is short, not after the encoder (the prefill's pre-hook finds this copy)
+            embeds = kwargs.get("inputs_embeds")
+            mask = kwargs.get("attention_mask")
+            mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
+            if isinstance(ids, torch.Tensor) or isinstance(embeds, torch.Tensor):
+                key = _prompt_key(ids if ids is not None else embeds, mask)
+                state._scratch["prompt_on_host"] = (key, read_prompt(self.adapter, ids, embeds, mask))
         try:
             return self._original(*args, **kwargs)
         finally:
             state._scratch.pop("cached_prefix", None)
+            state._scratch.pop("prompt_on_host", None)
 
 
 def _remove_instance_attribute(module: nn.Module, name: str, value: Any, below: Any = None) -> None:
@@ -587,18 +733,56 @@ def expansion(found: int, expected: int, call: dict[str, Any], batch: int) -> in
     return copies if bool((grouped == grouped[:, :1]).all()) else 0
 
 
-def _merge_into(embeds, sample, pos, patches, assign, features) -> None:
-    """Replace each kept representative's row by the mean of the patches assigned to it (in place)."""
-    n_patch, dim = features.shape
-    member = assign >= 0
-    sums = torch.zeros(n_patch, dim, dtype=torch.float32, device=embeds.device)
-    sums.index_add_(0, assign[member], features[member].float())
-    count = torch.zeros(n_patch, device=embeds.device)
-    count.index_add_(0, assign[member], torch.ones(int(member.sum()), device=embeds.device))
-    reps = count[patches] > 0
-    embeds[sample, pos[reps]] = (sums[patches[reps]] / count[patches[reps], None]).to(embeds.dtype)
-
-
 def slice_view_signals(signals: dict[str, torch.Tensor], row: int, offset: int, n: int) -> dict[str, torch.Tensor]:
     """Per-view signals for encoders that run one view per batch row (CLIP, SigLIP)."""
     return {key: stats[row, offset : offset + n] for key, stats in signals.items()}
+
+
+def host_shape_arguments(args: dict[str, Any]) -> dict[str, Any]:
+    """A feature function's arguments with every small integer tensor (image_sizes, grid_thw,
+    batch_num_images, ...) copied to the host, for the layouts' arithmetic."""
+    out = dict(args)
+    for name, value in args.items():
+        if (isinstance(value, torch.Tensor) and value.numel() <= 65536 and not value.is_floating_point()
+                and not value.is_complex() and value.dtype != torch.bool):
+            out[name] = value.to("cpu", copy=True)
+    return out
+
+
+def _prompt_key(ids: torch.Tensor | None, mask: torch.Tensor | None) -> tuple:
+    """Identity of a prompt's tensors (a view of the same data with the same shape matches)."""
+    def one(t):
+        return None if t is None else (t.device, t.data_ptr(), tuple(t.shape), t.stride(), t._version)
+
+    return one(ids), one(mask)
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.device == b.device and a.data_ptr() == b.data_ptr() and a.shape == b.shape
+                      and a.stride() == b.stride())
+
+
+def read_prompt(adapter: Adapter, ids, embeds, mask) -> dict[str, Any]:
+    """The host copies :meth:`Adapter._prompt_on_host` describes, in one device read."""
+    if ids is None and embeds is None:
+        return {}
+    call = {"input_ids": ids, "inputs_embeds": embeds}
+    modalities = list(adapter.feature_functions)
+    if ids is not None:
+        parts = [ids.long()]
+    else:  # placeholders are rows equal to the token's embedding: compared on the device
+        parts = [adapter._placeholder_mask(m, call).long() for m in modalities]
+    if mask is not None:
+        parts.append(mask.to(parts[0].device).long())
+    host = torch.stack(parts).to("cpu", copy=True)  # the one read (before the encoder: the queue is short)
+    out: dict[str, Any] = {"host:mask": mask}
+    if ids is not None:
+        out["host:ids"] = host[0]
+        for m in modalities:
+            out[f"host:{m}"] = host[0] == adapter.placeholder_id(m)
+    else:
+        for j, m in enumerate(modalities):
+            out[f"host:{m}"] = host[j].bool()
+    if mask is not None:
+        out["host:real"] = (host[-1] != 0).sum(1)
+    return out

@@ -30,12 +30,13 @@ class Packing:
     def of(cls, keep_mask: torch.Tensor, counts: list[int] | None = None) -> Packing:
         """``counts``: the kept elements of each row when the caller knows them on the host (from
         budgets, not from the mask): then nothing is read back from the device."""
+        # (B,) on the device either way: torch.tensor(counts, device=cuda) is a blocking copy that
+        # set_sync_debug_mode('error') refuses (seen on the H200)
+        kept = keep_mask.sum(1)
         if counts is None:
-            kept = keep_mask.sum(1)  # (B,)
             kept_len = int(kept.max()) if kept.numel() else 0
             rows, cols = keep_mask.nonzero(as_tuple=True)
         else:
-            kept = torch.tensor(counts, device=keep_mask.device)
             kept_len = max(counts, default=0)
             rows, cols = torch.nonzero_static(keep_mask, size=sum(counts)).unbind(1)
         dest = (kept_len - kept)[:, None] + keep_mask.long().cumsum(1) - 1  # (B, L)
@@ -89,12 +90,14 @@ def compact(positions: torch.Tensor, keep_mask: torch.Tensor) -> torch.Tensor:
 
 
 def cut_prefill(
-    kwargs: dict[str, Any], keep_mask: torch.Tensor, mode: str
+    kwargs: dict[str, Any], keep_mask: torch.Tensor, mode: str, counts: list[int] | None = None
 ) -> tuple[dict[str, Any], Plan, torch.Tensor]:
     """Return new language-model kwargs holding only the kept rows, the decode plan, and the
     position ids given to the kept rows.
 
-    keep_mask: (B, L) bool over the prefill. ``mode`` is "original" or "compact".
+    keep_mask: (B, L) bool over the prefill. ``mode`` is "original" or "compact". ``counts``: the
+    real (non-padding) kept tokens of each row when the host knows them (then nothing is read back
+    from the device; see :meth:`Packing.of`).
     """
     embeds = kwargs["inputs_embeds"]  # (B, L, D)
     batch, length, _ = embeds.shape
@@ -106,7 +109,7 @@ def cut_prefill(
     keep_mask = keep_mask.to(device)
     # Padding is never kept: rows are re-packed so the new length is the longest row's real tokens
     # (a text-only prompt beside an image prompt no longer holds the batch at the image's length).
-    packing = Packing.of(keep_mask & mask.bool())
+    packing = Packing.of(keep_mask & mask.bool(), counts)
     if mode == "compact":
         logical = compact(logical, keep_mask)
         shift = (~keep_mask).long().sum(1)

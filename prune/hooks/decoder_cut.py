@@ -28,6 +28,7 @@ from transformers.masking_utils import create_causal_mask
 
 from .._compat import call_with_cache
 from ..kernels import attention_stats, transition_variation
+from ..methods.base import to_device
 from .attention_tap import STATS_ONLY_ATTR, install_tap
 from .cutter import Packing, compact, logical_positions, two_d_mask
 
@@ -415,10 +416,8 @@ def keep_top(score: torch.Tensor, allowed: torch.Tensor, counts: list[int]) -> t
     order = torch.sort(score, dim=1, descending=True, stable=True).indices
     order = order.gather(1, torch.sort(allowed.gather(1, order).byte(), dim=1, descending=True, stable=True).indices)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(length, device=score.device).expand(batch, length))
-    limit = torch.tensor(counts)[:, None]
-    if score.device.type == "cuda":  # from pinned memory, not waiting for the GPU (a pageable copy would)
-        limit = limit.pin_memory().to(score.device, non_blocking=True)
-    return allowed & (rank < limit.to(score.device))
+    limit = to_device(torch.tensor(counts)[:, None], score.device)  # a pageable copy would wait for the GPU
+    return allowed & (rank < limit)
 
 
 def last_instruction_row(real: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,6 @@ from torch import nn
 from .._compat import call_with_cache, find_cache, past_length
 from ..methods import EncoderInfo
 from .base import Adapter, ImageLayout, bind_arguments
-from .cutter import Packing
 
 
 class Gemma3Adapter(Adapter):
@@ -141,7 +140,7 @@ class Gemma3Adapter(Adapter):
     def cut_sequence_arguments(self, kwargs, new_kwargs, keep_mask: torch.Tensor) -> dict[str, Any]:
         token_type_ids = (self.state._scratch.get("gemma_call") or {}).get("token_type_ids")
         if token_type_ids is not None:
-            token_type_ids = Packing.of(keep_mask).sequence(token_type_ids.to(keep_mask.device))
+            token_type_ids = self.packing(keep_mask).sequence(token_type_ids.to(keep_mask.device))
         out = dict(new_kwargs)
         out["attention_mask"] = self._masks(new_kwargs, token_type_ids)
         return out

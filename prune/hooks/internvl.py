@@ -84,7 +84,7 @@ class InternVLAdapter(Adapter):
             scratch["internvl_call"] = outer
 
     def _tiles_per_image(self, modality: str, per_tile: int) -> list[int]:
-        mask = self._placeholder_mask(modality, self.state._scratch["internvl_call"]).cpu()
+        mask = self._host_placeholder_mask(modality, self.state._scratch["internvl_call"])
         tiles = []
         for row in mask:
             padded = torch.cat([torch.zeros(1, dtype=torch.bool), row, torch.zeros(1, dtype=torch.bool)])
@@ -106,7 +106,8 @@ class InternVLAdapter(Adapter):
         tiles = self._tiles_per_image(modality, per_tile)
         if sum(tiles) != n_tiles:
             call = self.state._scratch["internvl_call"]
-            copies = expansion(sum(tiles), n_tiles, call, self._placeholder_mask(modality, call).shape[0])
+            host_call = {"input_ids": call["host:ids"]} if call.get("host:ids") is not None else call
+            copies = expansion(sum(tiles), n_tiles, host_call, self._host_placeholder_mask(modality, call).shape[0])
             if copies:
                 raise Expanded(copies)  # beams / num_return_sequences: select per prompt, then copy
             raise RuntimeError(

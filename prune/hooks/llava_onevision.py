@@ -36,7 +36,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
 
     def _pack(self, per_view: torch.Tensor, image_size: torch.Tensor, aspect: str) -> torch.Tensor:
         """(views, n, K) values -> the packed (tokens, K) sequence of one image, newline rows = NaN."""
-        newline = torch.full((per_view.shape[-1],), float("nan"), dtype=per_view.dtype)
+        newline = per_view.new_full((per_view.shape[-1],), float("nan"))
         packed, _ = self.model.model.pack_image_features(
             [per_view], image_size[None], image_newline=newline, vision_aspect_ratio=aspect
         )
@@ -66,21 +66,27 @@ class LlavaOnevisionAdapter(LlavaAdapter):
                 if patch
                 else 1
             )
-            # (views, n, K+1): the statistics plus a ones column that marks real (non-newline) tokens
-            values = torch.stack([signals[k][first : first + count, :n].float().cpu() for k in keys] +
-                                 [torch.ones(count, n)], dim=-1)
-            packed = self._pack(values, size, aspect)
-            is_newline = packed[:, -1].isnan()
-            token_view = torch.zeros(packed.shape[0], dtype=torch.long)
-            token_patch = torch.arange(packed.shape[0])
+            # the layout from a pack of ones on the host (newline rows come out NaN); the statistics
+            # packed the same way on their device (unpadded and interpolated like the features)
+            is_newline = self._pack(torch.ones(count, n, 1), size, aspect)[:, 0].isnan()
+            packed = None
+            if keys:
+                packed = self._pack(torch.stack([signals[k][first : first + count, :n].float() for k in keys], -1),
+                                    size, aspect)
+            total = is_newline.numel()
+            token_view = torch.zeros(total, dtype=torch.long)
+            token_patch = torch.arange(total)
             grids = [(side, side)]
             view_signals = [{k: packed[:n, i] for i, k in enumerate(keys)}]
             if count > 1:
                 rows = int(is_newline[n:].sum())
-                cols = (packed.shape[0] - n) // rows - 1
-                crop = packed[n:].view(rows, cols + 1, -1)[:, :cols].reshape(rows * cols, -1)
+                cols = (total - n) // rows - 1
                 grids.append((rows, cols))
-                view_signals.append({k: crop[:, i] for i, k in enumerate(keys)})
+                if keys:
+                    crop = packed[n:].view(rows, cols + 1, -1)[:, :cols].reshape(rows * cols, -1)
+                    view_signals.append({k: crop[:, i] for i, k in enumerate(keys)})
+                else:
+                    view_signals.append({})
                 token_view[n:] = 1
                 token_patch[n:] = torch.arange(rows * (cols + 1)).view(rows, cols + 1).sub(
                     torch.arange(rows)[:, None]

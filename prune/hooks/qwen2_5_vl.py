@@ -35,7 +35,5 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
 
     def unit_order(self, grid_thw: torch.Tensor) -> torch.Tensor:
         # window_index[i] = raster unit at encoder position i; its inverse maps raster -> encoder.
-        return torch.argsort(_window_index(self.visual(), grid_thw.to(self._device())))
-
-    def _device(self) -> torch.device:
-        return next(self.visual().parameters()).device
+        # On the host: the model's own function runs its loops over grid_thw.tolist().
+        return torch.argsort(_window_index(self.visual(), grid_thw.cpu()).cpu())

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..methods import EncoderInfo
+from ..methods.base import to_device
 from .base import Adapter, ImageLayout
 
 _GRID_ARG = {"image": "image_grid_thw", "video": "video_grid_thw"}
@@ -65,20 +66,21 @@ class Qwen2VLAdapter(Adapter):
         return int(self.model.config.vision_config.spatial_merge_size)
 
     def unit_order(self, grid_thw: torch.Tensor) -> torch.Tensor | None:
-        """Index that puts the encoder's merge units back in raster order (None: already are)."""
+        """Index that puts the encoder's merge units back in raster order (None: already are); host
+        arithmetic on the host ``grid_thw``."""
         return None
 
     def layouts(self, modality: str, args: dict[str, Any], signals: dict[str, torch.Tensor]) -> list[ImageLayout]:
         grid_thw = args.get(_GRID_ARG[modality])
         if grid_thw is None:
             raise ValueError(f"{_GRID_ARG[modality]} is needed with the {modality} pixel values")
-        grid_thw = torch.as_tensor(grid_thw).cpu()
+        grid_thw = torch.as_tensor(grid_thw).cpu()  # already on the host: the feature function copied it
         m = self.merge_size()
         units = {}
         order = self.unit_order(grid_thw) if signals else None
         for key, stats in signals.items():
             per_unit = stats.reshape(-1, m * m).mean(-1)  # (units,) in the encoder's order
-            units[key] = per_unit[order.to(per_unit.device)] if order is not None else per_unit
+            units[key] = per_unit[to_device(order, per_unit.device)] if order is not None else per_unit
         layouts, first = [], 0
         for t, h, w in grid_thw.tolist():
             hm, wm = h // m, w // m

@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from .base import bind_arguments
-from .cutter import Packing
 from .qwen2_vl import Qwen2VLAdapter
 
 
@@ -72,9 +71,10 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
             if isinstance(value, torch.Tensor)
             and value.dtype == torch.bool
             and tuple(value.shape) == (batch, length)
-            and int(value.sum()) == rows
             and value is not kwargs.get("attention_mask")
         ]
+        if len(masks) > 1:  # the structure does not tell: the one marking as many positions as rows (a read)
+            masks = [name for name in masks if int(kwargs[name].sum()) == rows]
         if len(masks) != 1:
             raise RuntimeError(
                 "prune: the Qwen3-VL language model got DeepStack features but no unique (batch, length) mask "
@@ -93,10 +93,16 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
             return new_kwargs
         mask_name, list_name = found
         visual = kwargs[mask_name].to(keep_mask.device)
-        kept_visual = keep_mask[visual]  # (n_visual,) in the features' row order (row-major)
+        rows = kwargs[list_name][0].shape[0]
+        # (n_visual,) kept flags in the features' row order (row-major), sized from the features' rows
+        where = torch.nonzero_static(visual.flatten(), size=rows).view(-1)
+        kept_visual = keep_mask.flatten()[where]
+        removed = self.state._scratch.get("cut_removed")  # host: rows the cut removed (None: read back)
+        take = (kept_visual.nonzero() if removed is None else torch.nonzero_static(kept_visual, size=rows - removed))
+        take = take.view(-1)
         out = dict(new_kwargs)
-        out[mask_name] = Packing.of(keep_mask).sequence(visual)  # packing keeps row-major order
-        out[list_name] = [t[kept_visual.to(t.device)] for t in kwargs[list_name]]
+        out[mask_name] = self.packing(keep_mask).sequence(visual)  # packing keeps row-major order
+        out[list_name] = [t[take.to(t.device)] for t in kwargs[list_name]]
         return out
 
     def _on_language_model_call(self, module, args, kwargs):

@@ -1,7 +1,10 @@
 """What every pruning method sees and returns.
 
-A method works on one *view* at a time: one grid of vision tokens (an image, an anyres crop, a
-video frame). It knows nothing about models; adapters in ``prune.hooks`` build the views.
+A method's readable reference works on one *view* at a time (``select``): one grid of vision tokens
+(an image, an anyres crop, a video frame). The path prune runs is ``select_batch``: every view of one
+encoder call at once, on the model's device, with no host synchronisation (budgets are host
+arithmetic on shapes; scores stay on the device). It knows nothing about models; adapters in
+``prune.hooks`` build the views.
 """
 
 from __future__ import annotations
@@ -81,6 +84,88 @@ class Selection:
     score: torch.Tensor | None = None
 
 
+@dataclass
+class ViewBatch:
+    """Every view of one encoder call that needs ranking, stacked (ragged grids padded to the largest).
+
+    Attributes:
+        grids: (h, w) of each view (host).
+        budgets: tokens each view keeps (host; each below the view's valid count).
+        valid: (V, P) bool on the device; False at invalid patches and at padding columns p >= h*w.
+        valid_host: the same mask on the host (it comes from shapes: no device read).
+        signals: SignalRequest.key -> (V, P) fp32 on the device, -inf at padding columns.
+        index: each view's number inside its image (seeds random choices).
+        features: (V, P, D) LLM-input embeddings of the patches on the device (zeros where no token
+            sits), for methods with ``needs_features``; else None.
+    """
+
+    grids: list[tuple[int, int]]
+    budgets: list[int]
+    valid: torch.Tensor
+    valid_host: torch.Tensor
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
+    index: list[int] = field(default_factory=list)
+    features: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.valid.device
+
+    def __len__(self) -> int:
+        return len(self.grids)
+
+    def view(self, v: int) -> View:
+        """View ``v`` as the per-view reference ``Method.select`` takes it (unpadded)."""
+        h, w = self.grids[v]
+        n = h * w
+        return View(grid=(h, w), budget=self.budgets[v], valid=self.valid[v, :n],
+                    signals={key: s[v, :n] for key, s in self.signals.items()}, index=self.index[v],
+                    features=None if self.features is None else self.features[v, :n])
+
+    def host_view(self, v: int) -> View:
+        """View ``v`` with host tensors only (for methods that need no signals)."""
+        h, w = self.grids[v]
+        return View(grid=(h, w), budget=self.budgets[v], valid=self.valid_host[v, : h * w], index=self.index[v])
+
+    def column(self, values: list[int]) -> torch.Tensor:
+        """(V, 1) long on the device from host ints (a pinned, non-blocking copy)."""
+        return to_device(torch.tensor(values, dtype=torch.long)[:, None], self.device)
+
+
+@dataclass
+class BatchSelection:
+    """A method's answer for a :class:`ViewBatch`.
+
+    keep: (V, P) bool on the device, the kept patches of each view.
+    counts: kept patches of each view as the host knows them from budgets (None: data-dependent,
+        e.g. an opt-in reference quirk; the caller then reads the count back, one sync).
+    assign: optional (V, P) long, as :attr:`Selection.assign` per view (-1: dropped or padding).
+    score: optional (V, P) fp32, the score the method ranked by.
+    """
+
+    keep: torch.Tensor
+    counts: list[int] | None
+    assign: torch.Tensor | None = None
+    score: torch.Tensor | None = None
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without a synchronisation: copied from pinned memory, non-blocking
+    (the pinned block is not reused before the copy ends: the caching host allocator records it)."""
+    if device.type == "cpu":
+        return host
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _pad_rows(rows: list[torch.Tensor], width: int, fill: float) -> torch.Tensor:
+    """(len(rows), width): each 1-D row padded on the right with ``fill``."""
+    if all(r.numel() == width for r in rows):
+        return torch.stack(rows)
+    return torch.stack([torch.nn.functional.pad(r, (0, width - r.numel()), value=fill) for r in rows])
+
+
 class Method:
     """Base class of a pruning method; subclasses register with ``@register("name")``."""
 
@@ -90,6 +175,9 @@ class Method:
     defaults: ClassVar[dict[str, Any]] = {}
     needs_cls: ClassVar[bool] = False
     needs_features: ClassVar[bool] = False
+    #: ``select`` depends on the view's shape, validity and the options only (no signal, no feature):
+    #: the default ``select_batch`` runs it on the host and copies the answer once
+    host_select: ClassVar[bool] = False
 
     #: option name -> (low, high) inclusive bounds of a numeric option (None: unbounded on that side)
     option_ranges: ClassVar[dict[str, tuple[float | None, float | None]]] = {}
@@ -163,7 +251,35 @@ class Method:
         return self.requests
 
     def select(self, view: View) -> Selection:
+        """The readable per-view reference (the batched path is tested against it)."""
         raise NotImplementedError
+
+    def select_batch(self, batch: ViewBatch) -> BatchSelection:
+        """Every view of one call at once; the same token sets as :meth:`select` view by view.
+
+        Default: :meth:`select` per view. A ``host_select`` method is run on host views (its choice
+        depends on shapes and options only) and its answer copied to the device once, non-blocking;
+        any other runs on the device views and its kept counts are read back (syncs: methods on the
+        fast path override this)."""
+        on_host = self.host_select
+        width = batch.valid.shape[1]
+        keep = torch.zeros(len(batch), width, dtype=torch.bool)
+        assign = score = None
+        sels = [self.select(batch.host_view(v) if on_host else batch.view(v)) for v in range(len(batch))]
+        if not on_host:
+            keep = keep.to(batch.device)
+        for v, sel in enumerate(sels):
+            keep[v, sel.keep.to(keep.device)] = True
+        if any(sel.assign is not None for sel in sels):
+            assign = _pad_rows([sel.assign.to(keep.device) for sel in sels], width, -1)
+        if any(sel.score is not None for sel in sels):
+            score = _pad_rows([sel.score.to(keep.device).float() for sel in sels], width, float("nan"))
+        counts = [int(sel.keep.numel()) for sel in sels]
+        if on_host:
+            keep = to_device(keep, batch.device)
+            assign = None if assign is None else to_device(assign, batch.device)
+            score = None if score is None else to_device(score, batch.device)
+        return BatchSelection(keep=keep, counts=counts, assign=assign, score=score)
 
     def view_budgets(self, total: int, caps: list[int], patches: list[int], budget_of, proportional: bool = False
                      ) -> list[int]:
@@ -228,6 +344,57 @@ def stable_topk(scores: torch.Tensor, k: int, allowed: torch.Tensor | None = Non
         return torch.zeros(0, dtype=torch.long, device=scores.device)
     _, indices = topk_gather(scores.new_zeros(1, scores.numel(), 1), scores[None], k)
     return indices[0]
+
+
+def _tie_keys(scores: torch.Tensor) -> torch.Tensor:
+    """(..., N) int64 keys, all distinct, whose descending order is the stable descending order of
+    ``scores`` (ties: the lower index first; NaN above +inf; -0.0 == +0.0), as in
+    ``prune.kernels.topk_gather``: the order-preserving int32 image of the fp32 score, times 2**32,
+    plus (N - 1 - index)."""
+    n = scores.shape[-1]
+    s = scores.float() + 0.0  # -0.0 -> +0.0
+    bits = s.view(torch.int32)
+    key = torch.where(bits < 0, bits ^ (2**31 - 1), bits)
+    key = torch.where(torch.isnan(s), torch.full_like(key, 2**31 - 1), key)
+    tie = (n - 1) - torch.arange(n, device=scores.device, dtype=torch.int64)
+    return key.to(torch.int64) * (1 << 32) + tie
+
+
+def stable_topk_rows(
+    scores: torch.Tensor, k: list[int] | torch.Tensor, allowed: torch.Tensor | None = None, kmax: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise :func:`stable_topk` of a (V, P) score matrix in one top-k, with no host sync.
+
+    ``k``: per row, a host list, or a (V,) / (V, 1) long tensor on the device (then ``kmax``, a host
+    bound on it, is required). Positions where ``allowed`` is False are never chosen (k is capped at
+    their count). Returns ``(index, take)``: (V, K) indices in rank order and a (V, K) bool, True for
+    the first k[v] of row v (K = the largest k, at most P)."""
+    v, p = scores.shape
+    s = scores.float()
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    if isinstance(k, list):
+        kmax = max(k, default=0)
+    kmax = max(0, min(int(kmax), p))
+    index = _tie_keys(s).topk(kmax, dim=1, sorted=True).indices  # (V, K) rank order
+    rank = torch.arange(kmax, device=s.device)[None, :]
+    if isinstance(k, list):
+        kk = k[0] if len(set(k)) == 1 else to_device(torch.tensor(k or [0], dtype=torch.long), s.device)[:v, None]
+    else:
+        kk = k.to(s.device).view(v, 1)
+    if allowed is not None:
+        cap = allowed.sum(1, keepdim=True)
+        kk = cap.clamp(max=kk) if isinstance(kk, int) else torch.minimum(kk, cap)
+    take = (rank < kk).expand(v, kmax)
+    return index, take
+
+
+def stable_topk_mask(
+    scores: torch.Tensor, k: list[int] | torch.Tensor, allowed: torch.Tensor | None = None, kmax: int | None = None
+) -> torch.Tensor:
+    """(V, P) bool: row v marks the :func:`stable_topk` set of ``scores[v]`` (see :func:`stable_topk_rows`)."""
+    index, take = stable_topk_rows(scores, k, allowed, kmax)
+    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(1, index, take)
 
 
 def layer_index(layer: int, num_layers: int, name: str) -> int:

@@ -5,15 +5,18 @@ from __future__ import annotations
 from . import register
 from .base import (
     SCORE_DTYPES,
+    BatchSelection,
     EncoderInfo,
     Method,
     Selection,
     SignalRequest,
     View,
+    ViewBatch,
     cast_scores,
     check_option,
     layer_index,
     stable_topk,
+    stable_topk_mask,
 )
 
 
@@ -69,3 +72,8 @@ class ClsPrune(Method):
         score = cast_scores(sum(view.signals.values()), self.options["score_dtype"])
         keep = stable_topk(score, view.budget, view.valid).sort().values
         return Selection(keep=keep, score=score)
+
+    def select_batch(self, batch: ViewBatch) -> BatchSelection:
+        score = cast_scores(sum(batch.signals.values()), self.options["score_dtype"])  # (V, P)
+        keep = stable_topk_mask(score, batch.budgets, batch.valid)
+        return BatchSelection(keep=keep, counts=list(batch.budgets), score=score)

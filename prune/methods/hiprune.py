@@ -8,15 +8,19 @@ import torch
 from . import register
 from .base import (
     SCORE_DTYPES,
+    BatchSelection,
     EncoderInfo,
     Method,
     Selection,
     SignalRequest,
     View,
+    ViewBatch,
     cast_scores,
     check_option,
     layer_index,
     stable_topk,
+    stable_topk_mask,
+    stable_topk_rows,
 )
 
 
@@ -100,3 +104,43 @@ class HiPrune(Method):
         picked[registers] = True
         keep = torch.nonzero(picked, as_tuple=True)[0]
         return Selection(keep=keep, score=deep)
+
+    def select_batch(self, batch: ViewBatch) -> BatchSelection:
+        """:meth:`select` for all views at once, on the device: anchors by one top-k, buffers by a
+        scatter, registers by one top-k whose per-view count stays on the device."""
+        shallow, deep = (cast_scores(batch.signals[r.key], self.options["score_dtype"]) for r in self.requests)
+        views, width = shallow.shape
+        valid, budgets = batch.valid, batch.budgets
+        alpha = float(self.options["alpha"])
+        n_anchor = [round(b * alpha / 5) for b in budgets]
+        anchors, take = stable_topk_rows(shallow, n_anchor, valid)  # (V, A) rank order
+        w = batch.column([gw for _, gw in batch.grids])  # (V, 1)
+        last = batch.column([gh * gw - 1 for gh, gw in batch.grids])
+        # Buffers: +-1 (same row unless wrap_rows) and +-w, clamped to the view's grid; column
+        # ``width`` is a dump for the anchors a view does not take
+        cand = [anchors, anchors - w, anchors + w]
+        if self.options["wrap_rows"]:
+            cand += [anchors - 1, anchors + 1]
+            ok = [take] * 5
+        else:
+            col = anchors % w
+            cand += [anchors - 1, anchors + 1]
+            ok = [take] * 3 + [take & (col > 0), take & (col < w - 1)]
+        cand = torch.cat([torch.minimum(c.clamp(min=0), last) for c in cand], 1)
+        cand = torch.where(torch.cat(ok, 1), cand, width)
+        picked = torch.zeros(views, width + 1, dtype=torch.bool, device=valid.device)
+        picked = picked.scatter_(1, cand, True)[:, :width] & valid
+        if any(5 * a > b for a, b in zip(n_anchor, budgets)):  # a large alpha may pick more than T
+            is_anchor = torch.zeros_like(picked).scatter_(1, anchors, take)
+            first = stable_topk_mask(picked.float() + 0.5 * is_anchor.float(), budgets)
+            over = picked.sum(1, keepdim=True) > batch.column(budgets)
+            picked = torch.where(over, first, picked)
+        wanted = batch.column(budgets) - picked.sum(1, keepdim=True)  # (V, 1) on the device
+        kmax = max(budgets, default=0)
+        if self.options["exclusion"] == "reference":
+            registers = stable_topk_mask(deep - picked.float(), wanted, valid, kmax=kmax)
+            counts = None  # a register that repeats an anchor/buffer is lost: a data-dependent count
+        else:
+            registers = stable_topk_mask(deep, wanted, valid & ~picked, kmax=kmax)
+            counts = list(budgets)
+        return BatchSelection(keep=picked | registers, counts=counts, score=deep)

@@ -24,6 +24,7 @@ def pooled_grid(h: int, w: int, budget: int) -> tuple[int, int]:
 @register("pool")
 class PoolPrune(Method):
     description = "average-pool the patch grid into about T cells (merges, does not drop)"
+    host_select = True  # shapes and the seed only: computed on the host, copied once
     defaults = {}
     needs_features = True
 

@@ -11,6 +11,7 @@ from .base import Method, Selection, View
 @register("random")
 class RandomPrune(Method):
     description = "uniform random subset of each image's tokens (seeded baseline)"
+    host_select = True  # shapes and the seed only: computed on the host, copied once
     defaults = {"seed": 0}
     option_ranges = {"seed": (0, None)}
 

@@ -1,0 +1,77 @@
+"""On a CUDA device, prune's code from the encoder's statistics to the language model's input runs
+under ``torch.cuda.set_sync_debug_mode("error")``: no device-to-host copy, no synchronisation
+(run on the GPU machine: ``pytest -m gpu tests/test_gpu_sync.py``).
+
+The window is prune's own code: the attention tap (statistics, Triton) and the language model's
+pre-hook (layouts, budgets, the batched selection, the scatter, the cut). The model's own code in
+between syncs in the unwrapped model too (transformers' placeholder-count check, Qwen's
+``get_rope_index``) and is not prune's to change; prune's one read of the prompt and the copy of the
+shape arguments happen before the encoder is queued (see ``Adapter._prompt_on_host``)."""
+
+import functools
+
+import pytest
+import torch
+
+import prune
+from prune.hooks import base
+from prune.methods import Method, get_method
+
+pytestmark = pytest.mark.gpu
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+CASES = [("llava", m) for m in ("random", "pool", "cls", "hiprune")]
+CASES += [("qwen2_5_vl", m) for m in ("random", "pool", "hiprune")]
+CASES += [("llava_next", m) for m in ("random", "pool", "cls", "hiprune")]
+
+
+class _Window:
+    """Sync debug mode "error" inside prune's window, once armed."""
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def wrap(self, fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            if not self.armed:
+                return fn(*args, **kwargs)
+            before = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode(before)
+
+        return inner
+
+
+def _case(family):
+    from tests.test_select_batch import _family_cases
+
+    model, inputs = _family_cases()[family][0]()
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    return model.cuda(), inputs
+
+
+@cuda
+@pytest.mark.parametrize("family,method", CASES, ids=[f"{f}-{m}" for f, m in CASES])
+def test_cuda_prefill_and_generate_have_no_sync_in_prune(monkeypatch, family, method):
+    window = _Window()
+    monkeypatch.setattr(base.Adapter, "_on_language_model_call", window.wrap(base.Adapter._on_language_model_call))
+    monkeypatch.setattr(base.Adapter, "_collect", window.wrap(base.Adapter._collect))
+    model, inputs = _case(family)
+    prune.wrap(model, method, keep=0.3)
+    with torch.no_grad():
+        model(**inputs)  # warm-up: kernels compile, pinned blocks and cached index copies are made
+        window.armed = True
+        logits = model(**inputs).logits
+        keep = model.prune_state.last.keep_mask.clone()
+        tokens = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        window.armed = False
+        # the same answer as the per-view reference, run view by view
+        monkeypatch.setattr(get_method(method), "select_batch", Method.select_batch)
+        ref_logits = model(**inputs).logits
+        ref_keep = model.prune_state.last.keep_mask
+    assert torch.equal(keep, ref_keep)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert tokens.shape[1] == inputs["input_ids"].shape[1] + 3
