@@ -345,7 +345,9 @@ class _Config:
 
     def enter(self) -> None:
         if self.method != "none" and getattr(self.model, "prune_state", None) is None:
-            prune.wrap(self.model, self.method, keep=self.keep, **self.options)
+            # the encoder's own attention, as in the unpruned row and the ideal: rows compare like with
+            # like (prune bench-encoder measures the segmented vision attention)
+            prune.wrap(self.model, self.method, keep=self.keep, vision_attention="default", **self.options)
 
     def exit(self) -> None:
         if not self.own_copy and getattr(self.model, "prune_state", None) is not None:
