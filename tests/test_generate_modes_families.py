@@ -42,8 +42,15 @@ OLD_GENERATE = tuple(int(x) for x in transformers.__version__.split(".")[:2]) < 
 
 
 def _skip_expanded_media(family, method):
-    if OLD_GENERATE and family in ("internvl", "gemma3", "llava_next_video") and method not in ("random", "fastv"):
+    # (LLaVA-NeXT-Video's repeated anyres images no longer match the prompts' placeholders: prune refuses)
+    if OLD_GENERATE and family in ("internvl", "gemma3", "llava_next_video") and (
+            method not in ("random", "fastv") or family == "llava_next_video"):
         pytest.skip(f"transformers {transformers.__version__} expands {family}'s media per row before encoding")
+
+
+def _one_prompt(family):
+    """The two-image prompt, or where old releases expand several images wrongly the one-image prompt."""
+    return [0] if OLD_GENERATE and family in ("internvl", "gemma3", "llava_next_video") else [1]
 
 
 class FamilyCase:
@@ -152,9 +159,8 @@ def test_beams_keep_one_set_per_prompt_and_batch_equals_singles(family, method):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sampling_with_return_sequences_keeps_one_set_per_prompt(family):
-    _skip_expanded_media(family, "hiprune")
     case = FamilyCase(family)
-    inputs = case.inputs([1])
+    inputs = case.inputs(_one_prompt(family))
     sample = {"do_sample": True, "num_return_sequences": 2, "top_k": 5}
     with torch.no_grad():
         torch.manual_seed(0)
@@ -179,9 +185,8 @@ def test_expanded_generate_equals_the_language_model_on_the_reduced_embeds(famil
     """1-D positions (compact): the oracle is the unwrapped model's own generate with the same decoding
     arguments on the reduced inputs_embeds. (Gemma 3's generate takes no inputs_embeds; Qwen's
     M-RoPE positions are not those of an inputs_embeds call: their oracles are in their own files.)"""
-    _skip_expanded_media(family, "hiprune")
     case = FamilyCase(family)
-    inputs = case.inputs([1])
+    inputs = case.inputs(_one_prompt(family))
     args = {"num_beams": 2, "num_return_sequences": 2, "do_sample": False} if mode == "beams" else \
         {"do_sample": True, "num_return_sequences": 2, "top_k": 5}
     model = prune.wrap(case.model, "hiprune", keep=0.3, positions="compact")
