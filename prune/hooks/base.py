@@ -16,13 +16,14 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from transformers.masking_utils import create_masks_for_generate
 
-from .._compat import cache_length, find_cache
+from .._compat import cache_length, find_cache, is_static_cache
 from ..kernels import attention_stats
 from ..methods import EncoderInfo, Method, SignalRequest, View
 from ..state import ImageRecord, PruneRecord, PruneState
 from .attention_tap import install_tap
-from .cutter import cut_prefill, map_decode, two_d_mask
+from .cutter import cut_prefill, map_decode, map_decode_static, two_d_mask
 
 
 @dataclass
@@ -226,7 +227,7 @@ class Adapter:
         if args:  # some families pass input_ids positionally
             kwargs = bind_arguments(module.forward, args, kwargs)
         cache = find_cache(kwargs)
-        if cache_length(cache) > 0:
+        if self._past(cache)[0]:
             # a decode step, or a later turn on a cache a pruned prefill produced: the language-model
             # hook maps it; media in the uncached part of a later turn cannot be placed on that cache
             if self.state.plan_for(cache) is not None:
@@ -281,20 +282,41 @@ class Adapter:
         ref = self.model.get_input_embeddings()(torch.tensor(token, device=embeds.device))
         return (embeds == ref).all(-1)
 
+    def _past(self, cache) -> tuple[bool, Any]:
+        """(whether the cache holds tokens, how many). In the later forwards of a ``generate`` call on a
+        static cache the answer is known without reading the device: its first forward filled the cache,
+        and the count is the cache's own 0-d length tensor (so a compiled decode step syncs nothing)."""
+        if cache is not None and self.state._scratch.get("decoding") is cache:
+            return True, cache.get_seq_length()
+        past_len = cache_length(cache)
+        return past_len > 0, past_len
+
     def _on_language_model_call(self, module, args, kwargs):
+        cache = find_cache(kwargs)
+        try:
+            return self._language_model_call(args, kwargs, cache)
+        finally:
+            scratch = self.state._scratch
+            if scratch.get("generating") and is_static_cache(cache):
+                scratch["decoding"] = cache  # the next forwards of this generate call are decode steps
+
+    def _language_model_call(self, args, kwargs, cache):
         state = self.state
         if kwargs.get("inputs_embeds") is None:
             return None
-        cache = find_cache(kwargs)
-        past_len = cache_length(cache)
+        decoding, past_len = self._past(cache)
         if self.decoder_cut is not None:
-            return self._start_llm_call(kwargs, cache, past_len)
-        if past_len > 0:
+            return self._start_llm_call(kwargs, cache, past_len, decoding)
+        if decoding:
             plan = state.plan_for(cache)
             if plan is None:
                 return None
             self._refuse_new_media()  # older transformers run the encoder inside the forward
-            return args, map_decode(kwargs, plan, past_len, drop=self._take_cached_prefix(cache))
+            drop = self._take_cached_prefix(cache)
+            if is_static_cache(cache):  # fixed shapes in the cache's physical columns: one compiled graph
+                build = getattr(self.model, "create_masks_for_generate", None) or create_masks_for_generate
+                return args, map_decode_static(kwargs, plan, cache, past_len, build, self.model.config, drop=drop)
+            return args, map_decode(kwargs, plan, past_len, drop=drop)
         call, media = state._call, state._media
         state._call, state._media = {}, {}
         state.set_plan(cache, None)
@@ -329,9 +351,9 @@ class Adapter:
         return args, new_kwargs
 
     # ---- in-LLM methods: the language model's input is untouched; decoder layers cut ---------------
-    def _start_llm_call(self, kwargs, cache, past_len: int):
+    def _start_llm_call(self, kwargs, cache, past_len, decoding: bool):
         state, cut = self.state, self.decoder_cut
-        if past_len > 0:
+        if decoding:
             cut.start_decode(kwargs, cache, past_len)
             return None
         call = state._call
@@ -534,10 +556,12 @@ class _GenerateTurn(InstanceOverride):
             logical = plan.prefill_len + (physical - plan.kept_len)
             if ids.shape[-1] > logical:  # the whole history: generate feeds ids[:, physical:]
                 state._scratch["cached_prefix"] = (cache, logical - physical)
+        state._scratch["generating"] = True
         try:
             return self._original(*args, **kwargs)
         finally:
-            state._scratch.pop("cached_prefix", None)
+            for key in ("cached_prefix", "generating", "decoding"):
+                state._scratch.pop(key, None)
 
 
 def _remove_instance_attribute(module: nn.Module, name: str, value: Any, below: Any = None) -> None:
