@@ -23,7 +23,7 @@ from ..kernels import attention_stats
 from ..methods import EncoderInfo, Method, SignalRequest, View
 from ..state import ImageRecord, PruneRecord, PruneState
 from .attention_tap import install_tap
-from .cutter import cut_prefill, map_decode, map_decode_static, two_d_mask
+from .cutter import cut_prefill, map_decode, map_decode_static, static_mask, two_d_mask
 
 
 @dataclass
@@ -158,6 +158,8 @@ class Adapter:
 
             self.decoder_cut = DecoderCut(self, method, state)
             self.decoder_cut.install()
+            if callable(getattr(self.model, "generate", None)):  # marks a generate call's decode steps
+                state._removers.append(_GenerateTurn(self, self.model).install())
             mm = self.multimodal_module()
             lm = self.language_model()
             h1 = mm.register_forward_pre_hook(self._on_multimodal_call, with_kwargs=True)
@@ -230,7 +232,7 @@ class Adapter:
         if self._past(cache)[0]:
             # a decode step, or a later turn on a cache a pruned prefill produced: the language-model
             # hook maps it; media in the uncached part of a later turn cannot be placed on that cache
-            if self.state.plan_for(cache) is not None:
+            if self._plan_for(cache) is not None:
                 if any(kwargs.get(name) is not None for name in self._media_arguments(module)):
                     self.state._media = {"media": None}  # the encoder will run inside this forward
                 self._refuse_new_media()
@@ -286,10 +288,22 @@ class Adapter:
         """(whether the cache holds tokens, how many). In the later forwards of a ``generate`` call on a
         static cache the answer is known without reading the device: its first forward filled the cache,
         and the count is the cache's own 0-d length tensor (so a compiled decode step syncs nothing)."""
-        if cache is not None and self.state._scratch.get("decoding") is cache:
+        if self._decoding(cache) is not None:
             return True, cache.get_seq_length()
         past_len = cache_length(cache)
         return past_len > 0, past_len
+
+    def _decoding(self, cache) -> tuple | None:
+        """(cache, plan, in-LLM context) of the generate call in progress once its first forward ran on
+        the static cache ``cache`` (None otherwise). Its later forwards read the plan here rather than
+        in the weak map of plans: a compiled model call (``generate``'s own compile traces the hooks)
+        then sees the same few objects every step and every call."""
+        entry = self.state._scratch.get("decoding")
+        return entry if entry is not None and cache is not None and entry[0] is cache else None
+
+    def _plan_for(self, cache):
+        entry = self._decoding(cache)
+        return entry[1] if entry is not None else self.state.plan_for(cache)
 
     def _on_language_model_call(self, module, args, kwargs):
         cache = find_cache(kwargs)
@@ -297,8 +311,10 @@ class Adapter:
             return self._language_model_call(args, kwargs, cache)
         finally:
             scratch = self.state._scratch
-            if scratch.get("generating") and is_static_cache(cache):
-                scratch["decoding"] = cache  # the next forwards of this generate call are decode steps
+            if scratch.get("generating") and "decoding" not in scratch and is_static_cache(cache):
+                # the next forwards of this generate call are decode steps on what this one left
+                cut = self.decoder_cut
+                scratch["decoding"] = (cache, self.state.plan_for(cache), cut.context if cut is not None else None)
 
     def _language_model_call(self, args, kwargs, cache):
         state = self.state
@@ -308,7 +324,7 @@ class Adapter:
         if self.decoder_cut is not None:
             return self._start_llm_call(kwargs, cache, past_len, decoding)
         if decoding:
-            plan = state.plan_for(cache)
+            plan = self._plan_for(cache)
             if plan is None:
                 return None
             self._refuse_new_media()  # older transformers run the encoder inside the forward
@@ -345,6 +361,8 @@ class Adapter:
         # the rows the cut packed (padding is never kept)
         new_kwargs = self.cut_sequence_arguments(kwargs, new_kwargs, keep_mask & ~padding.to(keep_mask.device))
         state.set_plan(cache, plan)
+        if is_static_cache(cache):  # its decode mask, built before any decode step (which may be compiled)
+            static_mask(plan, int(cache.get_max_length()))
         state.last = PruneRecord(
             keep_mask=keep_mask, images=records, positions=state.positions, position_ids=positions, padding=padding
         )
@@ -354,7 +372,8 @@ class Adapter:
     def _start_llm_call(self, kwargs, cache, past_len, decoding: bool):
         state, cut = self.state, self.decoder_cut
         if decoding:
-            cut.start_decode(kwargs, cache, past_len)
+            entry = self._decoding(cache)
+            cut.start_decode(kwargs, cache, past_len, *([entry[2]] if entry is not None else []))
             return None
         call = state._call
         state._call = {}
@@ -391,6 +410,8 @@ class Adapter:
         for im in last.images:
             im.kept = final[im.sample, im.positions]
         ctx.phase = "decode"
+        if is_static_cache(ctx.cache):
+            cut.static_masks(ctx)  # built before any decode step (which may be compiled)
         return None
 
     def _select_expanded(self, copies, select, call, embeds, keep_mask, records):

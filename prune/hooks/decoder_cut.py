@@ -84,6 +84,13 @@ def _split_positions(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return positions, positions if positions.ndim == 2 else None
 
 
+def _physical_mask(mask2d: torch.Tensor, capacity: int) -> torch.Tensor:
+    """(B, capacity): ``mask2d`` (B, Ls) then ones."""
+    out = torch.ones(mask2d.shape[0], capacity, dtype=mask2d.dtype, device=mask2d.device)
+    out[:, : mask2d.shape[1]] = mask2d
+    return out
+
+
 class DecoderCut:
     """Installs and runs the in-LLM cut for one wrapped model."""
 
@@ -150,11 +157,15 @@ class DecoderCut:
             except TypeError:  # a legacy tuple cache
                 pass
 
-    def start_decode(self, kwargs: dict[str, Any], cache, past_len: int) -> None:
-        try:
-            ctx = self.state._contexts.get(cache)
-        except TypeError:
-            ctx = self.context
+    def start_decode(self, kwargs: dict[str, Any], cache, past_len: int, *known: Context | None) -> None:
+        """``known``: the context, when the caller already holds it (a static cache's generate call)."""
+        if known:
+            ctx = known[0]
+        else:
+            try:
+                ctx = self.state._contexts.get(cache)
+            except TypeError:
+                ctx = self.context
         self.context = ctx
         if ctx is None:
             return  # the cache came from a prefill that cut nothing
@@ -199,18 +210,16 @@ class DecoderCut:
             logical = (torch.arange(q_len, device=device) + past).expand(batch, q_len)
         else:
             logical = logical_positions(position_ids, batch, q_len, device)
+        if columns is None:
+            self.static_masks(ctx, capacity)
         decode = {}
         for stage in ctx.stages[1:]:
-            if columns is not None or stage.static_mask is None or stage.static_mask.shape[1] != capacity:
-                kept = stage.mask2d.shape[1]
-                mask2d = torch.ones(batch, capacity, dtype=stage.mask2d.dtype, device=device)
-                mask2d[:, :kept] = stage.mask2d
-                if columns is not None:
-                    mask2d[:, kept : kept + columns.shape[1]] = columns.to(device, mask2d.dtype)
-                else:
-                    stage.static_mask = mask2d  # the same every step: built once
-            else:
+            if columns is None:
                 mask2d = stage.static_mask
+            else:
+                mask2d = _physical_mask(stage.mask2d, capacity)
+                kept = stage.mask2d.shape[1]
+                mask2d[:, kept : kept + columns.shape[1]] = columns.to(device, mask2d.dtype)
             positions = logical
             out: dict[str, Any] = {}
             if self.state.positions == "compact":
@@ -222,6 +231,14 @@ class DecoderCut:
             decode[stage.layer] = out
         ctx.phase = "decode"
         ctx.static_decode = decode
+
+    def static_masks(self, ctx: Context, capacity: int | None = None) -> None:
+        """Each stage's (B, capacity) padding mask of a static cache in its physical columns: its rows,
+        then ones (what the causal mask does not reach yet); the same every step, so built once."""
+        capacity = int(ctx.cache.get_max_length()) if capacity is None else capacity
+        for stage in ctx.stages[1:]:
+            if stage.static_mask is None or stage.static_mask.shape[1] != capacity:
+                stage.static_mask = _physical_mask(stage.mask2d, capacity)
 
     def seen_masks(self) -> list[tuple[int, torch.Tensor]]:
         """(first layer, (B, L0) bool of the input columns that layer and the next ones saw) per stage."""
