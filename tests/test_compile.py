@@ -141,7 +141,8 @@ def test_compiled_vision_side_prefill_and_decode_are_two_graphs_like_unpruned(fr
 def test_generate_compiling_its_own_decode_step_traces_prune_in_one_graph(fresh_dynamo, family, method):
     """``generate`` compiles the whole model call of a decode step when the cache is static (on CUDA
     by default; ``compile_config`` here): prune's hooks are traced with it, without a graph break,
-    one graph for all steps of a call as unpruned."""
+    and the graphs do not grow with the number of steps (one on transformers 5.24; 5.17's Qwen adds
+    one when dynamo makes the growing ``mm_token_type_ids`` dynamic, pruned or not)."""
     from torch._dynamo.utils import counters
     from transformers import CompileConfig
 
@@ -150,11 +151,16 @@ def test_generate_compiling_its_own_decode_step_traces_prune_in_one_graph(fresh_
     graphs = Graphs()
     config = CompileConfig(backend=graphs.backend, mode=None)
     config._compile_all_devices = True  # transformers' switch to compile off CUDA
-    counters.clear()
-    out = _static_generate(model, inputs, 8, compile_config=config)
-    assert out.tolist() == eager.tolist()
-    assert graphs.count == 1
-    assert not counters["graph_break"], dict(counters["graph_break"])
+    counts = []
+    for n in (4, 8):
+        torch._dynamo.reset()
+        counters.clear()
+        graphs.count = 0
+        out = _static_generate(model, inputs, n, compile_config=config)
+        assert out.tolist() == eager[:, : out.shape[1]].tolist()
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        counts.append(graphs.count)
+    assert counts[0] == counts[1] <= (2 if family == "qwen" else 1)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
