@@ -109,6 +109,9 @@ class Adapter:
     feature_functions: ClassVar[dict[str, str]] = {"image": "get_image_features"}
     #: position modes this family supports
     position_modes: ClassVar[tuple[str, ...]] = ("original", "compact")
+    #: decode steps on a static cache in the fixed-shape form (see cutter.map_decode_static); False
+    #: for a family that rebuilds the step's masks itself from the 2-D mask (Gemma 3)
+    static_decode: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -329,7 +332,7 @@ class Adapter:
                 return None
             self._refuse_new_media()  # older transformers run the encoder inside the forward
             drop = self._take_cached_prefix(cache)
-            if is_static_cache(cache):  # fixed shapes in the cache's physical columns: one compiled graph
+            if self.static_decode and is_static_cache(cache):  # fixed shapes in physical columns: one graph
                 build = getattr(self.model, "create_masks_for_generate", None) or create_masks_for_generate
                 return args, map_decode_static(kwargs, plan, cache, past_len, build, self.model.config, drop=drop)
             return args, map_decode(kwargs, plan, past_len, drop=drop)

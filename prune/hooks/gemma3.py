@@ -32,6 +32,7 @@ from .cutter import Packing
 class Gemma3Adapter(Adapter):
     family = "gemma3"
     model_classes = ("Gemma3ForConditionalGeneration",)
+    static_decode = False  # its decode masks (sliding, bidirectional images) are rebuilt below from the 2-D mask
 
     def multimodal_module(self) -> nn.Module:
         return self.model.model
