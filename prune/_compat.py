@@ -73,6 +73,12 @@ def cache_length(cache: Any) -> int:
     return int(cache[0][0].shape[-2])  # legacy tuple
 
 
+def is_static_cache(cache: Any) -> bool:
+    """A cache of fixed-size buffers built for ``torch.compile`` (``StaticCache``): its length is a
+    device tensor and the masks transformers builds for it span its whole capacity."""
+    return isinstance(cache, Cache) and bool(cache.is_compileable)
+
+
 def past_length(kwargs: Mapping[str, Any]) -> int:
     """Tokens already cached before this call, read from the cache among its arguments."""
     return cache_length(find_cache(kwargs))

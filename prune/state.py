@@ -120,6 +120,7 @@ class Plan:
     kept_len: int  # rows the language model actually cached
     prefix_mask: torch.Tensor  # (B, kept_len) attention mask of the cached prefix
     shift: torch.Tensor  # (B,) subtracted from logical positions ("compact"); zeros for "original"
+    decode_mask: torch.Tensor | None = None  # static cache: its (B, capacity) physical padding mask
 
 
 class _CallLocal(threading.local):

@@ -33,7 +33,9 @@ row ran during it. Per row:
 Times are the minimum over rounds (the best estimate of what the code costs), CUDA events on a GPU
 (``time.perf_counter`` on CPU). With ``compile``, every configuration gets its own copy of the
 model whose language model runs under ``torch.compile(mode="reduce-overhead")`` with a static KV
-cache (CUDA graphs; the pruned length is fixed per batch), pruned and unpruned alike. Rows of a
+cache (CUDA graphs; the pruned length is fixed per batch), pruned and unpruned alike: the prefill
+and the decode step, one graph each (every decode step the same graph: prune maps it in fixed
+shapes); in-LLM methods compile the decode step only (their prefill ranks on the host). Rows of a
 method the model's family does not support, or that run out of memory, keep their place with a
 ``status`` saying why.
 """
@@ -260,11 +262,28 @@ def _language_model(model: nn.Module) -> nn.Module:
     return adapter_for(model).language_model()
 
 
-def _compile_language_model(model: nn.Module) -> None:
+def _compile_language_model(model: nn.Module, prefill: bool = True, **options: Any) -> None:
     """The language model's forward under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs),
-    set on the instance (``del lm.forward`` undoes it); prune's hooks stay outside the graph."""
+    set on the instance (``del lm.forward`` undoes it); prune's language-model hook stays outside
+    the graph, and on a static cache every decode step is the same graph (fixed shapes).
+
+    ``prefill=False``: only decode steps (one new token) run compiled, the prefill eagerly, as
+    ``generate`` does when it compiles. For in-LLM methods: their prefill ranks the cut on the host
+    inside the decoder-layer loop, which breaks the graph there, and dynamo then gives up on the
+    language model's frame for every later call too (each layer its own graph, decode included)."""
     lm = _language_model(model)
-    lm.forward = torch.compile(lm.forward, mode="reduce-overhead", dynamic=False)
+    eager = lm.forward
+    compiled = torch.compile(eager, **({"mode": "reduce-overhead"} | options), dynamic=False)
+    if prefill:
+        lm.forward = compiled
+        return
+
+    def forward(*args, **kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        step = embeds is not None and embeds.shape[1] == 1
+        return (compiled if step else eager)(*args, **kwargs)
+
+    lm.forward = forward
 
 
 def _compile_limits(settings: BenchSettings):
@@ -589,7 +608,7 @@ def probe_configs(configs: list[_Config], model: nn.Module, settings: BenchSetti
             if settings.compile and cfg.method != "none":
                 cfg.exit()
                 own = copy.deepcopy(model)
-                _compile_language_model(own)
+                _compile_language_model(own, prefill=not cfg.in_llm)
                 cfg.own(own)
             with torch.no_grad():
                 cfg.probe()

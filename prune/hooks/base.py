@@ -16,15 +16,16 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from transformers.masking_utils import create_masks_for_generate
 
-from .._compat import cache_length, find_cache
+from .._compat import cache_length, find_cache, is_static_cache
 from ..kernels import attention_stats
 from ..methods import EncoderInfo, Method, SignalRequest
 from ..methods.base import ViewBatch, _pad_rows, to_device
 from ..state import ImageRecord, PruneRecord, PruneState
 from . import vision_attention
 from .attention_tap import install_tap
-from .cutter import Packing, cut_prefill, map_decode, two_d_mask
+from .cutter import Packing, cut_prefill, map_decode, map_decode_static, static_mask, two_d_mask
 
 
 @dataclass
@@ -113,6 +114,9 @@ class Adapter:
     #: the vision encoder attends over segments (windows, images, frames) of one packed sequence and
     #: its attention takes cu_seqlens: ``vision_attention="segmented"`` applies (vision_attention.py)
     segmented_vision: ClassVar[bool] = False
+    #: decode steps on a static cache in the fixed-shape form (see cutter.map_decode_static); False
+    #: for a family that rebuilds the step's masks itself from the 2-D mask (Gemma 3)
+    static_decode: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -164,6 +168,8 @@ class Adapter:
 
             self.decoder_cut = DecoderCut(self, method, state)
             self.decoder_cut.install()
+            if callable(getattr(self.model, "generate", None)):  # marks a generate call's decode steps
+                state._removers.append(_GenerateTurn(self, self.model).install())
             mm = self.multimodal_module()
             lm = self.language_model()
             h1 = mm.register_forward_pre_hook(self._on_multimodal_call, with_kwargs=True)
@@ -236,10 +242,10 @@ class Adapter:
         if args:  # some families pass input_ids positionally
             kwargs = bind_arguments(module.forward, args, kwargs)
         cache = find_cache(kwargs)
-        if cache_length(cache) > 0:
+        if self._past(cache)[0]:
             # a decode step, or a later turn on a cache a pruned prefill produced: the language-model
             # hook maps it; media in the uncached part of a later turn cannot be placed on that cache
-            if self.state.plan_for(cache) is not None:
+            if self._plan_for(cache) is not None:
                 if any(kwargs.get(name) is not None for name in self._media_arguments(module)):
                     self.state._media = {"media": None}  # the encoder will run inside this forward
                 self._refuse_new_media()
@@ -320,20 +326,55 @@ class Adapter:
         ref = self.model.get_input_embeddings()(torch.tensor(token, device=embeds.device))
         return (embeds == ref).all(-1)
 
+    def _past(self, cache) -> tuple[bool, Any]:
+        """(whether the cache holds tokens, how many). In the later forwards of a ``generate`` call on a
+        static cache the answer is known without reading the device: its first forward filled the cache,
+        and the count is the cache's own 0-d length tensor (so a compiled decode step syncs nothing)."""
+        if self._decoding(cache) is not None:
+            return True, cache.get_seq_length()
+        past_len = cache_length(cache)
+        return past_len > 0, past_len
+
+    def _decoding(self, cache) -> tuple | None:
+        """(cache, plan, in-LLM context) of the generate call in progress once its first forward ran on
+        the static cache ``cache`` (None otherwise). Its later forwards read the plan here rather than
+        in the weak map of plans: a compiled model call (``generate``'s own compile traces the hooks)
+        then sees the same few objects every step and every call."""
+        entry = self.state._scratch.get("decoding")
+        return entry if entry is not None and cache is not None and entry[0] is cache else None
+
+    def _plan_for(self, cache):
+        entry = self._decoding(cache)
+        return entry[1] if entry is not None else self.state.plan_for(cache)
+
     def _on_language_model_call(self, module, args, kwargs):
+        cache = find_cache(kwargs)
+        try:
+            return self._language_model_call(args, kwargs, cache)
+        finally:
+            scratch = self.state._scratch
+            if scratch.get("generating") and "decoding" not in scratch and is_static_cache(cache):
+                # the next forwards of this generate call are decode steps on what this one left
+                cut = self.decoder_cut
+                scratch["decoding"] = (cache, self.state.plan_for(cache), cut.context if cut is not None else None)
+
+    def _language_model_call(self, args, kwargs, cache):
         state = self.state
         if kwargs.get("inputs_embeds") is None:
             return None
-        cache = find_cache(kwargs)
-        past_len = cache_length(cache)
+        decoding, past_len = self._past(cache)
         if self.decoder_cut is not None:
-            return self._start_llm_call(kwargs, cache, past_len)
-        if past_len > 0:
-            plan = state.plan_for(cache)
+            return self._start_llm_call(kwargs, cache, past_len, decoding)
+        if decoding:
+            plan = self._plan_for(cache)
             if plan is None:
                 return None
             self._refuse_new_media()  # older transformers run the encoder inside the forward
-            return args, map_decode(kwargs, plan, past_len, drop=self._take_cached_prefix(cache))
+            drop = self._take_cached_prefix(cache)
+            if self.static_decode and is_static_cache(cache):  # fixed shapes in physical columns: one graph
+                build = getattr(self.model, "create_masks_for_generate", None) or create_masks_for_generate
+                return args, map_decode_static(kwargs, plan, cache, past_len, build, self.model.config, drop=drop)
+            return args, map_decode(kwargs, plan, past_len, drop=drop)
         call, media = state._call, state._media
         state._call, state._media = {}, {}
         state.set_plan(cache, None)
@@ -367,6 +408,8 @@ class Adapter:
                                                                               for r in records)
         new_kwargs = self.cut_sequence_arguments(kwargs, new_kwargs, keep_mask & ~padding.to(keep_mask.device))
         state.set_plan(cache, plan)
+        if is_static_cache(cache):  # its decode mask, built before any decode step (which may be compiled)
+            static_mask(plan, int(cache.get_max_length()))
         state.last = PruneRecord(
             keep_mask=keep_mask, images=records, positions=state.positions, position_ids=positions, padding=padding
         )
@@ -395,10 +438,11 @@ class Adapter:
         return Packing.of(keep_mask, self.state._scratch.get("cut_counts"))
 
     # ---- in-LLM methods: the language model's input is untouched; decoder layers cut ---------------
-    def _start_llm_call(self, kwargs, cache, past_len: int):
+    def _start_llm_call(self, kwargs, cache, past_len, decoding: bool):
         state, cut = self.state, self.decoder_cut
-        if past_len > 0:
-            cut.start_decode(kwargs, cache, past_len)
+        if decoding:
+            entry = self._decoding(cache)
+            cut.start_decode(kwargs, cache, past_len, *([entry[2]] if entry is not None else []))
             return None
         call = state._call
         state._call = {}
@@ -440,6 +484,8 @@ class Adapter:
         for im in last.images:
             im.kept = final[im.sample, im.positions]
         ctx.phase = "decode"
+        if is_static_cache(ctx.cache):
+            cut.static_masks(ctx)  # built before any decode step (which may be compiled)
         return None
 
     def _select_expanded(self, copies, select, call, embeds, keep_mask, records):
@@ -697,11 +743,12 @@ class _GenerateTurn(InstanceOverride):
             if isinstance(ids, torch.Tensor) or isinstance(embeds, torch.Tensor):
                 key = _prompt_key(ids if ids is not None else embeds, mask)
                 state._scratch["prompt_on_host"] = (key, read_prompt(self.adapter, ids, embeds, mask))
+        state._scratch["generating"] = True
         try:
             return self._original(*args, **kwargs)
         finally:
-            state._scratch.pop("cached_prefix", None)
-            state._scratch.pop("prompt_on_host", None)
+            for key in ("cached_prefix", "generating", "decoding", "prompt_on_host"):
+                state._scratch.pop(key, None)
 
 
 def _remove_instance_attribute(module: nn.Module, name: str, value: Any, below: Any = None) -> None:

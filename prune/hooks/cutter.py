@@ -4,6 +4,11 @@ Shared by all adapters and by the in-LLM decoder cut: the cut gathers hidden sta
 the 2-D attention mask and position ids (1-D or multi-axis such as M-RoPE's (3, B, L)) with a
 keep-mask and re-pads ragged rows on the left; decode steps get the kept prefix of the mask and
 positions that continue from the right logical value.
+
+On a static cache (fixed buffers, built for ``torch.compile`` / CUDA graphs) a decode step gets what
+transformers' ``generate`` builds for one: a mask as wide as the cache, here in the cache's physical
+columns, and positions computed on the device from the cache's own length tensor, so every step
+hands the compiled language model tensors of the same shapes and nothing that changes in Python.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .._compat import call_with_cache
 from ..state import Plan
 
 
@@ -165,4 +171,80 @@ def map_decode(kwargs: dict[str, Any], plan: Plan, past_len: int, drop: int = 0)
     out["position_ids"] = positions
     if "cache_position" in out and out["cache_position"] is not None:
         out["cache_position"] = torch.arange(past_len, past_len + q_len, device=device)
+    return out
+
+
+def _decode_positions(kwargs: dict[str, Any], batch: int, q_len: int, device, past_logical) -> torch.Tensor:
+    """Logical positions of a decode call: the caller's, or ``past_logical`` (an int or a 0-d device
+    tensor) onwards."""
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        return (torch.arange(q_len, device=device) + past_logical).expand(batch, q_len)
+    return logical_positions(position_ids, batch, q_len, device)
+
+
+def text_positions(positions: torch.Tensor) -> torch.Tensor:
+    """The (B, L) positions a mask builder reads: 1-D positions as they are, the text row of Qwen's
+    [text; t; h; w] (4, B, L) or the first row of M-RoPE's (3, B, L)."""
+    return positions if positions.ndim == 2 else positions[0]
+
+
+def static_mask(plan: Plan, capacity: int, columns: torch.Tensor | None = None) -> torch.Tensor:
+    """The (B, capacity) padding mask of a static cache after a pruned prefill, in the cache's physical
+    columns: the kept prefix, then ``columns`` (the caller's mask after the prefill), then ones (what
+    the causal mask does not reach yet). Without ``columns`` it is the same every step: built once."""
+    if columns is None and plan.decode_mask is not None and plan.decode_mask.shape[1] == capacity:
+        return plan.decode_mask
+    prefix = plan.prefix_mask
+    if plan.kept_len + (0 if columns is None else columns.shape[1]) > capacity:
+        raise ValueError(f"the static cache holds {capacity} tokens: too few for this call after the pruned prefill")
+    mask = torch.ones(prefix.shape[0], capacity, dtype=prefix.dtype, device=prefix.device)
+    mask[:, : plan.kept_len] = prefix
+    if columns is None:
+        plan.decode_mask = mask
+    else:
+        mask[:, plan.kept_len : plan.kept_len + columns.shape[1]] = columns.to(mask.device, mask.dtype)
+    return mask
+
+
+def map_decode_static(
+    kwargs: dict[str, Any], plan: Plan, cache, past, build_mask, config, drop: int = 0
+) -> dict[str, Any]:
+    """:func:`map_decode` for a static cache: the same mapping, in the form ``generate`` gives a
+    static cache's decode step. ``past`` is the cache's physical length, an int or the cache's own
+    0-d length tensor (then nothing is read off the device). ``build_mask(config=, inputs_embeds=,
+    attention_mask=, cache=, position_ids=)`` is the model's ``create_masks_for_generate``: it turns
+    the physical (B, capacity) padding mask into the model's mask (4-D, bool or additive per backend,
+    or one per layer type), as wide as the cache whatever the step."""
+    kwargs = dict(kwargs)
+    embeds = kwargs["inputs_embeds"]
+    if drop:
+        if drop >= embeds.shape[1]:
+            raise ValueError("past_key_values already holds every token of this call: nothing to run")
+        kwargs["inputs_embeds"] = embeds = embeds[:, drop:]
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"][..., drop:]
+    batch, q_len = embeds.shape[:2]
+    device = embeds.device
+    past_logical = past + (plan.prefill_len - plan.kept_len)
+    mask = kwargs.get("attention_mask")
+    columns = None
+    if isinstance(mask, torch.Tensor) and mask.ndim == 2:  # a direct call's logical mask (generate gives 4-D)
+        if not isinstance(past, torch.Tensor) and mask.shape[1] != past_logical + q_len:
+            raise ValueError(
+                f"after a pruned prefill of {plan.prefill_len} tokens the attention mask must cover the "
+                f"logical sequence ({past_logical + q_len} columns), got shape {tuple(mask.shape)}"
+            )
+        columns = mask[:, plan.prefill_len :]
+    # otherwise the mask generate built for the cache: tokens after the prefill are never padding
+    physical = static_mask(plan, int(cache.get_max_length()), columns)
+    positions = _decode_positions(kwargs, batch, q_len, device, past_logical) - plan.shift.to(device)[:, None]
+    out = dict(kwargs)
+    out["position_ids"] = positions
+    out["attention_mask"] = call_with_cache(
+        build_mask, cache, config=config, inputs_embeds=embeds, attention_mask=physical,
+        position_ids=text_positions(positions),
+    )
+    if "cache_position" in out and out["cache_position"] is not None:
+        out["cache_position"] = torch.arange(q_len, device=device) + past
     return out

@@ -26,7 +26,7 @@ import torch
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
-from .._compat import call_with_cache
+from .._compat import call_with_cache, is_static_cache
 from ..kernels import attention_stats, transition_variation
 from ..methods.base import to_device
 from .attention_tap import STATS_ONLY_ATTR, install_tap
@@ -52,6 +52,7 @@ class Stage:
     causal: Any = None  # the prefill's 4-D (or backend-specific) mask
     decode_step: int = -1
     decode_kwargs: dict[str, Any] = field(default_factory=dict)
+    static_mask: torch.Tensor | None = None  # static cache: (B, capacity) padding mask of this stage's cache
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Context:
     iga_rows: list[torch.Tensor] | torch.Tensor | None = None  # rows the stats-only call reads
     instruction_counts: list[int] = field(default_factory=list)  # host: real rows after the last vision row
     right_aligned: list[bool] = field(default_factory=list)  # host: the prompt's last column is real
+    static_decode: dict[int, dict[str, Any]] | None = None  # static cache: this step's kwargs per stage layer
     pending: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def stage_of(self, layer: int) -> Stage:
@@ -85,6 +87,13 @@ def _split_positions(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     if positions.ndim == 3 and positions.shape[0] == 4:
         return positions[1:], positions[0]
     return positions, positions if positions.ndim == 2 else None
+
+
+def _physical_mask(mask2d: torch.Tensor, capacity: int) -> torch.Tensor:
+    """(B, capacity): ``mask2d`` (B, Ls) then ones."""
+    out = torch.ones(mask2d.shape[0], capacity, dtype=mask2d.dtype, device=mask2d.device)
+    out[:, : mask2d.shape[1]] = mask2d
+    return out
 
 
 class DecoderCut:
@@ -161,17 +170,25 @@ class DecoderCut:
             except TypeError:  # a legacy tuple cache
                 pass
 
-    def start_decode(self, kwargs: dict[str, Any], cache, past_len: int) -> None:
-        try:
-            ctx = self.state._contexts.get(cache)
-        except TypeError:
-            ctx = self.context
+    def start_decode(self, kwargs: dict[str, Any], cache, past_len: int, *known: Context | None) -> None:
+        """``known``: the context, when the caller already holds it (a static cache's generate call)."""
+        if known:
+            ctx = known[0]
+        else:
+            try:
+                ctx = self.state._contexts.get(cache)
+            except TypeError:
+                ctx = self.context
         self.context = ctx
         if ctx is None:
             return  # the cache came from a prefill that cut nothing
         embeds = kwargs["inputs_embeds"]
         batch, q_len = embeds.shape[:2]
         base = ctx.stages[0]
+        ctx.static_decode = None
+        if is_static_cache(cache):
+            self._start_static_decode(ctx, kwargs, cache, past_len)
+            return
         # layers before the first cut see every token, so the cache's length (layer 0) is logical
         past_logical = past_len
         mask = kwargs.get("attention_mask")
@@ -184,6 +201,57 @@ class DecoderCut:
         ctx.lm_mask = mask
         ctx.lm_positions = logical_positions(kwargs.get("position_ids"), batch, q_len, embeds.device, start=past_logical)
         ctx.step = past_logical + q_len  # identifies this step (per-stage kwargs are built once per step)
+
+    def _start_static_decode(self, ctx: Context, kwargs: dict[str, Any], cache, past) -> None:
+        """A decode step on a static cache: every stage's mask, positions (and, "compact", position
+        embeddings) built here, outside the compiled language model, in the form ``generate`` gives a
+        static cache: masks as wide as the cache in each stage's physical columns (the stage's layers
+        cache only its rows), from the cache's length tensors. ``past`` (layer 0's length: logical, as
+        the layers before the first cut see every token) may be that 0-d tensor. The layer hooks then
+        only pick this step's tensors, so the compiled graph is the same every step."""
+        embeds = kwargs["inputs_embeds"]
+        batch, q_len = embeds.shape[:2]
+        device = embeds.device
+        prefill_len = ctx.stages[0].rows.shape[1]
+        capacity = int(cache.get_max_length())
+        mask = kwargs.get("attention_mask")
+        columns = None
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2:  # a direct call's logical mask (generate gives 4-D)
+            columns = mask[:, prefill_len:]
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            logical = (torch.arange(q_len, device=device) + past).expand(batch, q_len)
+        else:
+            logical = logical_positions(position_ids, batch, q_len, device)
+        if columns is None:
+            self.static_masks(ctx, capacity)
+        decode = {}
+        for stage in ctx.stages[1:]:
+            if columns is None:
+                mask2d = stage.static_mask
+            else:
+                mask2d = _physical_mask(stage.mask2d, capacity)
+                kept = stage.mask2d.shape[1]
+                mask2d[:, kept : kept + columns.shape[1]] = columns.to(device, mask2d.dtype)
+            positions = logical
+            out: dict[str, Any] = {}
+            if self.state.positions == "compact":
+                positions = positions - stage.shift[:, None]
+                out["position_embeddings"] = self._embeddings(embeds, positions)
+            text = _split_positions(positions)[1]
+            out["position_ids"] = text
+            out["attention_mask"] = self._causal(stage, embeds, mask2d, text)
+            decode[stage.layer] = out
+        ctx.phase = "decode"
+        ctx.static_decode = decode
+
+    def static_masks(self, ctx: Context, capacity: int | None = None) -> None:
+        """Each stage's (B, capacity) padding mask of a static cache in its physical columns: its rows,
+        then ones (what the causal mask does not reach yet); the same every step, so built once."""
+        capacity = int(ctx.cache.get_max_length()) if capacity is None else capacity
+        for stage in ctx.stages[1:]:
+            if stage.static_mask is None or stage.static_mask.shape[1] != capacity:
+                stage.static_mask = _physical_mask(stage.mask2d, capacity)
 
     def seen_masks(self) -> list[tuple[int, torch.Tensor]]:
         """(first layer, (B, L0) bool of the input columns that layer and the next ones saw) per stage."""
@@ -246,6 +314,8 @@ class DecoderCut:
 
     def _decode_kwargs(self, stage: Stage, hidden: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, Any]:
         ctx = self.context
+        if ctx.static_decode is not None:  # built before the language model ran (static cache)
+            return ctx.static_decode[stage.layer]
         if stage.decode_step != ctx.step:  # built once per stage and step
             prefill_len = ctx.stages[0].rows.shape[1]
             mask2d = torch.cat([stage.mask2d.to(ctx.lm_mask.dtype), ctx.lm_mask[:, prefill_len:]], dim=1)

@@ -31,6 +31,7 @@ from .base import Adapter, ImageLayout, bind_arguments
 class Gemma3Adapter(Adapter):
     family = "gemma3"
     model_classes = ("Gemma3ForConditionalGeneration",)
+    static_decode = False  # its decode masks (sliding, bidirectional images) are rebuilt below from the 2-D mask
 
     def multimodal_module(self) -> nn.Module:
         return self.model.model
