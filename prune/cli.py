@@ -477,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     models_help = (
         "a shipped shape (see configs/models: llava-1.5-7b, llava-next-7b, llava-onevision-7b, qwen2.5-vl-7b, "
-        "qwen2.5-omni-7b, tiny-llava, tiny-qwen2.5-vl; random weights), a shape .yaml, or a local pretrained folder"
+        "qwen2.5-omni-7b, qwen3-vl-8b, qwen3.5-9b, internvl3.5-8b, gemma-3-4b, tiny-llava, tiny-qwen2.5-vl; "
+        "random weights), a shape .yaml, or a local pretrained folder"
     )
     p = sub.add_parser(
         "show",

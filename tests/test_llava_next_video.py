@@ -114,7 +114,7 @@ def test_video_scores_are_pooled_like_the_frames():
 def test_other_pool_modes_prune_per_frame(pool):
     model = tiny_llava_next_video(pool=pool)
     inputs = next_video_inputs(model, [KINDS["video"]], [9])
-    prune.wrap(model, "hiprune", keep=0.5)
+    prune.wrap(model, "hiprune", keep=0.5, positions="original")
     with torch.no_grad():
         logits = model(**inputs).logits[0]
         record = model.prune_state.last
