@@ -1,0 +1,198 @@
+"""Contracts of pruning inside the vision encoder (``stage="encoder"``): identity, the oracle (the
+encoder's later layers run by hand on the gathered rows, then the unwrapped language model on the
+reduced inputs), batch = singles, eager = SDPA, the selection it makes, bad input, unwrap."""
+
+import pytest
+import torch
+
+import prune
+from prune._tiny import tiny_internvl, tiny_llava_next, tiny_qwen_vl
+from tests.oracle import reduced_positions, run_reduced
+
+FAMILIES = ["llava", "llava_dinov2"]
+# (method, options): cls reads layer 1 of 4 so its cut leaves layers to run on fewer rows
+METHODS = [("hiprune", {}), ("cls", {"layer": 1}), ("cls", {"variant": "vtc", "start": 1})]
+GEN = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False}
+
+
+def _ids(params):
+    return f"{params[0]}-{'-'.join(f'{k}={v}' for k, v in params[1].items())}"
+
+
+def _vision(model):
+    """(embeddings -> first layer input, the layer list, how to call one layer) of the tiny towers."""
+    tower = model.model.vision_tower
+    vm = getattr(tower, "vision_model", tower)
+    if hasattr(vm, "pre_layrnorm"):  # CLIP
+        return (lambda px: vm.pre_layrnorm(vm.embeddings(px))), vm.encoder.layers, (lambda layer, h: layer(h, None))
+    return vm.embeddings, vm.encoder.layer, (lambda layer, h: layer(h))  # DINOv2
+
+
+@torch.no_grad()
+def encoder_by_hand(model, pixel_values, patch_masks, cut):
+    """Per image: layers 0..cut on every row, then the rows of ``patch_masks`` (+ [CLS]) only through
+    the feature layer, [CLS] dropped, projector: (kept, D) LLM-input rows per image."""
+    embed, layers, call = _vision(model)
+    layer = model.config.vision_feature_layer
+    hidden_index = layer if layer >= 0 else layer + len(layers) + 1  # hidden_states[k]: output of layer k-1
+    out = []
+    for px, mask in zip(pixel_values, patch_masks):
+        h = embed(px[None])
+        for i in range(hidden_index):
+            h = call(layers[i], h)
+            if i == cut:
+                rows = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.nonzero(mask, as_tuple=True)[0]])
+                h = h[:, rows]
+        out.append(model.model.multi_modal_projector(h[0, 1:]))
+    return out
+
+
+def _cut(model, method, options):
+    obj = model.config.vision_config.num_hidden_layers
+    if method == "hiprune":
+        return max(0, round(0.375 * obj) - 1)
+    if options.get("variant") == "vtc":
+        return obj - 2
+    return options["layer"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS, ids=_ids)
+def test_encoder_stage_identity_at_keep_one(make_case, family, method):
+    name, options = method
+    case = make_case(family, prompts=((0,), (1,)), text_lens=(6, 9))
+    inputs = case.inputs()
+    with torch.no_grad():
+        ref = case.model(**inputs).logits
+        for keep in (1.0, 64):  # 64 = every patch of the 8x8 grid: the cut runs and keeps all rows
+            prune.wrap(case.model, name, keep=keep, stage="encoder", **options)
+            out = case.model(**inputs).logits
+            torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+            assert bool(case.model.prune_state.last.keep_mask.all())
+
+
+@pytest.mark.parametrize("positions", ["original", "compact"])
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS, ids=_ids)
+def test_encoder_stage_oracle_prefill_and_generate(make_case, family, method, positions):
+    name, options = method
+    case = make_case(family, prompts=((0, 1),), text_lens=(12,))  # two images in one prompt
+    inputs = case.inputs()
+    model = prune.wrap(case.model, name, keep=0.25, positions=positions, stage="encoder", **options)
+    with torch.no_grad():
+        logits = model(**inputs).logits[0]
+        record = model.prune_state.last
+        generated = model.generate(**inputs, **GEN)[0, inputs["input_ids"].shape[1] :].tolist()
+    keep = record.keep_mask[0]
+    assert record.vision_tokens_after == 2 * 16
+    prune.unwrap(model)
+    masks = [im.view_masks()[0] for im in record.images]
+    feats = encoder_by_hand(model, inputs["pixel_values"], masks, _cut(model, name, options))
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(inputs["input_ids"])[0]
+    for im, rows in zip(record.images, feats):
+        embeds[im.positions[im.kept]] = rows  # the kept rows of each image, in their original order
+    ref_logits, ref_tokens = run_reduced(model, embeds[keep], reduced_positions(keep, positions))
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    assert generated == ref_tokens
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS, ids=_ids)
+def test_encoder_stage_selects_from_the_statistics_before_the_cut(make_case, family, method):
+    """The kept set is what the post-encoder method picks from the same layers: cls at its layer(s),
+    hiprune with its registers from the object layer (deep_layer = object layer)."""
+    name, options = method
+    case = make_case(family, prompts=((0,), (1, 2)), text_lens=(6, 9), seed=1)
+    inputs = case.inputs()
+    post = dict(options)
+    if name == "hiprune":
+        post["deep_layer"] = _cut(case.model, name, options)
+    with torch.no_grad():
+        prune.wrap(case.model, name, keep=0.2, **post)
+        case.model(**inputs)
+        ref = case.model.prune_state.last.keep_mask
+        prune.wrap(case.model, name, keep=0.2, stage="encoder", **options)
+        case.model(**inputs)
+        got = case.model.prune_state.last.keep_mask
+    assert torch.equal(got, ref)
+    assert not bool(got.all())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS[:2], ids=_ids)
+def test_encoder_stage_batch_equals_singles(make_case, family, method):
+    name, options = method
+    prompts = ((0,), (1, 2), (), (3,))  # different images and counts, left padding, one without images
+    case = make_case(family, prompts=prompts, text_lens=(5, 14, 9, 20), seed=3)
+    model = prune.wrap(case.model, name, keep=0.3, stage="encoder", **options)
+    with torch.no_grad():
+        batch_inputs = case.inputs()
+        out = model.generate(**batch_inputs, **GEN, return_dict_in_generate=True, output_logits=True)
+        batch_tokens = out.sequences[:, batch_inputs["input_ids"].shape[1] :]
+        batch_kept = model.prune_state.last.keep_mask
+        for row in range(len(prompts)):
+            single = case.inputs([row])
+            o = model.generate(**single, **GEN, return_dict_in_generate=True, output_logits=True)
+            assert o.sequences[0, single["input_ids"].shape[1] :].tolist() == batch_tokens[row].tolist()
+            torch.testing.assert_close(o.logits[0][0], out.logits[0][row], atol=1e-4, rtol=1e-4)
+            length = single["input_ids"].shape[1]
+            assert torch.equal(model.prune_state.last.keep_mask[0], batch_kept[row, -length:])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_encoder_stage_eager_and_sdpa(make_case, family):
+    results = []
+    for attn in ("eager", "sdpa"):
+        case = make_case(family, attn=attn, prompts=((0, 2),), text_lens=(8,))
+        model = prune.wrap(case.model, "hiprune", keep=0.25, stage="encoder")
+        with torch.no_grad():
+            logits = model(**case.inputs()).logits
+            tokens = model.generate(**case.inputs(), **GEN)
+        results.append((logits, model.prune_state.last.keep_mask, tokens))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-4, rtol=1e-4)
+    assert torch.equal(results[0][1], results[1][1])
+    assert torch.equal(results[0][2], results[1][2])
+
+
+def test_encoder_stage_unwrap_restores(make_case):
+    case = make_case("llava", prompts=((0,),), text_lens=(6,))
+    inputs = case.inputs()
+    model = case.model
+    tower = model.model.vision_tower
+    hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())  # noqa: E731
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    before = hooks()  # transformers installs its own output-capturing hooks at the first call
+    with torch.no_grad():
+        prune.wrap(model, "hiprune", keep=0.25, stage="encoder")
+        assert hooks() > before
+        model(**inputs)
+        prune.unwrap(model)
+        torch.testing.assert_close(model(**inputs).logits, ref, atol=0, rtol=0)
+    assert hooks() == before
+    assert "get_image_features" not in model.model.__dict__
+    assert tower is model.model.vision_tower
+
+
+def test_encoder_stage_bad_input(make_case):
+    model = make_case("llava").model
+    with pytest.raises(ValueError, match="stage"):
+        prune.wrap(model, "hiprune", keep=0.25, stage="inside")
+    with pytest.raises(ValueError, match="stage"):
+        prune.wrap(model, "hiprune", keep=0.25, stage="encoder", exclusion="reference")
+    with pytest.raises(TypeError, match="stage"):  # methods without an encoder stage do not take the option
+        prune.wrap(model, "random", keep=0.25, stage="encoder")
+    assert not hasattr(model, "prune_state")
+
+
+@pytest.mark.parametrize(
+    "build", [tiny_llava_next, tiny_internvl, lambda: tiny_qwen_vl(version="2.5")],
+    ids=["llava_next", "internvl", "qwen2_5_vl"],
+)
+def test_encoder_stage_refused_where_it_cannot_run(build):
+    model = build()
+    with pytest.raises(ValueError, match="stage='encoder'"):
+        prune.wrap(model, "hiprune", keep=0.25, stage="encoder")
+    assert not hasattr(model, "prune_state")
+    prune.wrap(model, "hiprune", keep=0.25)  # the default stage still wraps
