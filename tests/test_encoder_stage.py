@@ -41,7 +41,7 @@ def encoder_by_hand(model, pixel_values, patch_masks, cut):
         for i in range(hidden_index):
             h = call(layers[i], h)
             if i == cut:
-                rows = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.nonzero(mask, as_tuple=True)[0]])
+                rows = torch.cat([mask.new_zeros(1, dtype=torch.long), 1 + torch.nonzero(mask, as_tuple=True)[0]])
                 h = h[:, rows]
         out.append(model.model.multi_modal_projector(h[0, 1:]))
     return out
@@ -196,3 +196,35 @@ def test_encoder_stage_refused_where_it_cannot_run(build):
         prune.wrap(model, "hiprune", keep=0.25, stage="encoder")
     assert not hasattr(model, "prune_state")
     prune.wrap(model, "hiprune", keep=0.25)  # the default stage still wraps
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", METHODS[:2], ids=_ids)
+def test_encoder_stage_cuda_oracle_and_batch_equals_singles(make_case, method):
+    name, options = method
+    case = make_case("llava", attn="sdpa", prompts=((0,), (1, 2), (3,)), text_lens=(5, 14, 20), seed=3)
+    model = prune.wrap(case.model.cuda(), name, keep=0.3, stage="encoder", **options)
+    to = lambda inputs: {k: v.cuda() for k, v in inputs.items()}  # noqa: E731
+    with torch.no_grad():
+        batch = to(case.inputs())
+        out = model.generate(**batch, **GEN)[:, batch["input_ids"].shape[1] :]
+        kept = model.prune_state.last.keep_mask
+        for row in range(3):
+            single = to(case.inputs([row]))
+            tokens = model.generate(**single, **GEN)[0, single["input_ids"].shape[1] :]
+            assert tokens.tolist() == out[row].tolist()
+            assert torch.equal(model.prune_state.last.keep_mask[0], kept[row, -single["input_ids"].shape[1]:])
+        single = to(case.inputs([1]))
+        logits = model(**single).logits[0]
+        record = model.prune_state.last
+    prune.unwrap(model)
+    masks = [im.view_masks()[0] for im in record.images]
+    feats = encoder_by_hand(model, single["pixel_values"], [m.cuda() for m in masks], _cut(model, name, options))
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(single["input_ids"])[0]
+    for im, rows in zip(record.images, feats):
+        embeds[im.positions.cuda()[im.kept.cuda()]] = rows
+    keep = record.keep_mask[0]
+    ref, _ = run_reduced(model, embeds[keep], reduced_positions(keep.cpu(), "original").cuda(), steps=0)
+    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
