@@ -228,3 +228,25 @@ def test_encoder_stage_cuda_oracle_and_batch_equals_singles(make_case, method):
     keep = record.keep_mask[0]
     ref, _ = run_reduced(model, embeds[keep], reduced_positions(keep.cpu(), "original").cuda(), steps=0)
     torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_encoder_stage_deepcopy_and_pickle_generate_as_the_original(make_case):
+    import copy
+    import io
+
+    case = make_case("llava", prompts=((0,), (1,)), text_lens=(6, 9))
+    model = prune.wrap(case.model, "hiprune", keep=0.3, stage="encoder")
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # before any forward (see test_generate_modes)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    inputs = case.inputs()
+    with torch.no_grad():
+        ref = model.generate(**inputs, **GEN)
+        twin = copy.deepcopy(model)
+        for other in (twin, loaded):
+            assert other.generate(**inputs, **GEN).tolist() == ref.tolist()
+            assert torch.equal(other.prune_state.last.keep_mask, model.prune_state.last.keep_mask)
+        prune.unwrap(twin)  # the copy's hooks only
+        assert model.generate(**inputs, **GEN).tolist() == ref.tolist()
+        assert twin(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
