@@ -12,8 +12,12 @@ kept rows, in their original order, with the positions of the method's position 
 
 Supported: LLaVA-1.5-style models (``LlavaForConditionalGeneration``) with a full-attention ViT
 (CLIP, SigLIP, DINOv2): one view per image, every image of a call the same grid and budget, so every
-row of the encoder batch keeps the same count and no padding is needed. Other families are refused
-at wrap time with the reason (:data:`REFUSALS`).
+row of the encoder batch keeps the same count and no padding is needed. LLaVA-NeXT: the base image
+and the crops are rows of one encoder batch and keep different counts (unpadding, the budget split
+over views), so the kept rows are padded to the longest view and the encoder layers after the cut
+see the padding masked as keys (their attention modules point at :func:`_masked_attention`, the
+model's own eager / SDPA function with that mask added); each view's rows are what they would be
+alone. Other families are refused at wrap time with the reason (:data:`REFUSALS`).
 """
 
 from __future__ import annotations
@@ -23,25 +27,30 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..methods import Method, Selection, View
+from .attention_tap import _ConfigView, _inner_implementation
 from .base import InstanceOverride, bind_arguments
 
 KEEP_KEY = "keep@encoder"
 SCORE_KEY = "score@encoder"
 STAGES = ("post_encoder", "encoder")
 
-SUPPORTED = ("llava",)
+MASK_NAME = "prune_encoder_stage"
+_STAGE_ATTR = "_prune_encoder_stage"
+
+SUPPORTED = ("llava", "llava_next")
+#: families whose views (encoder batch rows) can keep different counts: padded, the padding masked
+RAGGED = ("llava_next",)
 REFUSALS = {
-    "llava_next": "its base image and crops go through the encoder as one batch, and unpadding leaves the crops "
-    "different numbers of patches, so their kept counts differ per view (a padded, masked encoder batch is not "
-    "built yet)",
-    "llava_onevision": "anyres crops are unpadded (ragged kept counts per view) and video frames are pooled 2x2 "
-    "after the encoder (the selection would have to be whole pooling windows)",
+    "llava_onevision": "its video frames are pooled 2x2 after the encoder (the selection would have to be whole "
+    "pooling windows) and its anyres-max crops are not mapped inside the encoder yet",
     "gemma3": "the encoder's output is average-pooled 4x4 into 256 tokens: kept rows would have to be whole "
     "pooling windows",
-    "internvl": "pixel shuffle merges each 2x2 unit into one token (the selection would have to be whole units) "
-    "and a budget split over tiles differs by one token between tiles (ragged encoder batch)",
+    "internvl": "pixel shuffle merges each 2x2 unit into one token after the encoder (the selection would have "
+    "to be whole units; not built yet)",
     "qwen2_vl": "its encoder packs all patches in one sequence with 2x2 merge units; encoder-stage pruning for "
     "Qwen encoders (whole units, ragged windows) is not built yet",
     "qwen2_5_vl": "windowed attention over a window-permuted sequence with 2x2 merge units; encoder-stage "
@@ -109,6 +118,7 @@ class EncoderStage:
         self.adapter, self.method = adapter, method
         self.layer = cut_layer(method)
         self.offset = adapter.patch_offset()  # [CLS] column
+        self.ragged = adapter.family in RAGGED
 
     @property
     def state(self):
@@ -124,53 +134,60 @@ class EncoderStage:
         h1 = layers[self.layer].register_forward_hook(functools.partial(_after_cut_layer, self))
         h2 = adapter.model.model.vision_tower.register_forward_hook(functools.partial(_after_tower, self))
         removers.extend([h1.remove, h2.remove])
+        if self.ragged:  # views may keep different counts: the layers after the cut mask the padding
+            removers += [_install_mask(attn, self) for attn in adapter.vision_attention_modules()[self.layer + 1 :]]
         return removers
 
     def context(self) -> dict[str, Any] | None:
         ctx = self.state._scratch.get("encoder_stage")
         return ctx if ctx is not None and self.state._collecting is not None else None
 
-    def select_rows(self, ctx: dict[str, Any], device) -> torch.Tensor:
-        """(views, offset + T) long: the encoder rows each view keeps ([CLS] first), ascending. Records
-        the selection as the call's ``keep@encoder`` / ``score@encoder`` signals."""
+    def select_rows(self, ctx: dict[str, Any], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The encoder rows each view (encoder batch row) keeps: (views, offset + T) long, [CLS] first,
+        ascending, and None; or, where views keep different counts (LLaVA-NeXT's crops), padded to the
+        longest with row 0 and a (views, offset + T) bool of the real rows. Records the selection as
+        the call's ``keep@encoder`` / ``score@encoder`` signals."""
         collected = self.state._collecting
         signals = {k: (torch.cat(v, dim=-1) if len(v) > 1 else v[0]).detach().float().cpu()
                    for k, v in collected.items() if k not in (KEEP_KEY, SCORE_KEY)}
         adapter, method, config = self.adapter, self.method, self.state.config
-        layouts = adapter.layouts(ctx["modality"], ctx["args"], signals)
         keeps, scores = [], []
-        for lay in layouts:
-            if len(lay.grids) != 1:
-                raise RuntimeError("stage='encoder' supports one view per image")
-            (h, w), n = lay.grids[0], lay.grids[0][0] * lay.grids[0][1]
+        for lay in adapter.layouts(ctx["modality"], ctx["args"], signals):
+            # the budgets of adapter._select, view by view (the language-model side replays this)
             token_view, token_patch = lay.token_view.cpu(), lay.token_patch.cpu()
             prunable = token_view >= 0
-            caps = torch.bincount(token_view[prunable], minlength=1).tolist()
+            caps = torch.bincount(token_view[prunable], minlength=len(lay.grids)).tolist()
             budget = config.budget(int(prunable.sum()))
-            shares = method.view_budgets(budget, caps, [n], config.budget, proportional=lay.split == "proportional")
-            valid = torch.zeros(n, dtype=torch.bool)
-            valid[token_patch[token_view == 0]] = True
-            keep, score = valid.clone(), torch.full((n,), float("nan"))
-            if shares[0] < caps[0]:
-                view_signals = {key: sig.float() for key, sig in lay.signals[0].items()}
-                sel = method.select(View(grid=(h, w), budget=shares[0], valid=valid, signals=view_signals))
-                keep = torch.zeros(n, dtype=torch.bool)
-                keep[sel.keep.cpu()] = True
-                if sel.score is not None:
-                    score = sel.score.cpu().float()
-            keeps.append(keep)
-            scores.append(score)
+            shares = method.view_budgets(budget, caps, [h * w for h, w in lay.grids], config.budget,
+                                         proportional=lay.split == "proportional")
+            for v, (h, w) in enumerate(lay.grids):
+                n = h * w
+                valid = torch.zeros(n, dtype=torch.bool)
+                valid[token_patch[token_view == v]] = True
+                keep, score = valid.clone(), torch.full((n,), float("nan"))
+                if shares[v] < caps[v]:
+                    view_signals = {key: sig.float() for key, sig in lay.signals[v].items()}
+                    sel = method.select(View(grid=(h, w), budget=shares[v], valid=valid, signals=view_signals,
+                                             index=v))
+                    keep = torch.zeros(n, dtype=torch.bool)
+                    keep[sel.keep.cpu()] = True
+                    if sel.score is not None:
+                        score = sel.score.cpu().float()
+                keeps.append(keep)
+                scores.append(score)
         keep = torch.stack(keeps)  # (views, N)
-        counts = keep.sum(1)
-        if bool((counts != counts[0]).any()):
-            raise RuntimeError(f"stage='encoder': the views keep different numbers of rows {counts.tolist()}")
-        lead = torch.ones(keep.shape[0], self.offset, dtype=torch.bool)
-        full = torch.cat([lead, keep], dim=1)  # (views, offset + N)
-        pad = torch.zeros(keep.shape[0], self.offset)
+        views = keep.shape[0]
+        full = torch.cat([torch.ones(views, self.offset, dtype=torch.bool), keep], dim=1)  # (views, offset + N)
         collected[KEEP_KEY] = [full.float().to(device)]
-        collected[SCORE_KEY] = [torch.cat([pad, torch.stack(scores)], dim=1).to(device)]
-        rows = torch.nonzero(full, as_tuple=True)[1].view(keep.shape[0], -1)  # ascending per view
-        return rows.to(device)
+        collected[SCORE_KEY] = [torch.cat([torch.zeros(views, self.offset), torch.stack(scores)], dim=1).to(device)]
+        counts = full.sum(1)
+        longest = int(counts.max())
+        # stable sort puts each view's kept rows first, ascending; the rest pads to the longest view
+        order = torch.sort((~full).to(torch.int8), dim=1, stable=True).indices[:, :longest]
+        real = torch.arange(longest)[None, :] < counts[:, None]
+        if bool(real.all()):
+            return order.to(device), None
+        return order.masked_fill(~real, 0).to(device), real.to(device)
 
 
 def _after_cut_layer(stage: EncoderStage, module, args, output):
@@ -178,17 +195,21 @@ def _after_cut_layer(stage: EncoderStage, module, args, output):
     if ctx is None or "rows" in ctx:
         return None
     hidden = output[0] if isinstance(output, tuple) else output  # (views, S, D)
-    rows = stage.select_rows(ctx, hidden.device)
-    ctx["rows"], ctx["length"] = rows, hidden.shape[1]
+    rows, real = stage.select_rows(ctx, hidden.device)
+    if real is not None and not stage.ragged:
+        raise RuntimeError(f"stage='encoder': the views of this {stage.adapter.family} call keep different counts")
+    ctx["rows"], ctx["real"], ctx["length"] = rows, real, hidden.shape[1]
     gathered = hidden.gather(1, rows[..., None].expand(-1, -1, hidden.shape[-1]))
     return (gathered, *output[1:]) if isinstance(output, tuple) else gathered
 
 
 def _scatter(value: Any, rows: torch.Tensor, length: int) -> Any:
-    """A (views, kept, D) tensor back to (views, length, D), zeros where rows were dropped."""
+    """A (views, kept, D) tensor back to (views, length, D), zeros where rows were dropped; ``rows``
+    equal to ``length`` (padding) land in a spare row that is cut off."""
     if isinstance(value, torch.Tensor) and value.dim() == 3 and value.shape[:2] == rows.shape:
-        full = value.new_zeros(value.shape[0], length, value.shape[2])
-        return full.scatter(1, rows[..., None].expand(-1, -1, value.shape[2]).to(value.device), value)
+        full = value.new_zeros(value.shape[0], length + 1, value.shape[2])
+        index = rows[..., None].expand(-1, -1, value.shape[2]).to(value.device)
+        return full.scatter(1, index, value)[:, :length]
     if isinstance(value, tuple):
         return tuple(_scatter(v, rows, length) for v in value)
     return value
@@ -198,14 +219,63 @@ def _after_tower(stage: EncoderStage, module, args, output):
     ctx = stage.context()
     if ctx is None or "rows" not in ctx:
         return None
-    rows, length = ctx.pop("rows"), ctx.pop("length")
+    rows, real, length = ctx.pop("rows"), ctx.pop("real"), ctx.pop("length")
     if rows.shape[1] == length:
         return None
+    if real is not None:
+        rows = rows.masked_fill(~real, length)
     if isinstance(output, tuple) and not hasattr(output, "keys"):
         return _scatter(output, rows, length)
     for key in list(output.keys()):
         output[key] = _scatter(output[key], rows, length)
     return output
+
+
+def _masked_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    """The module's own attention with the padding rows of a ragged encoder batch masked as keys."""
+    stage = getattr(module, _STAGE_ATTR)
+    ctx = stage.context()
+    real = None if ctx is None else ctx.get("real")
+    if real is not None:
+        if real.shape != (query.shape[0], key.shape[2]):
+            raise RuntimeError(f"stage='encoder': key mask {tuple(real.shape)} does not fit keys {tuple(key.shape)}")
+        if "flash" in str(module.config._prune_base._attn_implementation):
+            raise RuntimeError("stage='encoder' with views of different kept counts needs eager or sdpa attention")
+        pad = torch.zeros(real.shape, dtype=query.dtype, device=query.device)
+        pad = pad.masked_fill(~real, torch.finfo(query.dtype).min)[:, None, None, :]  # (views, 1, 1, keys)
+        attention_mask = pad if attention_mask is None else attention_mask + pad
+    return _inner_implementation(module)(module, query, key, value, attention_mask, **kwargs)
+
+
+class _MaskedView(_ConfigView):
+    @property
+    def _attn_implementation(self) -> str:
+        return MASK_NAME
+
+    def __reduce__(self):
+        return _masked_view, (object.__getattribute__(self, "_prune_base"),)
+
+
+def _masked_view(base: Any) -> _MaskedView:
+    if MASK_NAME not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(MASK_NAME, _masked_attention)
+    return _MaskedView(base)
+
+
+def _install_mask(module: nn.Module, stage: EncoderStage):
+    """Point a layer after the cut at :func:`_masked_attention` (through a view of its config)."""
+    if isinstance(module.config, _ConfigView):
+        raise RuntimeError(f"{type(module).__name__} is already redirected")
+    original = module.config
+    module.config = _masked_view(original)
+    setattr(module, _STAGE_ATTR, stage)
+    return functools.partial(_remove_mask, module, original)
+
+
+def _remove_mask(module: nn.Module, original: Any) -> None:
+    module.config = original
+    if hasattr(module, _STAGE_ATTR):
+        delattr(module, _STAGE_ATTR)
 
 
 class _StageCall(InstanceOverride):
