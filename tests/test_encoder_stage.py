@@ -25,26 +25,75 @@ def _vision(model):
     vm = getattr(tower, "vision_model", tower)
     if hasattr(vm, "pre_layrnorm"):  # CLIP
         return (lambda px: vm.pre_layrnorm(vm.embeddings(px))), vm.encoder.layers, (lambda layer, h: layer(h, None))
+    if hasattr(vm.encoder, "layers"):  # SigLIP
+        return vm.embeddings, vm.encoder.layers, (lambda layer, h: layer(h, None))
     return vm.embeddings, vm.encoder.layer, (lambda layer, h: layer(h))  # DINOv2
 
 
 @torch.no_grad()
-def encoder_by_hand(model, pixel_values, patch_masks, cut):
+def encoder_by_hand(model, pixel_values, patch_masks, cut, cls=True):
     """Per image: layers 0..cut on every row, then the rows of ``patch_masks`` (+ [CLS]) only through
     the feature layer, [CLS] dropped, projector: (kept, D) LLM-input rows per image."""
     embed, layers, call = _vision(model)
     layer = model.config.vision_feature_layer
     hidden_index = layer if layer >= 0 else layer + len(layers) + 1  # hidden_states[k]: output of layer k-1
+    lead = int(cls)
     out = []
     for px, mask in zip(pixel_values, patch_masks):
         h = embed(px[None])
         for i in range(hidden_index):
             h = call(layers[i], h)
             if i == cut:
-                rows = torch.cat([mask.new_zeros(1, dtype=torch.long), 1 + torch.nonzero(mask, as_tuple=True)[0]])
-                h = h[:, rows]
-        out.append(model.model.multi_modal_projector(h[0, 1:]))
+                rows = lead + torch.nonzero(mask, as_tuple=True)[0]
+                h = h[:, torch.cat([mask.new_zeros(lead, dtype=torch.long), rows])]
+        out.append(model.model.multi_modal_projector(h[0, lead:]))
     return out
+
+
+def tiny_llava_siglip(attn="eager"):
+    """LLaVA with a SigLIP tower (no [CLS], every patch a token: strategy "full")."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+
+    from prune._tiny import IMAGE_TOKEN, PAD_TOKEN, _text
+
+    torch.manual_seed(0)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                image_size=32, patch_size=4, vision_use_head=False)
+    config = LlavaConfig(vision_config=vision, text_config=_text(64, 2), image_token_id=IMAGE_TOKEN,
+                         vision_feature_layer=-1, vision_feature_select_strategy="full")
+    config._attn_implementation = attn
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model.eval()
+
+
+@pytest.mark.parametrize("positions", ["original", "compact"])
+def test_encoder_stage_oracle_on_siglip(positions):
+    from prune._tiny import build_prompts
+
+    model = tiny_llava_siglip()
+    pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ids, mask = build_prompts([[64, 64]], [12])
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values}
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        prune.wrap(model, "hiprune", keep=1.0, stage="encoder")
+        torch.testing.assert_close(model(**inputs).logits, ref, atol=1e-6, rtol=0)
+        prune.wrap(model, "hiprune", keep=0.25, positions=positions, stage="encoder")
+        logits = model(**inputs).logits[0]
+        record = model.prune_state.last
+    prune.unwrap(model)
+    assert record.vision_tokens_after == 32
+    feats = encoder_by_hand(model, pixel_values, [im.view_masks()[0] for im in record.images], _cut(model, "hiprune", {}), cls=False)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)[0]
+    for im, rows in zip(record.images, feats):
+        embeds[im.positions[im.kept]] = rows
+    keep = record.keep_mask[0]
+    ref_logits, _ = run_reduced(model, embeds[keep], reduced_positions(keep, positions), steps=0)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="CLS"):
+        prune.wrap(model, "cls", keep=0.25, stage="encoder")
 
 
 def next_reduced_embeds(model, inputs, record, cut):

@@ -49,8 +49,8 @@ REFUSALS = {
     "pooling windows) and its anyres-max crops are not mapped inside the encoder yet",
     "gemma3": "the encoder's output is average-pooled 4x4 into 256 tokens: kept rows would have to be whole "
     "pooling windows",
-    "internvl": "pixel shuffle merges each 2x2 unit into one token after the encoder (the selection would have "
-    "to be whole units; not built yet)",
+    "internvl": "which tiles form one image (its budget) is read off the prompt, and transformers' generate runs "
+    "the encoder before the prompt reaches the model; pixel shuffle would also need whole 2x2 units",
     "qwen2_vl": "its encoder packs all patches in one sequence with 2x2 merge units; encoder-stage pruning for "
     "Qwen encoders (whole units, ragged windows) is not built yet",
     "qwen2_5_vl": "windowed attention over a window-permuted sequence with 2x2 merge units; encoder-stage "
