@@ -342,3 +342,28 @@ def test_encoder_stage_deepcopy_and_pickle_generate_as_the_original(make_case):
         prune.unwrap(twin)  # the copy's hooks only
         assert model.generate(**inputs, **GEN).tolist() == ref.tolist()
         assert twin(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
+
+
+def test_bench_stages_measure_both_stages_in_one_run(tmp_path):
+    import json
+
+    from prune.cli import main
+
+    code = main(
+        [
+            "bench", "--model", "tiny-llava", "--methods", "hiprune,random", "--keep", "0.25", "--device", "cpu",
+            "--stages", "post_encoder,encoder", "--warmup", "0", "--rounds", "1", "--new-tokens", "2",
+            "--prompt-tokens", "8", "--out", str(tmp_path), "--no-progress",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    (path,) = tmp_path.glob("*.json")
+    result = json.loads(path.read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert list(rows) == ["none", "hiprune (stage=post_encoder)", "hiprune (stage=encoder)", "random"]
+    assert result["settings"]["stages"] == ["post_encoder", "encoder"]
+    post, enc = rows["hiprune (stage=post_encoder)"], rows["hiprune (stage=encoder)"]
+    assert post["status"] == enc["status"] == "ok"
+    assert enc["vision_tokens_after"] == post["vision_tokens_after"] < enc["vision_tokens_before"]
+    assert enc["vision_gflops"] < post["vision_gflops"]  # the layers after the cut ran on fewer rows
+    assert main(["bench", "--model", "tiny-llava", "--stages", "inside", "--out", str(tmp_path)]) == 2
