@@ -354,6 +354,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raw_dir=out / "lmms",
         partial=out / "eval.partial.json",
         stages=_stages(args.stages) or None,
+        unpruned=not args.skip_unpruned,
         options=options,
         progress=not args.no_progress,
     )
@@ -603,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--stages",
         help="post_encoder,encoder: run each method with a stage option (hiprune, cls) at both stages, rows "
         "labelled 'hiprune (stage=encoder)' (default: each method's own stage)",
+    )
+    p.add_argument(
+        "--skip-unpruned", action="store_true", help="leave out the unpruned point (a sweep split over runs)"
     )
     p.add_argument("--include-path", action="append", help="an extra lmms-eval task folder (repeatable)")
     p.add_argument("--out", default="prune-eval", help="output folder (default: %(default)s)")

@@ -176,6 +176,7 @@ def run_eval(
     partial: Path | None = None,
     options: dict[str, dict[str, Any]] | None = None,
     stages: Sequence[str] | None = None,
+    unpruned: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -184,7 +185,8 @@ def run_eval(
     stopped keeps them; :func:`load_result` reads it). ``options``: method -> its options (e.g.
     ``{"fastv": {"layer": 1}}``); such a method's rows are labelled ``fastv (layer=1)``. ``stages``:
     each method with a ``stage`` option runs once per stage ("post_encoder", "encoder"), its rows
-    labelled with the stage."""
+    labelled with the stage. ``unpruned=False`` leaves out the unpruned point (a sweep split over
+    several runs measures it once)."""
     from lmms_eval.evaluator import simple_evaluate
     from tqdm.auto import tqdm
 
@@ -208,6 +210,8 @@ def run_eval(
     for method, keep, opts in plan[1:]:
         # bad names / keeps / options fail before the model loads
         PruneConfig(method=method, keep=keep, options=opts)
+    if not unpruned:
+        plan = plan[1:]
     args = {
         "base": base,
         "pretrained": str(model_dir),
