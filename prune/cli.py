@@ -172,7 +172,8 @@ def _cmd_methods(args: argparse.Namespace) -> int:
         cls = get_method(name)
         print(f"{name:<9} {cls.description}")
         for option, default in cls.defaults.items():
-            print(f"{'':<11}{option} = {default!r}")
+            note = cls.option_notes.get(option)
+            print(f"{'':<11}{option} = {default!r}" + (f"  ({note})" if note else ""))
         for family, preset in families.items():  # per-family presets, e.g. hiprune's encoder layers
             options = (preset.get("methods") or {}).get(name)
             if options:
@@ -299,7 +300,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         compile=args.compile,
     )
     options = _eval_options(args.option, args.methods)
-    result = bench.run_bench(spec, args.methods, args.keep, settings, options=options, progress=not args.no_progress)
+    result = bench.run_bench(spec, args.methods, args.keep, settings, options=options, stages=_stages(args.stages) or None,
+                             progress=not args.no_progress)
     paths = bench.write_outputs(result, args.out)
     print(bench.markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -331,6 +333,15 @@ def _cmd_bench_encoder(args: argparse.Namespace) -> int:
     print(bench_encoder.markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def _stages(text: str | None) -> list[str]:
+    """``--stages post_encoder,encoder``: the stages to run each method with a ``stage`` option at."""
+    stages = [x for x in (text or "").split(",") if x]
+    bad = [x for x in stages if x not in ("post_encoder", "encoder")]
+    if bad:
+        raise UsageError(f"--stages: {', '.join(bad)} is not a stage; use post_encoder and/or encoder")
+    return stages
 
 
 def _eval_options(pairs: list[str] | None, methods: list[str]) -> dict[str, dict[str, Any]]:
@@ -388,6 +399,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         include=args.include_path or [],
         raw_dir=out / "lmms",
         partial=out / "eval.partial.json",
+        stages=_stages(args.stages) or None,
+        unpruned=not args.skip_unpruned,
         options=options,
         progress=not args.no_progress,
     )
@@ -561,6 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="[METHOD.]NAME=VALUE",
         help="a method option (repeatable): fastv.layer=1 for one method, seed=3 for every method that has it",
     )
+    p.add_argument(
+        "--stages",
+        help="post_encoder,encoder: one row per stage for the methods with a stage option (hiprune, cls), "
+        "measured in the same rounds (default: each method's own stage)",
+    )
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument(
         "--dtype",
@@ -659,6 +677,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="[METHOD.]NAME=VALUE",
         help="a method option (repeatable): fastv.layer=1 for one method, seed=3 for every method that has it; "
         "rows are labelled 'fastv (layer=1)'",
+    )
+    p.add_argument(
+        "--stages",
+        help="post_encoder,encoder: run each method with a stage option (hiprune, cls) at both stages, rows "
+        "labelled 'hiprune (stage=encoder)' (default: each method's own stage)",
+    )
+    p.add_argument(
+        "--skip-unpruned", action="store_true", help="leave out the unpruned point (a sweep split over runs)"
     )
     p.add_argument("--include-path", action="append", help="an extra lmms-eval task folder (repeatable)")
     p.add_argument("--out", default="prune-eval", help="output folder (default: %(default)s)")

@@ -349,11 +349,12 @@ class _Config:
     its own wrapped copy of the model)."""
 
     def __init__(
-        self, method: str, keep: float | int, model: nn.Module, shared: _Measure, options: dict | None = None
+        self, method: str, keep: float | int, model: nn.Module, shared: _Measure, options: dict | None = None,
+        label: str | None = None,
     ) -> None:
         self.method, self.keep, self.model, self.m = method, keep, model, shared
         self.options = dict(options or {})
-        self.row = _empty_row(method, keep)
+        self.row = _empty_row(label or method, keep)
         self.samples = _Samples()
         self.own_copy = False
         self.pixels = _pixel_kwargs(model, shared.inputs)
@@ -480,11 +481,14 @@ def run_bench(
     settings: BenchSettings,
     *,
     options: dict[str, dict[str, Any]] | None = None,
+    stages: Sequence[str] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Build the model, measure the unpruned model and every method x keep round-robin; returns the
-    JSON dict. ``options``: method name -> options passed to ``prune.wrap``."""
+    JSON dict. ``options``: method name -> options passed to ``prune.wrap``. ``stages``: for methods
+    with a ``stage`` option, one row per stage ("post_encoder", "encoder"), labelled
+    ``hiprune (stage=encoder)``, in the same rounds."""
     device = torch.device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise M.ModelSpecError("--device cuda but torch sees no CUDA device (use --device cpu)")
@@ -523,9 +527,13 @@ def run_bench(
     )
     shared = _Measure(inputs, settings, device, log)
     options = options or {}
-    configs = [_Config("none", 1.0, model, shared)] + [
-        _Config(m, k, model, shared, options.get(m, {})) for m in methods for k in keeps
-    ]
+    configs = [_Config("none", 1.0, model, shared)]
+    for m in methods:
+        staged = bool(stages) and "stage" in get_method(m).defaults
+        for stage in stages if staged else [None]:
+            opts = {**options.get(m, {}), **({"stage": stage} if stage else {})}
+            label = f"{m} (stage={stage})" if stage else None
+            configs += [_Config(m, k, model, shared, opts, label=label) for k in keeps]
     with _compile_limits(settings):
         probe_configs(configs, model, settings, log)
     live = [c for c in configs if c.row["status"] == "ok"]
@@ -561,7 +569,8 @@ def run_bench(
             "transformers": __import__("transformers").__version__,
             "prune": prune.__version__,
         },
-        "settings": {**asdict(settings), "image_size": [height, width], "options": options},
+        "settings": {**asdict(settings), "image_size": [height, width], "options": options,
+                     "stages": list(stages) if stages else None},
         "rows": [_round(c.row) for c in configs],
     }
 

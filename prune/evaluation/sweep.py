@@ -175,32 +175,43 @@ def run_eval(
     raw_dir: Path | None = None,
     partial: Path | None = None,
     options: dict[str, dict[str, Any]] | None = None,
+    stages: Sequence[str] | None = None,
+    unpruned: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Evaluate the unpruned model and every method x keep (< 1) on ``tasks``; returns the JSON dict.
     ``partial``: a file rewritten with the finished points after each one (a long sweep that is
     stopped keeps them; :func:`load_result` reads it). ``options``: method -> its options (e.g.
-    ``{"fastv": {"layer": 1}}``); such a method's rows are labelled ``fastv (layer=1)``."""
+    ``{"fastv": {"layer": 1}}``); such a method's rows are labelled ``fastv (layer=1)``. ``stages``:
+    each method with a ``stage`` option runs once per stage ("post_encoder", "encoder"), its rows
+    labelled with the stage. ``unpruned=False`` leaves out the unpruned point (a sweep split over
+    several runs measures it once)."""
     from lmms_eval.evaluator import simple_evaluate
     from tqdm.auto import tqdm
 
     from prune.config import PruneConfig
+    from prune.methods import get_method
 
     from .lmms_plugin import build
 
     base = base or guess_base(model_dir)
     manager = task_manager(include)
     check_tasks(manager, tasks)
-    plan: list[tuple[str, float | int]] = [("none", 1.0)]
-    plan += [(m, k) for m in methods for k in keeps if not (isinstance(k, float) and k >= 1.0)]
     options = {m: dict(o) for m, o in (options or {}).items() if o}
     unused = sorted(set(options) - set(methods))
     if unused:
         raise EvalError(f"options given for method(s) not in the sweep: {', '.join(unused)}")
-    for method, keep in plan[1:]:
+    plan: list[tuple[str, float | int, dict[str, Any]]] = [("none", 1.0, {})]
+    for m in methods:
+        staged = bool(stages) and "stage" in get_method(m).defaults
+        variants = [{**options.get(m, {}), "stage": st} for st in stages] if staged else [options.get(m, {})]
+        plan += [(m, k, o) for o in variants for k in keeps if not (isinstance(k, float) and k >= 1.0)]
+    for method, keep, opts in plan[1:]:
         # bad names / keeps / options fail before the model loads
-        PruneConfig(method=method, keep=keep, options=options.get(method, {}))
+        PruneConfig(method=method, keep=keep, options=opts)
+    if not unpruned:
+        plan = plan[1:]
     args = {
         "base": base,
         "pretrained": str(model_dir),
@@ -229,6 +240,7 @@ def run_eval(
                 "device": device,
                 "dtype": dtype,
                 "batch_size": batch_size,
+                **({"stages": list(stages)} if stages else {}),
             },
             "rows": rows,
             "skipped": skipped,
@@ -236,12 +248,10 @@ def run_eval(
 
     bar = tqdm(plan, desc="eval", unit="point", disable=not progress)
     try:
-        for method, keep in bar:
-            bar.set_postfix_str(f"{method} keep={keep}")
+        for method, keep, opts in bar:
+            bar.set_postfix_str(f"{method_label(method, opts)} keep={keep}")
             try:
-                lm.prune_rewrap(
-                    None if method == "none" else PruneConfig(method=method, keep=keep, options=options.get(method, {}))
-                )
+                lm.prune_rewrap(None if method == "none" else PruneConfig(method=method, keep=keep, options=opts))
             except ValueError as exc:  # a point this model cannot run (e.g. an in-LLM keep below its floor)
                 skipped.append({"method": method, "keep": keep, "reason": str(exc)})
                 log(f"skipped {method} keep={keep}: {exc}")
@@ -259,13 +269,13 @@ def run_eval(
             )
             if results is None:  # not rank 0
                 continue
-            rows += rows_from_results(results, method_label(method, options.get(method)), keep, lm.prune_summary)
+            rows += rows_from_results(results, method_label(method, opts), keep, lm.prune_summary)
             if partial is not None:
                 partial.parent.mkdir(parents=True, exist_ok=True)
                 partial.write_text(json.dumps(result(), indent=2) + "\n")
             if raw_dir is not None:
                 raw_dir.mkdir(parents=True, exist_ok=True)
-                name = f"{method}_keep{keep}.json"
+                name = f"{method}{'_encoder' if opts.get('stage') == 'encoder' else ''}_keep{keep}.json"
                 (raw_dir / name).write_text(
                     json.dumps({k: v for k, v in results.items() if k != "samples"}, indent=2, default=str)
                 )

@@ -158,7 +158,10 @@ class Adapter:
 
     # ---- shared flow ------------------------------------------------------------------------
     def install(self, state: PruneState, method: Method) -> None:
+        from . import encoder_stage
+
         requests = method.bind(self.encoder_info())
+        encoder_stage.check_encoder_stage(self, method)
         self.state, self.method = state, method
         if state.vision_attention == "segmented":  # before any tap: a tap goes over this view
             state._removers.extend(vision_attention.install(self.vision_attention_modules()))
@@ -194,6 +197,8 @@ class Adapter:
         h1 = mm.register_forward_pre_hook(self._on_multimodal_call, with_kwargs=True)
         h2 = self.language_model().register_forward_pre_hook(self._on_language_model_call, with_kwargs=True)
         state._removers.extend([h1.remove, h2.remove])
+        if encoder_stage.stage_of(method) == "encoder" and not keep_all:
+            self.method = encoder_stage.install(self, state, method)  # rows drop inside the encoder
 
     def _wrap_feature_function(self, mm: nn.Module, modality: str, name: str):
         """Run the vision encoder under collection. transformers >= 5.2x's ``generate`` encodes the

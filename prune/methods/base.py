@@ -185,6 +185,8 @@ class Method:
     option_choices: ClassVar[dict[str, tuple[str, ...]]] = {}
     #: option name -> type, for options whose default (None) does not say it
     option_types: ClassVar[dict[str, type]] = {}
+    #: option name -> one line that ``prune methods`` prints beside it
+    option_notes: ClassVar[dict[str, str]] = {}
 
     def __init__(self, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.defaults))

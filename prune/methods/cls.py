@@ -32,9 +32,16 @@ class ClsPrune(Method):
         # (FasterVLM's fork), so an image of V views keeps up to V * T
         "views": "even",
         "score_dtype": None,  # None: rank fp32 scores; "float16": FasterVLM's fp16 attention (ties)
+        # "post_encoder": select after the vision encoder; "encoder": select right after the (last) CLS
+        # layer and run the encoder's later layers on the kept rows only (prune.hooks.encoder_stage)
+        "stage": "post_encoder",
     }
-    option_choices = {"variant": ("fastervlm", "vtc")}
+    option_choices = {"variant": ("fastervlm", "vtc"), "stage": ("post_encoder", "encoder")}
     option_types = {"layer": int, "start": int}
+    option_notes = {
+        "stage": "'encoder': drop rows right after the (last) CLS layer read, the later encoder layers run on "
+        "the kept rows only; at the default layer (the feature layer) that saves only the layers after it",
+    }
     needs_cls = True
 
     def __init__(self, **options):

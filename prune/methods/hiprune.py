@@ -41,9 +41,20 @@ class HiPrune(Method):
         # "floor": int(T / views) each, the remainder lost (the reference's fork)
         "views": "even",
         "score_dtype": None,  # None: rank fp32 scores; "float16"/"bfloat16": round them first (ties)
+        # "post_encoder": select after the vision encoder. "encoder": select right after the object layer
+        # and run the later encoder layers on the kept rows only; the deep layer comes after that cut, so
+        # registers are taken from the object layer's attention too (unless deep_layer is given: then the
+        # cut follows the later of the two layers)
+        "stage": "post_encoder",
     }
+    option_choices = {"stage": ("post_encoder", "encoder")}
     option_ranges = {"alpha": (0.0, 5.0), "object_ratio": (0.0, 1.0)}
     option_types = {"object_layer": int, "deep_layer": int}
+    option_notes = {
+        "stage": "'encoder': drop rows right after the object layer, the later encoder layers run on the kept "
+        "rows only; registers then come from the object layer's attention (the deep layer is after the cut), "
+        "or from deep_layer if given (the cut follows the later of the two)",
+    }
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -56,13 +67,21 @@ class HiPrune(Method):
         check_option("hiprune", "exclusion", o["exclusion"], choices=("exact", "reference"))
         check_option("hiprune", "views", o["views"], choices=("even", "floor"))
         check_option("hiprune", "score_dtype", o["score_dtype"], choices=tuple(SCORE_DTYPES))
+        if o["stage"] == "encoder" and o["exclusion"] != "exact":
+            raise ValueError(
+                "hiprune option stage='encoder' needs exclusion='exact' (every image keeps exactly its budget "
+                "inside the encoder batch)"
+            )
 
     def layers(self, encoder: EncoderInfo) -> tuple[int, int]:
         obj, deep = self.options["object_layer"], self.options["deep_layer"]
         if obj is None:
             obj = max(0, round(float(self.options["object_ratio"]) * encoder.num_layers) - 1)
         obj = layer_index(obj, encoder.num_layers, "object_layer")
-        deep = encoder.feature_layer if deep is None else layer_index(deep, encoder.num_layers, "deep_layer")
+        if deep is None:  # encoder stage: the feature layer comes after the cut; the object layer stands in
+            deep = obj if self.options["stage"] == "encoder" else encoder.feature_layer
+        else:
+            deep = layer_index(deep, encoder.num_layers, "deep_layer")
         return obj, deep
 
     def signals(self, encoder: EncoderInfo) -> list[SignalRequest]:
@@ -70,10 +89,11 @@ class HiPrune(Method):
         # The reference's Qwen path sums the deep attention over queries (mean 1.0 per token) and its
         # LLaVA path averages it (CLS encoders): "reference" exclusion subtracts 1 on that scale.
         deep_query = "sum" if self.options["exclusion"] == "reference" and not encoder.has_cls else "all"
-        return [SignalRequest(obj), SignalRequest(deep, deep_query)]
+        return list(dict.fromkeys([SignalRequest(obj), SignalRequest(deep, deep_query)]))  # one if the same
 
     def select(self, view: View) -> Selection:
-        shallow, deep = (cast_scores(view.signals[r.key], self.options["score_dtype"]) for r in self.requests)
+        shallow, deep = (cast_scores(view.signals[r.key], self.options["score_dtype"])
+                         for r in (self.requests[0], self.requests[-1]))
         h, w = view.grid
         n = h * w
         budget = view.budget
