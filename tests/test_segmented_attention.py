@@ -470,3 +470,46 @@ def test_block_mask_cache_follows_the_tensor_object():
     changed = SA._cached_block_mask(cu, 30, torch.device("cpu"))
     assert changed is not first
     assert torch.equal(changed.to_dense(), segment_block_mask(_cu([5, 25]), 30).to_dense())
+
+
+@pytest.mark.parametrize("lengths", [(50, 80, 70), (128,), (3, 1, 300)])
+def test_compiled_path_pads_to_whole_blocks_and_equals_the_reference(lengths, monkeypatch):
+    """The compiled path pads the rows to whole 128-row blocks (a segment of their own) so lengths
+    share compiled code; run here with eager FlexAttention in its place."""
+    import importlib
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    sa = importlib.import_module("prune.kernels.segmented_attention")
+    seen = []
+
+    def eager(q, k, v, **kw):
+        seen.append(q.shape[2])
+        return flex_attention(q, k, v, **kw)
+
+    monkeypatch.setattr(sa, "_compiled_flex", lambda: eager)
+    n = sum(lengths)
+    q, k, v = (torch.randn(2, 4, n, 16) for _ in range(3))
+    cu = _cu(lengths)
+    out = sa.segmented_attention_flex(q, k, v, cu, compiled=True)
+    assert seen == [-(-n // 128) * 128] and out.shape == q.shape
+    torch.testing.assert_close(out, segmented_attention_reference(q, k, v, cu), atol=1e-5, rtol=1e-5)
+
+
+def test_compile_limits_fall_back_to_the_reference_with_a_warning(monkeypatch):
+    import importlib
+
+    sa = importlib.import_module("prune.kernels.segmented_attention")
+    if not sa._COMPILE_LIMITS:
+        pytest.skip("this torch names no recompile-limit error")
+
+    def over_the_limit(*args, **kwargs):
+        raise sa._COMPILE_LIMITS[0]("recompile limit hit")
+
+    monkeypatch.setattr(sa, "_compiled_flex", lambda: over_the_limit)
+    monkeypatch.setattr(sa, "_FALLBACK_WARNED", __import__("threading").Event())
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    cu = _cu((10, 30))
+    with pytest.warns(RuntimeWarning, match="limits"):
+        out = sa.segmented_attention_flex(q, k, v, cu, compiled=True)
+    torch.testing.assert_close(out, segmented_attention_reference(q, k, v, cu), atol=1e-6, rtol=1e-6)

@@ -23,7 +23,11 @@ Caching: the block mask is built on the device from ``cu_seqlens`` with no host 
 kernels) and kept for the ``cu_seqlens`` tensor object it came from (the layers of one encoder
 forward share two such tensors: windows and full segments), so one forward builds at most a few.
 There is one compiled FlexAttention function per process (``dynamic=None``: a second sequence
-length recompiles once with a symbolic length, later lengths reuse it).
+length recompiles once with a symbolic length, later lengths reuse it). Its inputs are padded to
+whole 128-row blocks (the padding is a segment of its own, dropped after): without that, short
+lengths took FlexAttention's decoding kernel and every new range of lengths recompiled, until
+dynamo's recompile limit failed the call (seen on the H200 with four encoders in one process).
+If a limit is hit anyway, the call falls back to the per-segment reference, with one warning.
 """
 
 from __future__ import annotations
@@ -122,11 +126,14 @@ def _segment_mask_mod(ids: torch.Tensor):
     return mask_mod
 
 
-def segment_block_mask(cu_seqlens: torch.Tensor, n: int, device: torch.device | str | None = None):
+def segment_block_mask(
+    cu_seqlens: torch.Tensor, n: int, device: torch.device | str | None = None, padded: bool = False
+):
     """The FlexAttention ``BlockMask`` of block-diagonal segments, built on the device from the
     segment ids at block granularity (no N x N mask, no host sync): a block (i, j) is *full* when
     its rows and columns lie in one segment, *partial* (the mask_mod decides per element) when their
-    segment ranges overlap otherwise, and skipped when they do not overlap."""
+    segment ranges overlap otherwise, and skipped when they do not overlap. ``padded``: for inputs
+    padded to whole blocks (the rows from ``n`` on are a segment of their own)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     device = torch.device(device) if device is not None else cu_seqlens.device
@@ -141,7 +148,8 @@ def segment_block_mask(cu_seqlens: torch.Tensor, n: int, device: torch.device | 
     partial = touch & ~full
     kv_num, kv_idx = _ordered(partial)
     full_num, full_idx = _ordered(full)
-    extra = {"seq_lengths": (n, n)} if _takes_seq_lengths() else {}  # older torch: the lengths of q and k
+    length = blocks * BLOCK_SIZE if padded else n
+    extra = {"seq_lengths": (length, length)} if _takes_seq_lengths() else {}  # older torch: the lengths of q and k
     return BlockMask.from_kv_blocks(
         kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK_SIZE, mask_mod=_segment_mask_mod(ids), **extra
     )
@@ -170,8 +178,8 @@ def _version(t: torch.Tensor) -> int:
         return -1
 
 
-def _cached_block_mask(cu_seqlens: torch.Tensor, n: int, device: torch.device):
-    key = (id(cu_seqlens), _version(cu_seqlens), n, str(device))
+def _cached_block_mask(cu_seqlens: torch.Tensor, n: int, device: torch.device, padded: bool = False):
+    key = (id(cu_seqlens), _version(cu_seqlens), n, str(device), padded)
     with _MASKS_LOCK:  # threads share the cache (a hit needs the very tensor object, alive)
         hit = _MASKS.get(key)
         if hit is not None and hit[0]() is cu_seqlens:
@@ -181,7 +189,7 @@ def _cached_block_mask(cu_seqlens: torch.Tensor, n: int, device: torch.device):
     else:  # device data: checked on the device, without a host sync
         ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == n) & (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
         _assert_async(ok, "cu_seqlens must rise from 0 to N")
-    mask = segment_block_mask(cu_seqlens, n, device)
+    mask = segment_block_mask(cu_seqlens, n, device, padded=padded)
     with _MASKS_LOCK:
         for old in [k for k, (ref, _) in _MASKS.items() if ref() is None]:
             del _MASKS[old]
@@ -217,17 +225,50 @@ def segmented_attention_flex(
     _, h, hk = _check(q, k, v, cu_seqlens)
     if not isinstance(cu_seqlens, torch.Tensor):
         cu_seqlens = torch.tensor(_bounds(cu_seqlens, q.shape[2]), dtype=torch.int32)
-    block_mask = _cached_block_mask(cu_seqlens, q.shape[2], q.device)  # validates cu_seqlens when it builds
     if compiled is None:
         compiled = q.is_cuda
-    fn = _compiled_flex() if compiled else flex_attention
+    n = q.shape[2]
     if compiled:
-        return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=h != hk)
+        # Rows padded to whole blocks (a segment of their own, dropped after): every image or video
+        # length is one of few shapes, and never a short one, so the compiled function is reused
+        # instead of recompiling per length until dynamo's recompile limit fails the call.
+        block_mask = _cached_block_mask(cu_seqlens, n, q.device, padded=True)  # validates cu_seqlens
+        extra = (-n) % BLOCK_SIZE
+        if extra:
+            q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, extra)) for t in (q, k, v))
+        try:
+            out = _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=h != hk)
+        except _COMPILE_LIMITS as error:  # e.g. many head dims / dtypes in one process
+            _warn_fallback(error)
+            return segmented_attention_reference(q[:, :, :n], k[:, :, :n], v[:, :, :n], cu_seqlens, scale=scale)
+        return out[:, :, :n]
+    block_mask = _cached_block_mask(cu_seqlens, n, q.device)  # validates cu_seqlens when it builds
+    fn = flex_attention
     import warnings
 
     with warnings.catch_warnings():  # eager flex warns that it is unfused: that is what we asked for
         warnings.simplefilter("ignore", UserWarning)
         return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=h != hk)
+
+
+def _compile_limits() -> tuple[type[BaseException], ...]:
+    from torch._dynamo import exc
+
+    return tuple(t for t in (getattr(exc, "FailOnRecompileLimitHit", None), getattr(exc, "RecompileLimitExceeded", None))
+                 if isinstance(t, type))
+
+
+_COMPILE_LIMITS = _compile_limits()
+_FALLBACK_WARNED = threading.Event()
+
+
+def _warn_fallback(error: BaseException) -> None:
+    if not _FALLBACK_WARNED.is_set():
+        _FALLBACK_WARNED.set()
+        import warnings
+
+        warnings.warn(f"prune: compiled FlexAttention hit torch.compile's limits ({type(error).__name__}); "
+                      "segmented attention runs one SDPA call per segment from now on", RuntimeWarning, stacklevel=3)
 
 
 def _assert_async(cond: torch.Tensor, msg: str) -> None:

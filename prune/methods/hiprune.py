@@ -128,7 +128,8 @@ class HiPrune(Method):
     def select_batch(self, batch: ViewBatch) -> BatchSelection:
         """:meth:`select` for all views at once, on the device: anchors by one top-k, buffers by a
         scatter, registers by one top-k whose per-view count stays on the device."""
-        shallow, deep = (cast_scores(batch.signals[r.key], self.options["score_dtype"]) for r in self.requests)
+        shallow, deep = (cast_scores(batch.signals[r.key], self.options["score_dtype"])
+                         for r in (self.requests[0], self.requests[-1]))  # one request when the layers agree
         views, width = shallow.shape
         valid, budgets = batch.valid, batch.budgets
         alpha = float(self.options["alpha"])
