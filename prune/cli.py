@@ -280,12 +280,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .evaluation import bench
-    from .evaluation import models as M
 
     _check_methods(args.methods)
-    spec = M.resolve_model(args.model)
-    device = args.device or _default_device()
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    spec, device, dtype = _bench_target(args)
     settings = bench.BenchSettings(
         batch=args.batch,
         image_size=args.image_size,
@@ -302,19 +299,28 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     options = _eval_options(args.option, args.methods)
     result = bench.run_bench(spec, args.methods, args.keep, settings, options=options, stages=_stages(args.stages) or None,
                              progress=not args.no_progress)
-    paths = bench.write_outputs(result, args.out)
-    print(bench.markdown(result))
+    return _bench_report(bench, result, args.out)
+
+
+def _bench_target(args: argparse.Namespace):
+    """The model shape, device and dtype of ``prune bench`` / ``prune bench-encoder``."""
+    from .evaluation import models as M
+
+    device = args.device or _default_device()
+    return M.resolve_model(args.model), device, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+
+
+def _bench_report(module, result: dict, out: str) -> int:
+    paths = module.write_outputs(result, out)
+    print(module.markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
 def _cmd_bench_encoder(args: argparse.Namespace) -> int:
     from .evaluation import bench_encoder
-    from .evaluation import models as M
 
-    spec = M.resolve_model(args.model)
-    device = args.device or _default_device()
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    spec, device, dtype = _bench_target(args)
     settings = bench_encoder.EncoderBenchSettings(
         image_size=args.image_size,
         frames=args.frames,
@@ -329,10 +335,7 @@ def _cmd_bench_encoder(args: argparse.Namespace) -> int:
         prefill=not args.no_prefill,
     )
     result = bench_encoder.run_encoder_bench(spec, settings, progress=not args.no_progress)
-    paths = bench_encoder.write_outputs(result, args.out)
-    print(bench_encoder.markdown(result))
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
+    return _bench_report(bench_encoder, result, args.out)
 
 
 def _stages(text: str | None) -> list[str]:

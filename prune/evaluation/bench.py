@@ -785,7 +785,6 @@ def write_outputs(
 ) -> dict[str, Path]:
     """``bench_<model>_<device>.{json,md,png}`` in ``out_dir``; the PNG is skipped (with a note) when
     matplotlib is missing."""
-    from .plots import PlotUnavailable
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -794,6 +793,13 @@ def write_outputs(
         stem += f"_b{result['settings']['batch']}"
     if result["settings"].get("compile"):
         stem += "_compiled"
+    return write_files(result, out_dir, stem, markdown, plot, log)
+
+
+def write_files(result: dict[str, Any], out_dir: Path, stem: str, markdown, plot, log) -> dict[str, Path]:
+    """``<stem>.json``, ``.md`` (with the plot linked) and ``.png`` (no PNG without matplotlib)."""
+    from .plots import PlotUnavailable
+
     paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
     paths["json"].write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)

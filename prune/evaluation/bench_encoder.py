@@ -24,7 +24,6 @@ FlexAttention (tens of seconds; a second sequence length recompiles once): the w
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ import prune
 from ..hooks import adapter_for
 from ..hooks import vision_attention as VA  # noqa: N812
 from . import models as M
-from .bench import _Clock, _device_name, _reset_rope_deltas, _round_robin, _Samples, _slug
+from .bench import _Clock, _device_name, _reset_rope_deltas, _round_robin, _Samples, _slug, write_files
 
 SCHEMA = "prune.bench_encoder/1"
 MODES = ("default", "segmented")
@@ -313,21 +312,10 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
 def write_outputs(result: dict[str, Any], out_dir: str | Path, *, log: Callable[[str], None] = print
                   ) -> dict[str, Path]:
     """``bench_encoder_<model>_<device>.{json,md,png}`` in ``out_dir`` (no PNG without matplotlib)."""
-    from .plots import PlotUnavailable
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"bench_encoder_{_slug(result['model']['name'])}_{_slug(result['environment']['device'])}"
-    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
-    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
-    text = markdown(result)
-    try:
-        paths["png"] = plot(result, out_dir / f"{stem}.png")
-        text += f"\n![{result['model']['name']}]({paths['png'].name})\n"
-    except PlotUnavailable as exc:
-        log(f"note: {exc}; wrote JSON and markdown only")
-    paths["md"].write_text(text)
-    return paths
+    return write_files(result, out_dir, stem, markdown, plot, log)
 
 
 def main(argv: list[str] | None = None) -> int:
