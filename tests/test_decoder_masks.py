@@ -53,3 +53,13 @@ def test_unknown_forms_are_left_to_transformers():
     static = StaticCache(config=config, max_cache_len=8)
     assert causal_like(torch.ones(1, 1, 4, 8, dtype=torch.bool), hidden, mask2d, static, config) is None
     assert causal_like(object(), hidden, mask2d, None, config) is None  # e.g. a flex BlockMask
+
+
+def test_last_instruction_row_of_right_padded_prompts():
+    """PyramidDrop's query row when a prompt's padding follows its text: the last real row after its
+    last vision row, or the last column where there is none (as the per-prompt search picks it)."""
+    from prune.hooks.decoder_cut import last_instruction_row
+
+    real = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    vision = torch.tensor([[0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    assert last_instruction_row(real, vision)[:, 0].tolist() == [3, 5, 5]

@@ -24,15 +24,23 @@ _TAP_ATTR = "_prune_tap"
 STATS_ONLY_ATTR = "_prune_stats_only"
 
 
-class _ConfigView:
-    """The module's config with ``_attn_implementation`` read as the tap; everything else delegated."""
+class ConfigView:
+    """A module's config with ``_attn_implementation`` read as the subclass's ``_prune_name`` (an
+    attention function its ``register`` puts in transformers' ``AttentionInterface``); everything else,
+    reads and writes, goes to the real config. Pickles as the view, registering the function again."""
+
+    _prune_name: str = ""
+
+    @staticmethod
+    def register() -> None:
+        raise NotImplementedError
 
     def __init__(self, base: Any) -> None:
         object.__setattr__(self, "_prune_base", base)
 
     @property
     def _attn_implementation(self) -> str:
-        return TAP_NAME
+        return self._prune_name
 
     def __getattr__(self, name: str) -> Any:
         return getattr(object.__getattribute__(self, "_prune_base"), name)
@@ -41,7 +49,23 @@ class _ConfigView:
         setattr(object.__getattribute__(self, "_prune_base"), name, value)
 
     def __reduce__(self):
-        return _config_view, (object.__getattribute__(self, "_prune_base"),)
+        return rebuild_view, (type(self), object.__getattribute__(self, "_prune_base"))
+
+
+def rebuild_view(cls: type[ConfigView], base: Any) -> ConfigView:
+    """Unpickle a view: its attention function must be registered in this process too."""
+    cls.register()
+    return cls(base)
+
+
+class _ConfigView(ConfigView):
+    """The view of a tapped module: its attention runs the tap."""
+
+    _prune_name = TAP_NAME
+
+    @staticmethod
+    def register() -> None:
+        _ensure_registered()
 
 
 def _inner_implementation(module: torch.nn.Module) -> Callable:
@@ -90,8 +114,3 @@ def _untap(module: torch.nn.Module, original_config: Any) -> None:
     if hasattr(module, _TAP_ATTR):
         delattr(module, _TAP_ATTR)
 
-
-def _config_view(base: Any) -> _ConfigView:
-    """Rebuild a view (pickle): the tap must be registered in this process too."""
-    _ensure_registered()
-    return _ConfigView(base)

@@ -415,14 +415,18 @@ class DecoderCut:
         """Layer ``index``'s attention of the instruction rows on the uncut sequence (q, k only)."""
         ctx = self.context
         layer = self.layers[index]
-        if self.method.instruction_query == "last":  # PyramidDrop: the last instruction token's row only
-            rows = last_instruction_row(prev.mask2d.bool(), vision)
-        elif all(ctx.right_aligned):
+        last = self.method.instruction_query == "last"  # PyramidDrop: the last instruction token's row only
+        length = hidden.shape[1]
+        if all(ctx.right_aligned):
             # the instruction rows are each prompt's last ones (a cut packs rows to the right, and
             # text is never cut): their count is known on the host, nothing is read back
-            length = hidden.shape[1]
-            rows = [torch.arange(length - n, length, device=hidden.device) if n else
-                    torch.full((1,), length - 1, device=hidden.device) for n in ctx.instruction_counts]
+            if last:  # the last column, also where a prompt has none (it ends with its media)
+                rows = torch.full((hidden.shape[0], 1), length - 1, device=hidden.device)
+            else:
+                rows = [torch.arange(length - n, length, device=hidden.device) if n else
+                        torch.full((1,), length - 1, device=hidden.device) for n in ctx.instruction_counts]
+        elif last:
+            rows = last_instruction_row(prev.mask2d.bool(), vision)
         else:  # a right-padded prompt (its padding stays after its text): find its rows
             rows = []
             for b in range(hidden.shape[0]):

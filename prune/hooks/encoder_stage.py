@@ -248,17 +248,16 @@ def _masked_attention(module: nn.Module, query, key, value, attention_mask, **kw
 
 
 class _MaskedView(_ConfigView):
-    @property
-    def _attn_implementation(self) -> str:
-        return MASK_NAME
+    _prune_name = MASK_NAME
 
-    def __reduce__(self):
-        return _masked_view, (object.__getattribute__(self, "_prune_base"),)
+    @staticmethod
+    def register() -> None:
+        if MASK_NAME not in ALL_ATTENTION_FUNCTIONS:
+            AttentionInterface.register(MASK_NAME, _masked_attention)
 
 
 def _masked_view(base: Any) -> _MaskedView:
-    if MASK_NAME not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(MASK_NAME, _masked_attention)
+    _MaskedView.register()
     return _MaskedView(base)
 
 

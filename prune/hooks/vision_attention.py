@@ -42,6 +42,7 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..kernels.segmented_attention import segmented_attention
+from .attention_tap import ConfigView
 
 #: must contain "flash": that is what routes a Qwen vision attention to its cu_seqlens path
 SEGMENTED_NAME = "prune_segmented_flash"
@@ -50,25 +51,14 @@ _SEAM_HELPER = "is_flash_attention_requested"
 _warned: set[str] = set()
 
 
-class SegmentedConfigView:
-    """The module's config with ``_attn_implementation`` read as :data:`SEGMENTED_NAME`; everything
-    else (reads and writes) goes to the real config."""
+class SegmentedConfigView(ConfigView):
+    """The module's config with ``_attn_implementation`` read as :data:`SEGMENTED_NAME`."""
 
-    def __init__(self, base: Any) -> None:
-        object.__setattr__(self, "_prune_base", base)
+    _prune_name = SEGMENTED_NAME
 
-    @property
-    def _attn_implementation(self) -> str:
-        return SEGMENTED_NAME
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(object.__getattribute__(self, "_prune_base"), name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(object.__getattribute__(self, "_prune_base"), name, value)
-
-    def __reduce__(self):
-        return _config_view, (object.__getattribute__(self, "_prune_base"),)
+    @staticmethod
+    def register() -> None:
+        _ensure_registered()
 
 
 def _own_view(module: nn.Module) -> SegmentedConfigView | None:
@@ -210,11 +200,6 @@ def install(modules: list[nn.Module]) -> list[Callable[[], None]]:
 def _restore(module: nn.Module, config: Any) -> None:
     module.config = config
 
-
-def _config_view(base: Any) -> SegmentedConfigView:
-    """Rebuild a view (pickle): the function must be registered in this process too."""
-    _ensure_registered()
-    return SegmentedConfigView(base)
 
 
 __all__ = [
