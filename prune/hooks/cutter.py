@@ -189,6 +189,13 @@ def text_positions(positions: torch.Tensor) -> torch.Tensor:
     return positions if positions.ndim == 2 else positions[0]
 
 
+def physical_mask(mask2d: torch.Tensor, capacity: int) -> torch.Tensor:
+    """(B, capacity): ``mask2d`` (B, Ls) then ones (a static cache's columns not reached yet)."""
+    out = torch.ones(mask2d.shape[0], capacity, dtype=mask2d.dtype, device=mask2d.device)
+    out[:, : mask2d.shape[1]] = mask2d
+    return out
+
+
 def static_mask(plan: Plan, capacity: int, columns: torch.Tensor | None = None) -> torch.Tensor:
     """The (B, capacity) padding mask of a static cache after a pruned prefill, in the cache's physical
     columns: the kept prefix, then ``columns`` (the caller's mask after the prefill), then ones (what
@@ -198,8 +205,7 @@ def static_mask(plan: Plan, capacity: int, columns: torch.Tensor | None = None) 
     prefix = plan.prefix_mask
     if plan.kept_len + (0 if columns is None else columns.shape[1]) > capacity:
         raise ValueError(f"the static cache holds {capacity} tokens: too few for this call after the pruned prefill")
-    mask = torch.ones(prefix.shape[0], capacity, dtype=prefix.dtype, device=prefix.device)
-    mask[:, : plan.kept_len] = prefix
+    mask = physical_mask(prefix, capacity)
     if columns is None:
         plan.decode_mask = mask
     else:

@@ -30,7 +30,7 @@ from .._compat import call_with_cache, is_static_cache
 from ..kernels import attention_stats, transition_variation
 from ..methods.base import to_device
 from .attention_tap import STATS_ONLY_ATTR, install_tap
-from .cutter import Packing, compact, logical_positions, two_d_mask
+from .cutter import Packing, compact, logical_positions, physical_mask, two_d_mask
 
 if TYPE_CHECKING:
     from ..methods.llm import LLMMethod
@@ -87,13 +87,6 @@ def _split_positions(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     if positions.ndim == 3 and positions.shape[0] == 4:
         return positions[1:], positions[0]
     return positions, positions if positions.ndim == 2 else None
-
-
-def _physical_mask(mask2d: torch.Tensor, capacity: int) -> torch.Tensor:
-    """(B, capacity): ``mask2d`` (B, Ls) then ones."""
-    out = torch.ones(mask2d.shape[0], capacity, dtype=mask2d.dtype, device=mask2d.device)
-    out[:, : mask2d.shape[1]] = mask2d
-    return out
 
 
 class DecoderCut:
@@ -230,7 +223,7 @@ class DecoderCut:
             if columns is None:
                 mask2d = stage.static_mask
             else:
-                mask2d = _physical_mask(stage.mask2d, capacity)
+                mask2d = physical_mask(stage.mask2d, capacity)
                 kept = stage.mask2d.shape[1]
                 mask2d[:, kept : kept + columns.shape[1]] = columns.to(device, mask2d.dtype)
             positions = logical
@@ -251,7 +244,7 @@ class DecoderCut:
         capacity = int(ctx.cache.get_max_length()) if capacity is None else capacity
         for stage in ctx.stages[1:]:
             if stage.static_mask is None or stage.static_mask.shape[1] != capacity:
-                stage.static_mask = _physical_mask(stage.mask2d, capacity)
+                stage.static_mask = physical_mask(stage.mask2d, capacity)
 
     def seen_masks(self) -> list[tuple[int, torch.Tensor]]:
         """(first layer, (B, L0) bool of the input columns that layer and the next ones saw) per stage."""
