@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import prune
-from prune._tiny import tiny_internvl, tiny_qwen_vl
+from prune._tiny import tiny_gemma3, tiny_internvl, tiny_llava_onevision
 from tests.oracle import reduced_positions, run_reduced
 
 FAMILIES = ["llava", "llava_dinov2", "llava_next"]
@@ -279,8 +279,8 @@ def test_encoder_stage_bad_input(make_case):
 
 
 @pytest.mark.parametrize(
-    "build", [tiny_internvl, lambda: tiny_qwen_vl(version="2.5")],
-    ids=["internvl", "qwen2_5_vl"],
+    "build", [tiny_internvl, tiny_gemma3, tiny_llava_onevision],
+    ids=["internvl", "gemma3", "llava_onevision"],
 )
 def test_encoder_stage_refused_where_it_cannot_run(build):
     model = build()

@@ -201,6 +201,49 @@ def test_one_call_per_layer_with_cu_seqlens_on_this_version(family, monkeypatch)
         assert all(m.config._attn_implementation == "sdpa" for m in audio.modules() if "config" in m.__dict__)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_segmented_layers_do_not_read_the_longest_segment_back(family, monkeypatch):
+    """Under the varlen path a Qwen vision attention computes ``max_seqlen`` from ``cu_seqlens`` with a
+    device read per layer when the caller passes none (transformers 5.17-5.24 pass none for a vision
+    config that is not flash). The segmented install passes an upper bound instead: no ``item`` inside
+    any vision attention forward. Without that pre-hook there is one per layer (the test can fail)."""
+    inside, reads = [False], []
+    real_item = torch.Tensor.item
+
+    def item(self):
+        if inside[0]:
+            reads.append(1)
+        return real_item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    inputs = _inputs(family, media=[("image", (1, 8, 12))])
+
+    def enter(module, args, kwargs):
+        inside[0] = True
+        seen.append(kwargs.get("max_seqlen"))
+
+    def leave(module, args, output):
+        inside[0] = False
+
+    counts = {}
+    for bound in (False, True):
+        model, seen = _model(family, "sdpa"), []
+        with monkeypatch.context() as patch:
+            if not bound:
+                patch.setattr(VA, "_max_length_position", lambda module: None)
+            prune.wrap(model, "hiprune", keep=1.0, vision_attention="segmented")
+        for module in adapter_for(model).vision_attention_modules():  # registered after prune's hooks
+            module.register_forward_pre_hook(enter, with_kwargs=True)
+            module.register_forward_hook(leave)
+        reads.clear()
+        _features(model, inputs)
+        counts[bound] = len(reads)
+        if bound:
+            assert seen and all(isinstance(v, int) and v >= 96 for v in seen)  # the row count: an upper bound
+    depth = len(adapter_for(model).vision_attention_modules())
+    assert counts == {False: depth, True: 0}
+
+
 def test_seam_is_available_on_this_version():
     attn = adapter_for(tiny_qwen_vl("2.5")).vision_attention_modules()
     assert VA.seam_available(attn) is None

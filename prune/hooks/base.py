@@ -136,6 +136,11 @@ class Adapter:
     def encoder_info(self) -> EncoderInfo:
         raise NotImplementedError
 
+    def vision_readout_layers(self) -> list[int]:
+        """Vision-encoder layers whose output is read outside the layer loop besides the last one
+        (Qwen3-VL's DeepStack blocks); encoder-stage pruning gives them their full-length output."""
+        return []
+
     def placeholder_id(self, modality: str) -> int:
         """The token id that stands for one vision token of ``modality`` in input_ids."""
         raise NotImplementedError
@@ -581,6 +586,8 @@ class Adapter:
             features = features.view(len(ranked), width, embeds.shape[-1])
         if ranked:
             keys = [r.key for r in getattr(self.method, "requests", [])]
+            first = layouts[ranked[0][0]].signals[ranked[0][1]]  # the encoder stage's own signals, if recorded
+            keys += [k for k in getattr(self.method, "signal_keys", ()) if k in first]
             batch = ViewBatch(
                 grids=grids,
                 budgets=[b for _, _, _, b in ranked],

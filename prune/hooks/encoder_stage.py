@@ -17,7 +17,13 @@ and the crops are rows of one encoder batch and keep different counts (unpadding
 over views), so the kept rows are padded to the longest view and the encoder layers after the cut
 see the padding masked as keys (their attention modules point at :func:`_masked_attention`, the
 model's own eager / SDPA function with that mask added); each view's rows are what they would be
-alone. Other families are refused at wrap time with the reason (:data:`REFUSALS`).
+alone. The packed Qwen encoders (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5): whole 2x2 merge units are
+dropped from the one packed sequence and the later blocks' arguments are mapped to the survivors
+(:class:`PackedEncoderStage`). Other families are refused at wrap time with the reason
+(:data:`REFUSALS`).
+
+For every family the language-model side does not select again: :class:`EncoderStageSelection`
+reads the selection made inside the encoder back from the call's ``keep@encoder`` signal.
 """
 
 from __future__ import annotations
@@ -31,8 +37,9 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..methods import Method, Selection, View
+from ..methods.base import BatchSelection, ViewBatch
 from .attention_tap import _ConfigView, _inner_implementation
-from .base import InstanceOverride, bind_arguments
+from .base import InstanceOverride, bind_arguments, host_shape_arguments
 
 KEEP_KEY = "keep@encoder"
 SCORE_KEY = "score@encoder"
@@ -41,7 +48,9 @@ STAGES = ("post_encoder", "encoder")
 MASK_NAME = "prune_encoder_stage"
 _STAGE_ATTR = "_prune_encoder_stage"
 
-SUPPORTED = ("llava", "llava_next")
+SUPPORTED = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
+#: families whose encoder packs every image of a call in one sequence of 2x2 merge units (Qwen)
+PACKED = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 #: families whose views (encoder batch rows) can keep different counts: padded, the padding masked
 RAGGED = ("llava_next",)
 REFUSALS = {
@@ -51,14 +60,8 @@ REFUSALS = {
     "pooling windows",
     "internvl": "which tiles form one image (its budget) is read off the prompt, and transformers' generate runs "
     "the encoder before the prompt reaches the model; pixel shuffle would also need whole 2x2 units",
-    "qwen2_vl": "its encoder packs all patches in one sequence with 2x2 merge units; encoder-stage pruning for "
-    "Qwen encoders (whole units, ragged windows) is not built yet",
-    "qwen2_5_vl": "windowed attention over a window-permuted sequence with 2x2 merge units; encoder-stage "
-    "pruning for Qwen encoders (whole units, ragged windows) is not built yet",
-    "qwen2_5_omni": "Qwen2.5-VL-style windowed encoder (not built yet) and a joint audio-visual pool",
-    "qwen3_vl": "DeepStack mergers read intermediate encoder blocks and the encoder packs 2x2 merge units; "
-    "encoder-stage pruning for Qwen encoders is not built yet",
-    "qwen3_5": "Qwen3-VL-style encoder (encoder-stage pruning for Qwen encoders is not built yet)",
+    "qwen2_5_omni": "its thinker's vision side is pooled jointly with audio (avpool) and its encoder hooks are "
+    "not mapped inside the encoder yet",
 }
 
 
@@ -96,9 +99,21 @@ class EncoderStageSelection:
             raise AttributeError(name)
         return getattr(self._method, name)
 
+    #: the encoder call's signals the language-model side hands to :meth:`select_batch` too
+    signal_keys = (KEEP_KEY, SCORE_KEY)
+
     def select(self, view: View) -> Selection:
         keep = torch.nonzero((view.signals[KEEP_KEY] > 0.5) & view.valid, as_tuple=True)[0]
         return Selection(keep=keep, score=view.signals.get(SCORE_KEY))
+
+    def select_batch(self, batch: ViewBatch) -> BatchSelection:
+        """The rows the encoder kept, for every view at once; each view kept exactly its budget there
+        (the same budgets: host counts, no read). Without the encoder's record (an encoder call the
+        stage did not cut), the method's own batched selection."""
+        if KEEP_KEY not in batch.signals:
+            return self._method.select_batch(batch)
+        keep = (batch.signals[KEEP_KEY] > 0.5) & batch.valid
+        return BatchSelection(keep=keep, counts=list(batch.budgets), score=batch.signals.get(SCORE_KEY))
 
 
 def _layer_modules(vision: nn.Module, attention: list[nn.Module]) -> list[nn.Module]:
@@ -117,7 +132,7 @@ class EncoderStage:
     def __init__(self, adapter, method: Method) -> None:
         self.adapter, self.method = adapter, method
         self.layer = cut_layer(method)
-        self.offset = adapter.patch_offset()  # [CLS] column
+        self.offset = adapter.patch_offset() if hasattr(adapter, "patch_offset") else 0  # [CLS] column
         self.ragged = adapter.family in RAGGED
 
     @property
@@ -142,18 +157,16 @@ class EncoderStage:
         ctx = self.state._scratch.get("encoder_stage")
         return ctx if ctx is not None and self.state._collecting is not None else None
 
-    def select_rows(self, ctx: dict[str, Any], device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The encoder rows each view (encoder batch row) keeps: (views, offset + T) long, [CLS] first,
-        ascending, and None; or, where views keep different counts (LLaVA-NeXT's crops), padded to the
-        longest with row 0 and a (views, offset + T) bool of the real rows. Records the selection as
-        the call's ``keep@encoder`` / ``score@encoder`` signals."""
+    def view_choices(self, ctx: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each view's (keep (n,) bool, score (n,) float) on the host, in the layouts' order: the budgets
+        of the post-encoder selection (``adapter._select``), the method's own ``select`` per view, on
+        the statistics collected so far in this encoder call."""
         collected = self.state._collecting
         signals = {k: (torch.cat(v, dim=-1) if len(v) > 1 else v[0]).detach().float().cpu()
                    for k, v in collected.items() if k not in (KEEP_KEY, SCORE_KEY)}
         adapter, method, config = self.adapter, self.method, self.state.config
-        keeps, scores = [], []
+        choices = []
         for lay in adapter.layouts(ctx["modality"], ctx["args"], signals):
-            # the budgets of adapter._select, view by view (the language-model side replays this)
             token_view, token_patch = lay.token_view.cpu(), lay.token_patch.cpu()
             prunable = token_view >= 0
             caps = torch.bincount(token_view[prunable], minlength=len(lay.grids)).tolist()
@@ -173,13 +186,22 @@ class EncoderStage:
                     keep[sel.keep.cpu()] = True
                     if sel.score is not None:
                         score = sel.score.cpu().float()
-                keeps.append(keep)
-                scores.append(score)
-        keep = torch.stack(keeps)  # (views, N)
+                choices.append((keep, score))
+        return choices
+
+    def select_rows(self, ctx: dict[str, Any], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The encoder rows each view (encoder batch row) keeps: (views, offset + T) long, [CLS] first,
+        ascending, and None; or, where views keep different counts (LLaVA-NeXT's crops), padded to the
+        longest with row 0 and a (views, offset + T) bool of the real rows. Records the selection as
+        the call's ``keep@encoder`` / ``score@encoder`` signals."""
+        choices = self.view_choices(ctx)
+        keep = torch.stack([k for k, _ in choices])  # (views, N)
         views = keep.shape[0]
         full = torch.cat([torch.ones(views, self.offset, dtype=torch.bool), keep], dim=1)  # (views, offset + N)
+        collected = self.state._collecting
         collected[KEEP_KEY] = [full.float().to(device)]
-        collected[SCORE_KEY] = [torch.cat([torch.zeros(views, self.offset), torch.stack(scores)], dim=1).to(device)]
+        scores = torch.stack([s for _, s in choices])
+        collected[SCORE_KEY] = [torch.cat([torch.zeros(views, self.offset), scores], dim=1).to(device)]
         counts = full.sum(1)
         longest = int(counts.max())
         # stable sort puts each view's kept rows first, ascending; the rest pads to the longest view
@@ -290,14 +312,139 @@ class _StageCall(InstanceOverride):
         if outer is not None:  # a feature function called by another: the outer call's cut applies
             return self._original(*args, **kwargs)
         bound = getattr(type(self.module), self.name).__get__(self.module)
-        scratch["encoder_stage"] = {"modality": self.modality, "args": bind_arguments(bound, args, kwargs)}
+        args_host = host_shape_arguments(bind_arguments(bound, args, kwargs))  # grids: read before the encoder runs
+        scratch["encoder_stage"] = {"modality": self.modality, "args": args_host}
         try:
             return self._original(*args, **kwargs)
         finally:
             scratch.pop("encoder_stage", None)
 
 
+class PackedEncoderStage(EncoderStage):
+    """Encoder-stage pruning of a packed Qwen ViT: one (S, D) sequence of every image and temporal
+    slice of the call, each LLM token a 2x2 merge unit of consecutive rows (after Qwen2.5-VL's window
+    permutation: whole units, in window order).
+
+    Right after the cut block, each view's selection (made on the raster merged grid, as the
+    post-encoder method makes it) drops whole merge units; the blocks after the cut run on the
+    surviving rows only. Their arguments are mapped by what they are, not by name: a floating tensor
+    whose first dimension is the sequence (the rotary cos / sin, or older releases' rotary table) keeps
+    the surviving rows, and a 1-D integer tensor is a segment boundary list (``cu_seqlens``: images,
+    temporal slices, Qwen2.5-VL's windows), which becomes the boundaries of the survivors, so a
+    windowed block attends inside its original window over the units left in it (a window left empty
+    is removed from the list) and a full-attention block over every survivor of its image. Survivors keep their rotary
+    (h, w) positions because their cos / sin rows are the original ones. Blocks whose output is read
+    outside the block loop (the last one: the merger; Qwen3-VL's DeepStack blocks) scatter it back to
+    the full sequence, zeros at the dropped rows, so the merger, the window un-permutation and the
+    DeepStack mergers run unchanged; the next block picks the surviving rows up again without a copy.
+    The language-model cut then drops exactly the dropped units (``keep@encoder``)."""
+
+    def install(self) -> list:
+        adapter = self.adapter
+        removers = []
+        mm = adapter.multimodal_module()
+        for modality, name in adapter.feature_functions.items():
+            removers.append(_StageCall(self, mm, modality, name).install())
+        layers = _layer_modules(adapter.visual(), adapter.vision_attention_modules())
+        hooks = [layers[self.layer].register_forward_hook(functools.partial(_packed_after_cut, self))]
+        for index in range(self.layer + 1, len(layers)):
+            hooks.append(layers[index].register_forward_pre_hook(functools.partial(_packed_before_block, self),
+                                                                 with_kwargs=True))
+        readouts = {len(layers) - 1, *adapter.vision_readout_layers()}
+        for index in sorted(i for i in readouts if i >= self.layer):
+            hooks.append(layers[index].register_forward_hook(functools.partial(_packed_scatter, self)))
+        removers.extend(h.remove for h in hooks)
+        return removers
+
+    def select_units(self, ctx: dict[str, Any], length: int, device) -> torch.Tensor:
+        """(S,) bool on the host: the sequence rows (encoder order) of the kept merge units. Records
+        the selection as the call's ``keep@encoder`` / ``score@encoder`` signals, per row."""
+        choices = self.view_choices(ctx)
+        keep = torch.cat([k for k, _ in choices])  # (units,) raster order, view after view
+        score = torch.cat([s for _, s in choices])
+        unit = self.adapter.merge_size() ** 2
+        if keep.numel() * unit != length:
+            raise RuntimeError(f"stage='encoder': {keep.numel()} merge units of {unit} rows do not make the "
+                               f"encoder's {length} rows")
+        grid = next(torch.as_tensor(v) for k, v in ctx["args"].items() if k.endswith("grid_thw") and v is not None)
+        order = self.adapter.unit_order(grid)  # raster unit -> encoder position (None: the same)
+        if order is not None:
+            keep = torch.zeros_like(keep).index_copy_(0, order, keep)
+            score = torch.zeros_like(score).index_copy_(0, order, score)
+        rows = keep.repeat_interleave(unit)
+        collected = self.state._collecting
+        collected[KEEP_KEY] = [rows.float()[None].to(device)]  # (1, S): the shape of the encoder's statistics
+        collected[SCORE_KEY] = [score.repeat_interleave(unit)[None].to(device)]
+        return rows
+
+
+def _packed_after_cut(stage: PackedEncoderStage, module, args, output):
+    ctx = stage.context()
+    if ctx is None or "rows" in ctx:
+        return None
+    hidden = output[0] if isinstance(output, tuple) else output  # (S, D)
+    if hidden.dim() != 2:
+        raise RuntimeError(f"stage='encoder': expected the packed (S, D) sequence after the cut block, got "
+                           f"{tuple(hidden.shape)}")
+    length = hidden.shape[0]
+    kept = stage.select_units(ctx, length, hidden.device)
+    rows = torch.nonzero(kept, as_tuple=True)[0].to(hidden.device)  # host data: no device read
+    prefix = torch.nn.functional.pad(kept.long().cumsum(0), (1, 0))  # (S + 1,) on the host
+    ctx.update(rows=rows, length=length, prefix=prefix, mapped={}, scattered=None)
+    gathered = hidden.index_select(0, rows)
+    return (gathered, *output[1:]) if isinstance(output, tuple) else gathered
+
+
+def _packed_map(ctx: dict[str, Any], value: Any) -> Any:
+    """A block argument, mapped to the surviving rows (see :class:`PackedEncoderStage`)."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_packed_map(ctx, v) for v in value)
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return value
+    scattered = ctx["scattered"]
+    if scattered is not None and value is scattered[0]:
+        return scattered[1]  # the previous block's output, scattered for readers outside the loop
+    length = ctx["length"]
+    integer = not value.is_floating_point() and value.dtype != torch.bool
+    if not (integer and value.dim() == 1 and value.numel() <= length + 1) and value.shape[0] != length:
+        return value
+    hit = ctx["mapped"].get(id(value))
+    if hit is not None and hit[0] is value:  # every block shares these tensors: mapped once per call
+        return hit[1]
+    if integer and value.dim() == 1:  # segment boundaries: the survivors before each boundary
+        # Read once per call and tensor (transformers reads them back per block anyway, for the split
+        # lengths): emptied segments (a window whose units were all dropped) are removed, because
+        # transformers' per-segment SDPA / eager paths fail on a zero-length segment.
+        bounds = torch.unique_consecutive(ctx["prefix"][value.cpu().long()])
+        mapped = bounds.to(device=value.device, dtype=value.dtype)
+    else:
+        mapped = value.index_select(0, ctx["rows"].to(value.device))
+    ctx["mapped"][id(value)] = (value, mapped)
+    return mapped
+
+
+def _packed_before_block(stage: PackedEncoderStage, module, args, kwargs):
+    ctx = stage.context()
+    if ctx is None or "rows" not in ctx:
+        return None
+    return tuple(_packed_map(ctx, a) for a in args), {k: _packed_map(ctx, v) for k, v in kwargs.items()}
+
+
+def _packed_scatter(stage: PackedEncoderStage, module, args, output):
+    ctx = stage.context()
+    if ctx is None or "rows" not in ctx:
+        return None
+    hidden = output[0] if isinstance(output, tuple) else output
+    rows = ctx["rows"]
+    if hidden.shape[0] != rows.numel():
+        return None
+    full = hidden.new_zeros(ctx["length"], *hidden.shape[1:]).index_copy_(0, rows.to(hidden.device), hidden)
+    ctx["scattered"] = (full, hidden)
+    return (full, *output[1:]) if isinstance(output, tuple) else full
+
+
 def install(adapter, state, method: Method) -> EncoderStageSelection:
     """Install the encoder-stage hooks; returns what the adapter uses as its method from then on."""
-    state._removers.extend(EncoderStage(adapter, method).install())
+    stage = (PackedEncoderStage if adapter.family in PACKED else EncoderStage)(adapter, method)
+    state._removers.extend(stage.install())
     return EncoderStageSelection(method)

@@ -48,6 +48,9 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     def deepstack_layers(self) -> list[int]:
         return list(getattr(self.model.config.vision_config, "deepstack_visual_indexes", None) or [])
 
+    def vision_readout_layers(self) -> list[int]:
+        return self.deepstack_layers()
+
     # ---- vision-side methods: gather DeepStack's mask and features with the kept rows -----------
     def _deepstack_arguments(self, kwargs: dict[str, Any], embeds: torch.Tensor) -> tuple[str, str] | None:
         """(mask name, features name) among the language model's arguments, found by what they are."""

@@ -32,11 +32,13 @@ run; only untapped layers take the one-call path.
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -181,12 +183,45 @@ def auto_choice(implementation: str | None, device_type: str) -> str:
     return "segmented" if device_type == "cuda" and implementation in (None, "eager", "sdpa") else "default"
 
 
+#: the forward parameter through which a Qwen vision block hands its attention the longest segment
+_MAX_LENGTH = "max_seqlen"
+
+
+def _max_length_position(module: nn.Module) -> int | None:
+    """The position of the attention forward's longest-segment parameter, None when it has none."""
+    try:
+        names = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names.index(_MAX_LENGTH) if _MAX_LENGTH in names else None
+
+
+def _bound_max_length(position: int, module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook: where the caller left the longest segment unset, pass the row count (an
+    upper bound). Without it the module computes ``(cu[1:] - cu[:-1]).max().item()`` for the varlen
+    path, one device read per layer; the segmented function never reads the value."""
+    if len(args) > position or kwargs.get(_MAX_LENGTH) is not None:
+        return None
+    rows = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if rows is None:
+        rows = next((v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
+    if rows is None or rows.dim() < 1:
+        return None
+    return args, {**kwargs, _MAX_LENGTH: int(rows.shape[-2] if rows.dim() > 2 else rows.shape[0])}
+
+
 def install(modules: list[nn.Module]) -> list[Callable[[], None]]:
     """Point each module at the segmented function; returns the functions that restore each exactly.
-    Must run before a statistics tap is installed on the same module."""
+    Must run before a statistics tap is installed on the same module. Where the module's forward
+    takes the longest segment (``max_seqlen``, found by its signature) and the caller passes none, a
+    pre-hook passes an upper bound instead (:func:`_bound_max_length`): no device read per layer."""
     _ensure_registered()
     removers = []
     for module in modules:
+        position = _max_length_position(module)
+        if position is not None:
+            hook = module.register_forward_pre_hook(functools.partial(_bound_max_length, position), with_kwargs=True)
+            removers.append(hook.remove)
         config = getattr(module, "config", None)
         if config is None:
             raise TypeError(f"{type(module).__name__} has no config: cannot route its attention")
