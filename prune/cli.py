@@ -98,6 +98,14 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_list(text: str) -> list[int]:
+    """``1,4``: positive integers, comma-separated."""
+    values = [_positive(x) for x in text.split(",") if x.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return values
+
+
 def _non_negative(text: str) -> int:
     try:
         value = int(text)
@@ -333,6 +341,10 @@ def _cmd_bench_encoder(args: argparse.Namespace) -> int:
         device=device,
         seed=args.seed,
         prefill=not args.no_prefill,
+        batches=tuple(args.batches),
+        stages=tuple(_stages(args.stages) or ("post_encoder", "encoder")),
+        ttft=not args.no_ttft,
+        tap=not args.no_tap,
     )
     result = bench_encoder.run_encoder_bench(spec, settings, progress=not args.no_progress)
     return _bench_report(bench_encoder, result, args.out)
@@ -604,9 +616,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench-encoder",
         help="Qwen-family vision encoder: transformers' per-window attention vs one segmented call (JSON + markdown)",
-        description="Time the vision encoder (image and video) and the wrapped model's prefill (keep 1 and hiprune "
-        "keep 0.11) with vision_attention='default' and 'segmented', round-robin (min, median, spread over --rounds "
-        "rounds after --warmup rounds; CUDA events on a GPU), and the largest difference of the encoder outputs.",
+        description="Time the vision encoder (image and video; with and without hiprune's statistics taps) and the "
+        "wrapped model's prefill and time to first token (keep 1, and hiprune keep 0.11 at the post-encoder and the "
+        "encoder stage) with vision_attention='default' and 'segmented', at each of --batches, round-robin (min, "
+        "median, spread over --rounds rounds after --warmup rounds; CUDA events on a GPU), and the largest "
+        "difference of the encoder outputs.",
     )
     p.add_argument("--model", default="qwen2.5-vl-7b", help=models_help + " (default: %(default)s)")
     p.add_argument("--image-size", type=_positive, default=1344, help="square image side in px (default: %(default)s)")
@@ -620,6 +634,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rounds", type=_positive, default=10, help="timed rounds (default: %(default)s)")
     p.add_argument("--no-prefill", action="store_true", help="time the encoder only")
+    p.add_argument("--batches", type=_positive_list, default=[1],
+                   help="prompts per call of the prefill / ttft rows, e.g. 1,4 (default: 1)")
+    p.add_argument("--stages", default="post_encoder,encoder",
+                   help="stages of the pruned rows: post_encoder and/or encoder (default: %(default)s)")
+    p.add_argument("--no-ttft", action="store_true", help="leave out the generate(max_new_tokens=1) rows")
+    p.add_argument("--no-tap", action="store_true", help="leave out the encoder rows with the statistics taps on")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument(
         "--dtype", choices=["bfloat16", "float16", "float32"], help="default: bfloat16 on cuda, float32 on cpu"

@@ -303,3 +303,21 @@ def test_qwen_encoder_stage_refused_where_it_cannot_run():
     with pytest.raises(ValueError, match="stage='encoder'"):
         prune.wrap(model, "hiprune", keep=0.25, stage="encoder")
     assert not hasattr(model, "prune_state")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_gpu_qwen_encoder_stage_equals_the_cpu_run(family):
+    """On CUDA the wrap picks the segmented vision attention (FlexAttention) by default: the encoder
+    stage there keeps the same units and gives the CPU run's logits (the CPU run meets the oracle)."""
+    prompts = [[("image", (1, 8, 12))], [("image", (1, 12, 8)), ("video", (2, 8, 8))]]
+    inputs = make_inputs(family, prompts, [5, 14], seed=4)
+    out = {}
+    for device in ("cpu", "cuda"):
+        model = prune.wrap(_build(family, "sdpa").to(device), "hiprune", keep=0.3, stage="encoder")
+        with torch.no_grad():
+            logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits
+        out[device] = (logits.cpu(), model.prune_state.last.keep_mask.cpu())
+    assert torch.equal(out["cuda"][1], out["cpu"][1])
+    torch.testing.assert_close(out["cuda"][0], out["cpu"][0], atol=2e-3, rtol=2e-3)

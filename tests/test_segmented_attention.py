@@ -412,20 +412,32 @@ def test_bench_encoder_cli_smoke(tmp_path, capsys):
 
     rc = main(["bench-encoder", "--model", "tiny-qwen2.5-vl", "--device", "cpu", "--rounds", "1", "--warmup", "0",
                "--image-size", "112", "--frames", "2", "--frame-size", "56", "--prompt-tokens", "8",
-               "--out", str(tmp_path), "--no-progress"])
+               "--batches", "1,2", "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     result = json.loads(next(tmp_path.glob("bench_encoder_*.json")).read_text())
     assert result["schema"] == "prune.bench_encoder/1"
     rows = result["rows"]
-    assert {(r["kind"], r["input"], r["attention"]) for r in rows} >= {
-        (kind, modality, mode) for kind in ("encoder", "prefill") for modality in ("image", "video")
-        for mode in ("default", "segmented")
+    modes = ("default", "segmented")
+    assert {(r["kind"], r["input"], r["attention"], bool(r.get("tapped"))) for r in rows if r["kind"] == "encoder"} == {
+        ("encoder", modality, mode, tapped) for modality in ("image", "video") for mode in modes
+        for tapped in (False, True)
+    }
+    timed = {(r["kind"], r["input"], r["batch"], r["keep"], r["stage"], r["attention"]) for r in rows
+             if r["kind"] != "encoder"}
+    assert timed == {
+        (kind, modality, batch, keep, stage, mode) for kind in ("prefill", "ttft") for modality in ("image", "video")
+        for batch in (1, 2) for keep, stage in ((1.0, None), (0.11, "post_encoder"), (0.11, "encoder"))
+        for mode in modes
     }
     assert all(r["ms"] > 0 and r["rounds"] == 1 for r in rows)
     assert all(r["speedup"] > 0 for r in rows if r["attention"] == "segmented")
+    assert all(r["vs_unpruned"] > 0 and r["vs_default"] > 0 for r in rows if r.get("keep") == 0.11)
+    assert all(r["tap_overhead"] is not None for r in rows if r.get("tapped"))
     for d in result["max_abs_diff"].values():  # the CPU reference runs the same SDPA calls
         assert d["max_abs_diff"] <= 1e-5 and d["max_abs"] > 0
-    assert "| encoder | image |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| encoder | image | 1 |" in out and "| ttft | video | 2 | hiprune @ 0.11 | encoder |" in out
+    assert next(tmp_path.glob("bench_encoder_*.png")).stat().st_size > 0
 
 
 # ---- GPU: the compiled FlexAttention path --------------------------------------------------------

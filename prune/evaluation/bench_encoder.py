@@ -9,11 +9,18 @@ random weights: speed does not depend on the values), for an image and a video:
 - ``encoder``: ``get_image_features`` / ``get_video_features`` (vision encoder + merger) with the
   model's own attention (``default``) and with the segmented one installed on the encoder's
   attention modules (``segmented``);
+- ``encoder (tapped)``: the same, on the model wrapped with ``method`` at the pruned keep (post-encoder):
+  what the statistics taps add to the encoder (HiPrune on Qwen2.5-VL-7B: blocks 15 and 31);
 - ``prefill``: one forward of the wrapped model over the prompt (vision encoder + pruning + language
-  model) at keep 1.0 and with hiprune at keep 0.11, each with ``vision_attention`` default and
-  segmented;
+  model) at keep 1.0 and with ``method`` at each pruned keep, at each of ``stages`` (post-encoder:
+  the whole encoder runs; encoder: rows drop inside it), each with ``vision_attention`` default and
+  segmented, at each of ``batches`` (copies of the prompt);
+- ``ttft``: ``generate(max_new_tokens=1)`` of the same configurations (prefill + first token);
 - ``max_abs_diff``: the largest difference between the encoder outputs of the two paths (and the
   largest output magnitude beside it, for scale).
+
+Every pruned prefill / ttft row carries ``vs_unpruned`` (the unpruned row of the same attention and
+batch over it) and ``vs_default`` (the unpruned row with transformers' default attention over it).
 
 Round-robin as MEASURING.md asks: every row once per round, the order rotating, ``rounds`` rounds
 after ``warmup`` rounds (bench.py's loop); per row min / median / spread of the GPU time (CUDA
@@ -58,6 +65,10 @@ class EncoderBenchSettings:
     prefill: bool = True
     prefill_keeps: tuple[float, ...] = (1.0, 0.11)
     method: str = "hiprune"
+    stages: tuple[str, ...] = ("post_encoder", "encoder")
+    batches: tuple[int, ...] = (1,)
+    ttft: bool = True
+    tap: bool = True
 
 
 def _modality_inputs(inputs: dict[str, torch.Tensor], modality: str) -> dict[str, torch.Tensor]:
@@ -66,30 +77,40 @@ def _modality_inputs(inputs: dict[str, torch.Tensor], modality: str) -> dict[str
 
 
 class _EncoderRow:
-    """The encoder (feature function) of one modality, with one attention mode."""
+    """The encoder (feature function) of one modality, with one attention mode; with ``tapped``
+    (method, keep), on the model wrapped with that method (its statistics taps on)."""
 
     kind = "encoder"
 
-    def __init__(self, model: nn.Module, modality: str, mode: str, inputs: dict, clock: _Clock) -> None:
+    def __init__(self, model: nn.Module, modality: str, mode: str, inputs: dict, clock: _Clock,
+                 tapped: tuple[str, float] | None = None) -> None:
         self.model, self.modality, self.mode, self.clock = model, modality, mode, clock
         self.adapter = adapter_for(model)
         self.pixels = _modality_inputs(inputs, modality)
-        self.fn = getattr(self.adapter.multimodal_module(), f"get_{modality}_features")
+        self.tapped = tapped
         self.samples = _Samples()
-        self.row: dict[str, Any] = {"kind": self.kind, "input": modality, "attention": mode, "status": "ok"}
+        self.row: dict[str, Any] = {"kind": self.kind, "input": modality, "attention": mode, "status": "ok",
+                                    "batch": int(inputs["input_ids"].shape[0])}
+        if tapped is not None:
+            self.row["tapped"] = f"{tapped[0]} @ {tapped[1]}"
         self._removers: list = []
 
     def enter(self) -> None:
-        if self.mode == "segmented":
+        if self.tapped is not None:
+            prune.wrap(self.model, self.tapped[0], keep=self.tapped[1], vision_attention=self.mode)
+        elif self.mode == "segmented":
             self._removers = VA.install(self.adapter.vision_attention_modules())
 
     def exit(self) -> None:
         for remove in reversed(self._removers):
             remove()
         self._removers = []
+        if self.tapped is not None and getattr(self.model, "prune_state", None) is not None:
+            prune.unwrap(self.model)
 
     def run(self):
-        return self.fn(**self.pixels)
+        # looked up per call: a wrapped model's feature function is prune's instance override
+        return getattr(self.adapter.multimodal_module(), f"get_{self.modality}_features")(**self.pixels)
 
     def measure(self, samples: _Samples) -> None:
         ms, host, _ = self.clock(self.run)
@@ -98,20 +119,23 @@ class _EncoderRow:
 
 
 class _PrefillRow(_EncoderRow):
-    """One forward of the wrapped model (``method`` at ``keep``) with one ``vision_attention``."""
+    """One forward of the wrapped model (``method`` at ``keep``, at ``stage``) with one
+    ``vision_attention``."""
 
     kind = "prefill"
 
-    def __init__(self, model, modality, mode, inputs, clock, method: str, keep: float) -> None:
+    def __init__(self, model, modality, mode, inputs, clock, method: str, keep: float,
+                 stage: str | None = None) -> None:
         super().__init__(model, modality, mode, inputs, clock)
-        self.method, self.keep = method, keep
+        self.method, self.keep, self.stage = method, keep, stage
         text = {k: inputs[k] for k in inputs if k not in ("pixel_values", "image_grid_thw", "pixel_values_videos",
                                                            "video_grid_thw")}
         self.inputs = {**text, **self.pixels}
-        self.row.update(method=method, keep=keep)
+        self.row.update(method=method, keep=keep, stage=stage)
 
     def enter(self) -> None:
-        prune.wrap(self.model, self.method, keep=self.keep, vision_attention=self.mode)
+        options = {"stage": self.stage} if self.stage == "encoder" else {}
+        prune.wrap(self.model, self.method, keep=self.keep, vision_attention=self.mode, **options)
 
     def exit(self) -> None:
         if getattr(self.model, "prune_state", None) is not None:
@@ -120,6 +144,17 @@ class _PrefillRow(_EncoderRow):
     def run(self):
         _reset_rope_deltas(self.model)
         return self.model(**self.inputs, use_cache=True, logits_to_keep=1)
+
+
+class _TTFTRow(_PrefillRow):
+    """``generate`` of one new token: the prefill plus the first token's selection."""
+
+    kind = "ttft"
+
+    def run(self):
+        _reset_rope_deltas(self.model)
+        pad = getattr(self.model.generation_config, "pad_token_id", None)
+        return self.model.generate(**self.inputs, max_new_tokens=1, do_sample=False, pad_token_id=pad)
 
 
 def _encoder_output(out) -> torch.Tensor:
@@ -137,9 +172,9 @@ def _encoder_output(out) -> torch.Tensor:
 
 
 def _differences(rows: list[_EncoderRow]) -> dict[str, dict[str, float]]:
-    """Per modality: max |segmented - default| of the encoder outputs and max |default|."""
+    """Per modality: max |segmented - default| of the encoder outputs and max |default| (batch 1)."""
     out = {}
-    by = {(r.modality, r.mode): r for r in rows if r.kind == "encoder"}
+    by = {(r.modality, r.mode): r for r in rows if r.kind == "encoder" and r.tapped is None}
     for modality in ("image", "video"):
         if (modality, "default") not in by:
             continue
@@ -174,14 +209,28 @@ def _summary(row: _EncoderRow) -> dict[str, Any]:
 
 
 def _speedups(rows: list[dict[str, Any]]) -> None:
-    """``speedup`` of each segmented row over its default twin (by min and by median)."""
-    key = lambda r: (r["kind"], r["input"], r.get("method"), r.get("keep"))  # noqa: E731
+    """``speedup`` of each segmented row over its default twin (by min and by median); for pruned
+    prefill / ttft rows ``vs_unpruned`` (the unpruned row of the same attention) and ``vs_default``
+    (the unpruned row under the default attention); for tapped encoder rows ``tap_overhead``."""
+    key = lambda r: (r["kind"], r["input"], r["batch"], r.get("method"), r.get("keep"), r.get("stage"),  # noqa: E731
+                     r.get("tapped"))
     default = {key(r): r for r in rows if r["attention"] == "default"}
+    unpruned = {(r["kind"], r["input"], r["batch"], r["attention"]): r for r in rows
+                if r["kind"] in ("prefill", "ttft") and r.get("keep") == 1.0}
+    untapped = {(r["input"], r["batch"], r["attention"]): r for r in rows
+                if r["kind"] == "encoder" and not r.get("tapped")}
+    ratio = lambda a, b: a["ms"] / b["ms"] if a and b and a.get("ms") and b.get("ms") else None  # noqa: E731
     for r in rows:
         base = default.get(key(r))
         if r["attention"] == "segmented" and base and r["ms"] and base["ms"]:
             r["speedup"] = base["ms"] / r["ms"]
             r["median_speedup"] = base["median_ms"] / r["median_ms"] if r["median_ms"] else None
+        if r["kind"] in ("prefill", "ttft") and r.get("keep") != 1.0:
+            r["vs_unpruned"] = ratio(unpruned.get((r["kind"], r["input"], r["batch"], r["attention"])), r)
+            r["vs_default"] = ratio(unpruned.get((r["kind"], r["input"], r["batch"], "default")), r)
+        if r["kind"] == "encoder" and r.get("tapped"):
+            plain = ratio(r, untapped.get((r["input"], r["batch"], r["attention"])))
+            r["tap_overhead"] = plain - 1.0 if plain is not None else None
 
 
 def run_encoder_bench(
@@ -203,25 +252,36 @@ def run_encoder_bench(
     from .tasks.shapes import random_scene, render_scene
 
     image = render_scene(random_scene(settings.seed), size=(settings.image_size, settings.image_size))
-    image_inputs = M.make_inputs(model, M.build_image_processor(spec), [image], prompt_tokens=settings.prompt_tokens,
-                                 seed=settings.seed, device=device, dtype=dtype, spec=spec)
     frames = [render_scene(random_scene(settings.seed + 1 + i), size=(settings.frame_size, settings.frame_size))
               for i in range(settings.frames)]
-    video_inputs = M.make_video_inputs(model, spec, frames, prompt_tokens=settings.prompt_tokens, seed=settings.seed,
-                                       device=device, dtype=dtype)
-    inputs = {"image": image_inputs, "video": video_inputs}
-    grids = {"image": image_inputs["image_grid_thw"].tolist(), "video": video_inputs["video_grid_thw"].tolist()}
+    processor = M.build_image_processor(spec)
+    inputs: dict[tuple[str, int], dict] = {}
+    for batch in settings.batches:
+        inputs["image", batch] = M.make_inputs(model, processor, [image] * batch, prompt_tokens=settings.prompt_tokens,
+                                               seed=settings.seed, device=device, dtype=dtype, spec=spec)
+        inputs["video", batch] = M.make_video_inputs(model, spec, frames, prompt_tokens=settings.prompt_tokens,
+                                                     seed=settings.seed, device=device, dtype=dtype, copies=batch)
+    first = settings.batches[0]
+    grids = {"image": inputs["image", first]["image_grid_thw"].tolist()[:1],
+             "video": inputs["video", first]["video_grid_thw"].tolist()[:1]}
     clock = _Clock(device)
+    pruned = [k for k in settings.prefill_keeps if k != 1.0]
     rows: list[_EncoderRow] = [
-        _EncoderRow(model, modality, mode, inputs[modality], clock) for modality in ("image", "video") for mode in MODES
+        _EncoderRow(model, modality, mode, inputs[modality, first], clock) for modality in ("image", "video")
+        for mode in MODES
     ]
+    if settings.tap and pruned:
+        rows += [_EncoderRow(model, modality, mode, inputs[modality, first], clock, tapped=(settings.method, pruned[0]))
+                 for modality in ("image", "video") for mode in MODES]
     if settings.prefill:
-        rows += [
-            _PrefillRow(model, modality, mode, inputs[modality], clock, settings.method, keep)
-            for modality in ("image", "video")
-            for keep in settings.prefill_keeps
-            for mode in MODES
-        ]
+        kinds = (_PrefillRow, _TTFTRow) if settings.ttft else (_PrefillRow,)
+        for kind in kinds:
+            for batch in settings.batches:
+                for modality in ("image", "video"):
+                    for keep in settings.prefill_keeps:
+                        for stage in ((None,) if keep == 1.0 else settings.stages):
+                            rows += [kind(model, modality, mode, inputs[modality, batch], clock, settings.method, keep,
+                                          stage) for mode in MODES]
     log(
         f"{spec.name}: {type(model).__name__} ({settings.dtype}, {settings.attn}) on {_device_name(device)}; "
         f"image grid {grids['image']}, video grid {grids['video']}; {len(rows)} rows, {settings.rounds} rounds "
@@ -243,7 +303,8 @@ def run_encoder_bench(
             "transformers": __import__("transformers").__version__,
             "prune": prune.__version__,
         },
-        "settings": {**asdict(settings), "prefill_keeps": list(settings.prefill_keeps)},
+        "settings": {**asdict(settings), "prefill_keeps": list(settings.prefill_keeps),
+                     "stages": list(settings.stages), "batches": list(settings.batches)},
         "grids": grids,
         "vision_tokens": {k: int(sum(t * h * w for t, h, w in g) // adapter.merge_size() ** 2) for k, g in grids.items()},
         "max_abs_diff": differences,
@@ -258,24 +319,32 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 def markdown(result: dict[str, Any]) -> str:
     env, s = result["environment"], result["settings"]
     lines = [
-        f"### {result['model']['name']}: vision encoder, default vs segmented attention",
+        f"### {result['model']['name']}: vision encoder, default vs segmented attention; encoder-stage pruning",
         "",
         f"{env['device']}, torch {env['torch']}, transformers {env['transformers']}; {s['dtype']}, {s['attn']}; "
         f"image {s['image_size']} px (grid {result['grids']['image']}), video {s['frames']} x {s['frame_size']} px "
         f"(grid {result['grids']['video']}); {s['rounds']} rounds after {s['warmup']} warm-up, round-robin",
         "",
-        "| row | input | method @ keep | attention | min ms | median ms | spread | host ms | speedup (min / median) |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
+        "| row | input | batch | method @ keep | stage | attention | min ms | median ms | spread | host ms | "
+        "segmented speedup (min / median) | vs unpruned, same attention | vs unpruned, default attention |",
+        "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    times = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
     for r in result["rows"]:
-        what = f"{r['method']} @ {r['keep']}" if r["kind"] == "prefill" else "-"
+        what = f"{r['method']} @ {r['keep']}" if r["kind"] != "encoder" else "-"
+        kind = r["kind"]
+        if r.get("tapped"):
+            kind = "encoder, tapped"
+            what = f"{r['tapped']} (taps +{100 * r['tap_overhead']:.1f} %)" if r.get("tap_overhead") is not None \
+                else r["tapped"]
         speed = "-"
         if r.get("speedup"):
             speed = f"{r['speedup']:.2f}x / {_fmt(r.get('median_speedup'), 2)}x"
         spread = "-" if r["spread"] is None else f"{100 * r['spread']:.0f} %"
         lines.append(
-            f"| {r['kind']} | {r['input']} | {what} | {r['attention']} | {_fmt(r['ms'])} | {_fmt(r['median_ms'])} | "
-            f"{spread} | {_fmt(r['host_ms'])} | {speed} |"
+            f"| {kind} | {r['input']} | {r.get('batch', 1)} | {what} | {r.get('stage') or '-'} | {r['attention']} | "
+            f"{_fmt(r['ms'])} | {_fmt(r['median_ms'])} | {spread} | {_fmt(r['host_ms'])} | {speed} | "
+            f"{times(r.get('vs_unpruned'))} | {times(r.get('vs_default'))} |"
         )
     lines.append("")
     for modality, d in result["max_abs_diff"].items():
@@ -290,11 +359,16 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
     """Bars: min ms of every row, default and segmented side by side."""
     from . import plots
 
-    fig, axes = plots.figure(1, width=7.0)
+    fig, axes = plots.figure(1, width=max(7.0, 0.45 * len({(r["kind"], r["input"], r.get("batch"), r.get("keep"),
+                                                                 r.get("stage"), r.get("tapped")) for r in result["rows"]})))
     ax = axes[0] if isinstance(axes, (list, tuple)) else axes
     groups: dict[str, dict[str, float]] = {}
     for r in result["rows"]:
-        label = f"{r['kind']} {r['input']}" + (f"\n{r['method']}@{r['keep']}" if r["kind"] == "prefill" else "")
+        label = f"{r['kind']} {r['input']}"
+        if r["kind"] != "encoder":
+            label += f" b{r.get('batch', 1)}\n{r['method']}@{r['keep']}" + (f"\n{r['stage']}" if r.get("stage") else "")
+        elif r.get("tapped"):
+            label += "\ntapped"
         groups.setdefault(label, {})[r["attention"]] = r["ms"] or 0.0
     labels = list(groups)
     width = 0.4
@@ -303,7 +377,8 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
         ax.bar(xs, [groups[lab].get(mode, 0.0) for lab in labels], width, label=mode)
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, fontsize=7)
-    ax.set_ylabel("ms (min over rounds)")
+    ax.set_yscale("log")
+    ax.set_ylabel("ms (min over rounds, log scale)")
     ax.legend()
     ax.set_title(f"{result['model']['name']} on {result['environment']['device']}", fontsize=9)
     return plots.save(fig, path)

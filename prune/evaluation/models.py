@@ -425,12 +425,13 @@ def make_video_inputs(
     seed: int = 0,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    copies: int = 1,
 ) -> dict[str, torch.Tensor]:
-    """Model inputs for one prompt holding one video (a list of PIL frames)."""
+    """Model inputs for ``copies`` prompts, each holding the video (a list of PIL frames)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     dtype = dtype or next(model.parameters()).dtype
     processor = build_video_processor(spec)
-    out = processor(videos=[frames], return_tensors="pt")
+    out = processor(videos=[frames] * copies, return_tensors="pt")
     pixels = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
     pixels = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in pixels.items()}
     counts = feature_counts(model, pixels, "video")
