@@ -247,11 +247,9 @@ def test_encoder_stage_eager_and_sdpa(make_case, family):
     assert torch.equal(results[0][2], results[1][2])
 
 
-def test_encoder_stage_unwrap_restores(make_case):
-    case = make_case("llava", prompts=((0,),), text_lens=(6,))
-    inputs = case.inputs()
-    model = case.model
-    tower = model.model.vision_tower
+def assert_unwrap_restores(model, inputs):
+    """Wrapping at the encoder stage adds hooks, a call runs, unwrap removes every hook and the
+    logits are bit-identical to the unwrapped model's."""
     hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())  # noqa: E731
     with torch.no_grad():
         ref = model(**inputs).logits
@@ -263,6 +261,13 @@ def test_encoder_stage_unwrap_restores(make_case):
         prune.unwrap(model)
         torch.testing.assert_close(model(**inputs).logits, ref, atol=0, rtol=0)
     assert hooks() == before
+
+
+def test_encoder_stage_unwrap_restores(make_case):
+    case = make_case("llava", prompts=((0,),), text_lens=(6,))
+    model = case.model
+    tower = model.model.vision_tower
+    assert_unwrap_restores(model, case.inputs())
     assert "get_image_features" not in model.model.__dict__
     assert tower is model.model.vision_tower
 

@@ -17,8 +17,10 @@ import transformers
 from transformers import AttentionInterface
 
 import prune
-from prune._tiny import qwen3_prompts, qwen_media, qwen_prompts, tiny_qwen3_5, tiny_qwen3_vl, tiny_qwen_vl
+from prune._tiny import qwen3_prompts, qwen_prompts, tiny_qwen3_5, tiny_qwen3_vl, tiny_qwen_vl
 from tests.oracle import qwen3_full_inputs, qwen_full_inputs, reduce_deepstack, run_reduced_mrope
+from tests.test_encoder_stage import assert_unwrap_restores
+from tests.test_qwen import make_inputs as qwen_inputs
 
 GEN = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False}
 KINDS = {
@@ -40,13 +42,7 @@ def _build(family, attn="eager"):
 
 def make_inputs(family, prompts, text_lens, seed=0):
     build = qwen3_prompts if family in ("qwen3_vl", "qwen3_5") else qwen_prompts
-    inputs = build(prompts, text_lens, seed=seed)
-    for kind, pv_key, grid_key in (("image", "pixel_values", "image_grid_thw"),
-                                   ("video", "pixel_values_videos", "video_grid_thw")):
-        grids = [g for items in prompts for k, g in items if k == kind]
-        if grids:
-            inputs[pv_key], inputs[grid_key] = qwen_media(grids, seed=seed + len(kind))
-    return inputs
+    return qwen_inputs(prompts, text_lens, seed=seed, build=build)
 
 
 def cut_of(model):
@@ -282,18 +278,7 @@ def test_qwen_encoder_stage_drops_whole_windows():
 
 def test_qwen_encoder_stage_unwrap_restores():
     model = _build("qwen3_vl")
-    inputs = make_inputs("qwen3_vl", [KINDS["image+video"]], [9])
-    hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())  # noqa: E731
-    with torch.no_grad():
-        ref = model(**inputs).logits
-    before = hooks()
-    with torch.no_grad():
-        prune.wrap(model, "hiprune", keep=0.25, stage="encoder")
-        assert hooks() > before
-        model(**inputs)
-        prune.unwrap(model)
-        torch.testing.assert_close(model(**inputs).logits, ref, atol=0, rtol=0)
-    assert hooks() == before
+    assert_unwrap_restores(model, make_inputs("qwen3_vl", [KINDS["image+video"]], [9]))
 
 
 def test_qwen_encoder_stage_refused_where_it_cannot_run():

@@ -18,9 +18,10 @@ KINDS = {
 }
 
 
-def make_inputs(prompts, text_lens, seed=0):
-    """prompts: per prompt a list of (kind, (t, h, w)); media of each kind in prompt order."""
-    inputs = qwen_prompts(prompts, text_lens, seed=seed)
+def make_inputs(prompts, text_lens, seed=0, build=qwen_prompts):
+    """prompts: per prompt a list of (kind, (t, h, w)); media of each kind in prompt order.
+    ``build``: the prompt builder (``qwen3_prompts`` for Qwen3-VL / Qwen3.5)."""
+    inputs = build(prompts, text_lens, seed=seed)
     for kind, pv_key, grid_key in (("image", "pixel_values", "image_grid_thw"),
                                    ("video", "pixel_values_videos", "video_grid_thw")):
         grids = [g for items in prompts for k, g in items if k == kind]

@@ -139,12 +139,14 @@ class EncoderStage:
     def state(self):
         return self.adapter.state
 
+    def install_calls(self) -> list:
+        """The feature-function overrides that mark each encoder call (its shape arguments read)."""
+        mm = self.adapter.multimodal_module()
+        return [_StageCall(self, mm, modality, name).install() for modality, name in self.adapter.feature_functions.items()]
+
     def install(self) -> list:
         adapter = self.adapter
-        removers = []
-        mm = adapter.multimodal_module()
-        for modality, name in adapter.feature_functions.items():
-            removers.append(_StageCall(self, mm, modality, name).install())
+        removers = self.install_calls()
         layers = _layer_modules(adapter.vision_model(), adapter.vision_attention_modules())
         h1 = layers[self.layer].register_forward_hook(functools.partial(_after_cut_layer, self))
         h2 = adapter.model.model.vision_tower.register_forward_hook(functools.partial(_after_tower, self))
@@ -341,10 +343,7 @@ class PackedEncoderStage(EncoderStage):
 
     def install(self) -> list:
         adapter = self.adapter
-        removers = []
-        mm = adapter.multimodal_module()
-        for modality, name in adapter.feature_functions.items():
-            removers.append(_StageCall(self, mm, modality, name).install())
+        removers = self.install_calls()
         layers = _layer_modules(adapter.visual(), adapter.vision_attention_modules())
         hooks = [layers[self.layer].register_forward_hook(functools.partial(_packed_after_cut, self))]
         for index in range(self.layer + 1, len(layers)):
