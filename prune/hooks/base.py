@@ -136,6 +136,10 @@ class Adapter:
     def encoder_info(self) -> EncoderInfo:
         raise NotImplementedError
 
+    def patch_offset(self) -> int:
+        """Column of patch 0 in an encoder row (1 when a [CLS] token leads; none by default)."""
+        return 0
+
     def vision_readout_layers(self) -> list[int]:
         """Vision-encoder layers whose output is read outside the layer loop besides the last one
         (Qwen3-VL's DeepStack blocks); encoder-stage pruning gives them their full-length output."""

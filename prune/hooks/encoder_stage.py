@@ -132,7 +132,7 @@ class EncoderStage:
     def __init__(self, adapter, method: Method) -> None:
         self.adapter, self.method = adapter, method
         self.layer = cut_layer(method)
-        self.offset = adapter.patch_offset() if hasattr(adapter, "patch_offset") else 0  # [CLS] column
+        self.offset = adapter.patch_offset()  # [CLS] column
         self.ragged = adapter.family in RAGGED
 
     @property
@@ -365,8 +365,7 @@ class PackedEncoderStage(EncoderStage):
         if keep.numel() * unit != length:
             raise RuntimeError(f"stage='encoder': {keep.numel()} merge units of {unit} rows do not make the "
                                f"encoder's {length} rows")
-        grid = next(torch.as_tensor(v) for k, v in ctx["args"].items() if k.endswith("grid_thw") and v is not None)
-        order = self.adapter.unit_order(grid)  # raster unit -> encoder position (None: the same)
+        order = self.adapter.unit_order(self.adapter.grid_of(ctx["modality"], ctx["args"]))  # raster unit -> encoder position (None: the same)
         if order is not None:
             keep = torch.zeros_like(keep).index_copy_(0, order, keep)
             score = torch.zeros_like(score).index_copy_(0, order, score)

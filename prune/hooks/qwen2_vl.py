@@ -70,11 +70,15 @@ class Qwen2VLAdapter(Adapter):
         arithmetic on the host ``grid_thw``."""
         return None
 
-    def layouts(self, modality: str, args: dict[str, Any], signals: dict[str, torch.Tensor]) -> list[ImageLayout]:
+    def grid_of(self, modality: str, args: dict[str, Any]) -> torch.Tensor:
+        """The (items, 3) host ``grid_thw`` among a feature function's arguments."""
         grid_thw = args.get(_GRID_ARG[modality])
         if grid_thw is None:
             raise ValueError(f"{_GRID_ARG[modality]} is needed with the {modality} pixel values")
-        grid_thw = torch.as_tensor(grid_thw).cpu()  # already on the host: the feature function copied it
+        return torch.as_tensor(grid_thw).cpu()  # already on the host: the feature function copied it
+
+    def layouts(self, modality: str, args: dict[str, Any], signals: dict[str, torch.Tensor]) -> list[ImageLayout]:
+        grid_thw = self.grid_of(modality, args)
         m = self.merge_size()
         units = {}
         order = self.unit_order(grid_thw) if signals else None
