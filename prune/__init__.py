@@ -17,6 +17,7 @@ from ._compat import warn_if_untested
 from .config import PruneConfig
 from .hooks import adapter_for
 from .hooks import vision_attention as _vision_attention
+from .hooks import vision_graphs as _vision_graphs
 from .methods import get_method, method_names
 from .state import PruneRecord, PruneState
 
@@ -31,6 +32,7 @@ def wrap(
     *,
     positions: str | None = None,
     vision_attention: str | None = None,
+    vision_graphs: bool = False,
     **options: Any,
 ) -> nn.Module:
     """Install pruning hooks on ``model`` in place and return it.
@@ -45,6 +47,12 @@ def wrap(
             CUDA), "default" leaves the model's implementation; None: segmented for Qwen-family
             encoders on CUDA loaded with eager / SDPA, default elsewhere. ``prune_state.vision_attention``
             says what was installed.
+        vision_graphs: replay every vision-encoder layer as a CUDA graph (captured per layer the second
+            time an input shape is seen; at most 8 shapes kept): at batch 1 the encoder is bound by
+            kernel launches, and this removes them. CUDA only, inference only (autograd runs eagerly);
+            Qwen-family encoders need the segmented vision attention. Layers whose attention prune
+            taps for statistics stay eager. ``prune_state.vision_graphs.stats()`` counts captures and
+            replays.
         **options: method options, e.g. ``alpha=0.1`` for hiprune (``prune methods`` lists them).
 
     Wrapping a wrapped model replaces its config. ``model.prune_state.last`` records the last prefill.
@@ -53,15 +61,18 @@ def wrap(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(method, PruneConfig):
-        if options or positions is not None or vision_attention is not None:
+        if options or positions is not None or vision_attention is not None or vision_graphs:
             raise TypeError("pass either a PruneConfig or method/keep/options, not both")
         config = method
     else:
         config = PruneConfig(
-            method=method, keep=keep, positions=positions, options=options, vision_attention=vision_attention
+            method=method, keep=keep, positions=positions, options=options, vision_attention=vision_attention,
+            vision_graphs=vision_graphs,
         )
     adapter = adapter_for(model)  # raises for unsupported classes before anything changes
     attention = _vision_attention.resolve(adapter, config.vision_attention)
+    if config.vision_graphs:
+        _vision_graphs.check(adapter, attention)
     positions_mode, method_options = config.resolved(adapter.family)
     preset = getattr(get_method(config.method), "preset_positions", None)
     if config.positions is None and preset in adapter.position_modes:
@@ -79,6 +90,9 @@ def wrap(
     state = PruneState(config=config, family=adapter.family, positions=positions_mode, vision_attention=attention)
     try:
         adapter.install(state, method_obj)
+        if config.vision_graphs:  # last: it leaves the layers that other hooks redirect eager
+            state.vision_graphs, removers = _vision_graphs.install(adapter)
+            state._removers.extend(removers)
     except BaseException:
         for remove in reversed(state._removers):
             remove()

@@ -303,6 +303,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         device=device,
         seed=args.seed,
         compile=args.compile,
+        vision_graphs=args.vision_graphs,
     )
     options = _eval_options(args.option, args.methods)
     result = bench.run_bench(spec, args.methods, args.keep, settings, options=options, stages=_stages(args.stages) or None,
@@ -343,11 +344,22 @@ def _cmd_bench_encoder(args: argparse.Namespace) -> int:
         prefill=not args.no_prefill,
         batches=tuple(args.batches),
         stages=tuple(_stages(args.stages) or ("post_encoder", "encoder")),
+        modes=tuple(_modes(args.modes, bench_encoder.MODES)),
         ttft=not args.no_ttft,
         tap=not args.no_tap,
     )
     result = bench_encoder.run_encoder_bench(spec, settings, progress=not args.no_progress)
     return _bench_report(bench_encoder, result, args.out)
+
+
+def _modes(text: str, known: tuple[str, ...]) -> list[str]:
+    """``--modes default,segmented,graphs``: the vision-attention modes of bench-encoder's rows."""
+    modes = [x for x in text.split(",") if x]
+    bad = [x for x in modes if x not in known]
+    if bad or "default" not in modes:
+        raise UsageError(f"--modes: {', '.join(bad) or 'default is missing'}; use default plus any of "
+                         f"{', '.join(known[1:])} (every speedup is over default)")
+    return modes
 
 
 def _stages(text: str | None) -> list[str]:
@@ -584,6 +596,12 @@ def build_parser() -> argparse.ArgumentParser:
         "with a static cache (CUDA only)",
     )
     p.add_argument(
+        "--vision-graphs",
+        action="store_true",
+        help="every row's vision-encoder layers (the unpruned row's too) replayed as CUDA graphs: vision_graphs=True "
+        "(CUDA only)",
+    )
+    p.add_argument(
         "--option",
         action="append",
         metavar="[METHOD.]NAME=VALUE",
@@ -618,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Qwen-family vision encoder: transformers' per-window attention vs one segmented call (JSON + markdown)",
         description="Time the vision encoder (image and video; with and without hiprune's statistics taps) and the "
         "wrapped model's prefill and time to first token (keep 1, and hiprune keep 0.11 at the post-encoder and the "
-        "encoder stage) with vision_attention='default' and 'segmented', at each of --batches, round-robin (min, "
+        "encoder stage) with vision_attention='default' and 'segmented' and with the layers as CUDA graphs, at each of --batches, round-robin (min, "
         "median, spread over --rounds rounds after --warmup rounds; CUDA events on a GPU), and the largest "
         "difference of the encoder outputs.",
     )
@@ -640,6 +658,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stages of the pruned rows: post_encoder and/or encoder (default: %(default)s)")
     p.add_argument("--no-ttft", action="store_true", help="leave out the generate(max_new_tokens=1) rows")
     p.add_argument("--no-tap", action="store_true", help="leave out the encoder rows with the statistics taps on")
+    p.add_argument("--modes", default="default,segmented,graphs",
+                   help="vision attention of the rows: default (transformers'), segmented (one call per layer), graphs "
+                   "(segmented, each layer a CUDA graph: vision_graphs=True; CUDA only) (default: %(default)s)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument(
         "--dtype", choices=["bfloat16", "float16", "float32"], help="default: bfloat16 on cuda, float32 on cpu"

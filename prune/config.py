@@ -49,6 +49,9 @@ class PruneConfig:
             "segmented" (one FlexAttention call per layer over all windows; Qwen-family encoders),
             "default" (the model's own implementation, e.g. one SDPA call per window), or None:
             segmented for Qwen-family encoders on CUDA that run eager / SDPA, default elsewhere.
+        vision_graphs: replay each vision-encoder layer as a CUDA graph (one per layer and input shape,
+            captured the second time a shape is seen): the batch-1 encoder stops being bound by the
+            host's kernel launches. CUDA only; Qwen-family encoders need ``vision_attention`` segmented.
     """
 
     method: str = "hiprune"
@@ -56,6 +59,7 @@ class PruneConfig:
     positions: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     vision_attention: str | None = None
+    vision_graphs: bool = False
 
     def __post_init__(self) -> None:
         method_cls = get_method(self.method)
@@ -72,6 +76,8 @@ class PruneConfig:
             raise ValueError(
                 f"vision_attention must be one of {VISION_ATTENTION} or None, got {self.vision_attention!r}"
             )
+        if not isinstance(self.vision_graphs, bool):
+            raise TypeError(f"vision_graphs must be True or False, got {self.vision_graphs!r}")
         method_cls(**self.options)  # validates option names early
 
     def resolved(self, family: str) -> tuple[str, dict[str, Any]]:

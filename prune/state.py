@@ -149,6 +149,8 @@ class PruneState:
     positions: str
     #: the vision encoder's attention while wrapped: "segmented" (one call per layer) or "default"
     vision_attention: str = "default"
+    #: the CUDA graphs of the vision layers (``vision_graphs=True``; ``.stats()``), else None
+    vision_graphs: Any = field(default=None, repr=False)
     _removers: list = field(default_factory=list, repr=False)
     _latest: PruneRecord | None = field(default=None, repr=False)
 

@@ -24,6 +24,7 @@ from prune.hooks import vision_attention as VA  # noqa: N812
 from prune.kernels.segmented_attention import (
     segment_block_mask,
     segmented_attention,
+    segmented_attention_dense,
     segmented_attention_flex,
     segmented_attention_reference,
 )
@@ -61,6 +62,16 @@ def test_flex_equals_reference(batch, heads, kv_heads, lengths, dim):
     assert out.shape == q.shape
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(segmented_attention(q, k, v, cu, scale=0.3), ref, atol=0, rtol=0)  # CPU: the reference
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,lengths,dim", SHAPES)
+def test_dense_equals_reference(batch, heads, kv_heads, lengths, dim):
+    n = sum(lengths)
+    gen = torch.Generator().manual_seed(n + 1)
+    q = torch.randn(batch, heads, n, dim, generator=gen)
+    k, v = (torch.randn(batch, kv_heads, n, dim, generator=gen) for _ in range(2))
+    out = segmented_attention_dense(q, k, v, _cu(lengths), scale=0.3)
+    torch.testing.assert_close(out, segmented_attention_reference(q, k, v, _cu(lengths), scale=0.3), atol=1e-5, rtol=0)
 
 
 def test_reference_is_per_segment_softmax():
@@ -460,10 +471,17 @@ def test_gpu_compiled_flex_equals_reference(lengths):
 
 @gpu
 @needs_cuda
-def test_gpu_small_head_dim_takes_the_reference():
+def test_gpu_small_head_dim_takes_the_dense_masked_call():
+    """Head dim 8 (FlexAttention's kernel needs 16): one masked SDPA call, no host read, so it can be
+    captured in a CUDA graph (vision_graphs)."""
     q = torch.randn(1, 4, 96, 8, device="cuda")
-    cu = _cu([16] * 6, "cuda")
-    assert torch.equal(segmented_attention(q, q, q, cu), segmented_attention_reference(q, q, q, cu))
+    cu = _cu([16, 0, 32, 48], "cuda")
+    segmented_attention(q, q, q, cu)  # warm-up outside the capture
+    torch.cuda.synchronize()
+    with torch.cuda.graphs.graph(graph := torch.cuda.CUDAGraph()):
+        captured = segmented_attention(q, q, q, cu)
+    graph.replay()
+    torch.testing.assert_close(captured, segmented_attention_reference(q, q, q, cu), atol=1e-6, rtol=1e-6)
 
 
 @gpu

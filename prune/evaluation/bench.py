@@ -62,6 +62,9 @@ import prune
 
 from .._compat import cache_length as _cache_length
 from .._compat import cache_parameter, find_cache
+from ..hooks import adapter_for
+from ..hooks import vision_attention as VA  # noqa: N812
+from ..hooks import vision_graphs as VG  # noqa: N812
 from ..methods import get_method
 from . import models as M
 from ._format import fmt as _fmt
@@ -112,6 +115,8 @@ class BenchSettings:
     device: str = "cuda"
     seed: int = 0
     compile: bool = False
+    #: every row's vision layers as CUDA graphs (``vision_graphs=True``; the unpruned row's too)
+    vision_graphs: bool = False
 
 
 class _Clock:
@@ -257,8 +262,6 @@ def _slug(text: str) -> str:
 
 
 def _language_model(model: nn.Module) -> nn.Module:
-    from ..hooks import adapter_for
-
     return adapter_for(model).language_model()
 
 
@@ -327,6 +330,8 @@ class _Measure:
         self.inputs, self.s, self.device, self.log = inputs, settings, device, log
         self.clock = _Clock(device)
         self.cache_kwargs = _CacheMaker(settings, inputs).kwargs
+        # one owner of every row's vision-layer graphs (keys carry the weights' addresses: copies differ)
+        self.graphs = VG.VisionGraphs(max_shapes=64) if settings.vision_graphs else None
 
     def generate_kwargs(self, model: nn.Module) -> dict[str, Any]:
         kwargs = {"do_sample": False, "pad_token_id": model.generation_config.pad_token_id}
@@ -358,20 +363,38 @@ class _Config:
         self.samples = _Samples()
         self.own_copy = False
         self.pixels = _pixel_kwargs(model, shared.inputs)
+        self._removers: list = []
 
     @property
     def in_llm(self) -> bool:
         return self.method != "none" and bool(getattr(get_method(self.method), "in_llm", False))
 
     def enter(self) -> None:
-        if self.method != "none" and getattr(self.model, "prune_state", None) is None:
+        graphs = self.m.graphs
+        if self.method == "none":
+            if graphs is not None and not self._removers:  # the unpruned encoder, graphed as the pruned ones
+                adapter = adapter_for(self.model)
+                if adapter.segmented_vision:
+                    self._removers += VA.install(adapter.vision_attention_modules())
+                self._removers += VG.install(adapter, graphs)[1]
+            return
+        if getattr(self.model, "prune_state", None) is None:
             # the encoder's own attention, as in the unpruned row and the ideal: rows compare like with
-            # like (prune bench-encoder measures the segmented vision attention)
-            prune.wrap(self.model, self.method, keep=self.keep, vision_attention="default", **self.options)
+            # like (prune bench-encoder measures the segmented vision attention); with vision graphs,
+            # the segmented one where the encoder has segments (its default path cannot be captured)
+            segmented = graphs is not None and adapter_for(self.model).segmented_vision
+            prune.wrap(self.model, self.method, keep=self.keep, vision_attention="segmented" if segmented else "default",
+                       vision_graphs=graphs is not None, **self.options)
+            if graphs is not None:
+                VG.share(self.model, graphs)
 
     def exit(self) -> None:
         if not self.own_copy and getattr(self.model, "prune_state", None) is not None:
             prune.unwrap(self.model)
+        if not self.own_copy:
+            for remove in reversed(self._removers):
+                remove()
+            self._removers = []
 
     def own(self, model: nn.Module) -> None:
         """Measure on ``model`` (a copy made for this configuration), wrapped once and kept so."""
@@ -494,6 +517,8 @@ def run_bench(
         raise M.ModelSpecError("--device cuda but torch sees no CUDA device (use --device cpu)")
     if settings.compile and device.type != "cuda":
         raise M.ModelSpecError("--compile times CUDA graphs: it needs --device cuda")
+    if settings.vision_graphs and device.type != "cuda":
+        raise M.ModelSpecError("--vision-graphs replays CUDA graphs: it needs --device cuda")
     dtype = M.DTYPES[settings.dtype]
     t0 = time.perf_counter()
     model = M.build_model(
@@ -524,6 +549,7 @@ def run_bench(
         f"batch {settings.batch}, image {height}x{width}, prompt {inputs['input_ids'].shape[1]} tokens; "
         f"{settings.rounds} rounds after {settings.warmup} warm-up rounds"
         + (", language model compiled (reduce-overhead, static cache)" if settings.compile else "")
+        + (", vision layers as CUDA graphs" if settings.vision_graphs else "")
     )
     shared = _Measure(inputs, settings, device, log)
     options = options or {}

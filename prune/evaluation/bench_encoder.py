@@ -43,11 +43,20 @@ import prune
 
 from ..hooks import adapter_for
 from ..hooks import vision_attention as VA  # noqa: N812
+from ..hooks import vision_graphs as VG  # noqa: N812
 from . import models as M
 from .bench import _Clock, _device_name, _reset_rope_deltas, _round_robin, _Samples, _slug, write_files
 
 SCHEMA = "prune.bench_encoder/1"
-MODES = ("default", "segmented")
+#: vision attention of a row: transformers' default, segmented, segmented + CUDA graphs of the layers
+MODES = ("default", "segmented", "graphs")
+
+
+def _wrap_options(mode: str) -> dict[str, Any]:
+    """``prune.wrap`` arguments of a row's mode."""
+    if mode == "graphs":
+        return {"vision_attention": "segmented", "vision_graphs": True}
+    return {"vision_attention": mode}
 
 
 @dataclass
@@ -67,6 +76,7 @@ class EncoderBenchSettings:
     method: str = "hiprune"
     stages: tuple[str, ...] = ("post_encoder", "encoder")
     batches: tuple[int, ...] = (1,)
+    modes: tuple[str, ...] = MODES
     ttft: bool = True
     tap: bool = True
 
@@ -94,12 +104,20 @@ class _EncoderRow:
         if tapped is not None:
             self.row["tapped"] = f"{tapped[0]} @ {tapped[1]}"
         self._removers: list = []
+        self.graphs: VG.VisionGraphs | None = None  # rows of mode "graphs": the bench's one owner
 
     def enter(self) -> None:
         if self.tapped is not None:
-            prune.wrap(self.model, self.tapped[0], keep=self.tapped[1], vision_attention=self.mode)
-        elif self.mode == "segmented":
+            self.wrap(self.tapped[0], self.tapped[1])
+        elif self.mode in ("segmented", "graphs"):
             self._removers = VA.install(self.adapter.vision_attention_modules())
+            if self.mode == "graphs":
+                self._removers += VG.install(self.adapter, self.graphs)[1]
+
+    def wrap(self, method: str, keep: float, **options: Any) -> None:
+        prune.wrap(self.model, method, keep=keep, **_wrap_options(self.mode), **options)
+        if self.mode == "graphs":
+            VG.share(self.model, self.graphs)
 
     def exit(self) -> None:
         for remove in reversed(self._removers):
@@ -134,8 +152,7 @@ class _PrefillRow(_EncoderRow):
         self.row.update(method=method, keep=keep, stage=stage)
 
     def enter(self) -> None:
-        options = {"stage": self.stage} if self.stage == "encoder" else {}
-        prune.wrap(self.model, self.method, keep=self.keep, vision_attention=self.mode, **options)
+        self.wrap(self.method, self.keep, **({"stage": self.stage} if self.stage == "encoder" else {}))
 
     def exit(self) -> None:
         if getattr(self.model, "prune_state", None) is not None:
@@ -172,7 +189,8 @@ def _encoder_output(out) -> torch.Tensor:
 
 
 def _differences(rows: list[_EncoderRow]) -> dict[str, dict[str, float]]:
-    """Per modality: max |segmented - default| of the encoder outputs and max |default| (batch 1)."""
+    """Per modality: max |segmented - default| of the encoder outputs (and, with graphs rows, max
+    |graphs - default| and |graphs - segmented|) and max |default| (batch 1)."""
     out = {}
     by = {(r.modality, r.mode): r for r in rows if r.kind == "encoder" and r.tapped is None}
     for modality in ("image", "video"):
@@ -181,18 +199,22 @@ def _differences(rows: list[_EncoderRow]) -> dict[str, dict[str, float]]:
         with torch.no_grad():
             outputs = {}
             for mode in MODES:
-                row = by[(modality, mode)]
+                row = by.get((modality, mode))
+                if row is None:
+                    continue
                 row.enter()
                 try:
                     outputs[mode] = _encoder_output(row.run()).float()
                 finally:
                     row.exit()
         ref = outputs["default"]
-        out[modality] = {
-            "max_abs_diff": float((outputs["segmented"] - ref).abs().max()),
-            "max_abs": float(ref.abs().max()),
-            "rows": int(ref.shape[0]),
-        }
+        out[modality] = {"max_abs": float(ref.abs().max()), "rows": int(ref.shape[0])}
+        if "segmented" in outputs:
+            out[modality]["max_abs_diff"] = float((outputs["segmented"] - ref).abs().max())
+        if "graphs" in outputs:
+            out[modality]["graphs_max_abs_diff"] = float((outputs["graphs"] - ref).abs().max())
+            if "segmented" in outputs:
+                out[modality]["graphs_vs_segmented"] = float((outputs["graphs"] - outputs["segmented"]).abs().max())
     return out
 
 
@@ -222,7 +244,7 @@ def _speedups(rows: list[dict[str, Any]]) -> None:
     ratio = lambda a, b: a["ms"] / b["ms"] if a and b and a.get("ms") and b.get("ms") else None  # noqa: E731
     for r in rows:
         base = default.get(key(r))
-        if r["attention"] == "segmented" and base and r["ms"] and base["ms"]:
+        if r["attention"] != "default" and base and r["ms"] and base["ms"]:
             r["speedup"] = base["ms"] / r["ms"]
             r["median_speedup"] = base["median_ms"] / r["median_ms"] if r["median_ms"] else None
         if r["kind"] in ("prefill", "ttft") and r.get("keep") != 1.0:
@@ -266,13 +288,17 @@ def run_encoder_bench(
              "video": inputs["video", first]["video_grid_thw"].tolist()[:1]}
     clock = _Clock(device)
     pruned = [k for k in settings.prefill_keeps if k != 1.0]
+    modes = [m for m in MODES if m in settings.modes]
+    if "graphs" in modes and device.type != "cuda":
+        modes.remove("graphs")
+        log("(no 'graphs' rows: CUDA graphs need --device cuda)")
     rows: list[_EncoderRow] = [
         _EncoderRow(model, modality, mode, inputs[modality, first], clock) for modality in ("image", "video")
-        for mode in MODES
+        for mode in modes
     ]
     if settings.tap and pruned:
         rows += [_EncoderRow(model, modality, mode, inputs[modality, first], clock, tapped=(settings.method, pruned[0]))
-                 for modality in ("image", "video") for mode in MODES]
+                 for modality in ("image", "video") for mode in modes]
     if settings.prefill:
         kinds = (_PrefillRow, _TTFTRow) if settings.ttft else (_PrefillRow,)
         for kind in kinds:
@@ -281,7 +307,11 @@ def run_encoder_bench(
                     for keep in settings.prefill_keeps:
                         for stage in ((None,) if keep == 1.0 else settings.stages):
                             rows += [kind(model, modality, mode, inputs[modality, batch], clock, settings.method, keep,
-                                          stage) for mode in MODES]
+                                          stage) for mode in modes]
+    graphs = VG.VisionGraphs(max_shapes=64)  # one owner: every "graphs" row replays what any captured
+    for row in rows:
+        if row.mode == "graphs":
+            row.graphs = graphs
     log(
         f"{spec.name}: {type(model).__name__} ({settings.dtype}, {settings.attn}) on {_device_name(device)}; "
         f"image grid {grids['image']}, video grid {grids['video']}; {len(rows)} rows, {settings.rounds} rounds "
@@ -326,7 +356,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"(grid {result['grids']['video']}); {s['rounds']} rounds after {s['warmup']} warm-up, round-robin",
         "",
         "| row | input | batch | method @ keep | stage | attention | min ms | median ms | spread | host ms | "
-        "segmented speedup (min / median) | vs unpruned, same attention | vs unpruned, default attention |",
+        "speedup over default (min / median) | vs unpruned, same attention | vs unpruned, default attention |",
         "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     times = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
@@ -348,10 +378,16 @@ def markdown(result: dict[str, Any]) -> str:
         )
     lines.append("")
     for modality, d in result["max_abs_diff"].items():
-        lines.append(
-            f"- {modality}: encoder outputs ({d['rows']} rows) differ by at most {d['max_abs_diff']:.3g} "
-            f"(largest output magnitude {d['max_abs']:.3g})"
-        )
+        if d.get("max_abs_diff") is not None:
+            lines.append(
+                f"- {modality}: encoder outputs ({d['rows']} rows), segmented vs default, differ by at most "
+                f"{d['max_abs_diff']:.3g} (largest output magnitude {d['max_abs']:.3g})"
+            )
+        if d.get("graphs_max_abs_diff") is not None:
+            lines.append(
+                f"- {modality}: graphs vs default {d['graphs_max_abs_diff']:.3g}"
+                + (f", graphs vs segmented {d['graphs_vs_segmented']:.3g}" if "graphs_vs_segmented" in d else "")
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -371,9 +407,10 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
             label += "\ntapped"
         groups.setdefault(label, {})[r["attention"]] = r["ms"] or 0.0
     labels = list(groups)
-    width = 0.4
-    for i, mode in enumerate(MODES):
-        xs = [j + (i - 0.5) * width for j in range(len(labels))]
+    modes = [m for m in MODES if any(m in g for g in groups.values())]
+    width = 0.8 / max(1, len(modes))
+    for i, mode in enumerate(modes):
+        xs = [j + (i - (len(modes) - 1) / 2) * width for j in range(len(labels))]
         ax.bar(xs, [groups[lab].get(mode, 0.0) for lab in labels], width, label=mode)
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, fontsize=7)

@@ -116,7 +116,7 @@ class EncoderStageSelection:
         return BatchSelection(keep=keep, counts=list(batch.budgets), score=batch.signals.get(SCORE_KEY))
 
 
-def _layer_modules(vision: nn.Module, attention: list[nn.Module]) -> list[nn.Module]:
+def layer_modules(vision: nn.Module, attention: list[nn.Module]) -> list[nn.Module]:
     """The encoder layer that holds each attention module (the ModuleList whose i-th entry holds the
     i-th attention module)."""
     for module in vision.modules():
@@ -147,7 +147,7 @@ class EncoderStage:
     def install(self) -> list:
         adapter = self.adapter
         removers = self.install_calls()
-        layers = _layer_modules(adapter.vision_model(), adapter.vision_attention_modules())
+        layers = layer_modules(adapter.vision_model(), adapter.vision_attention_modules())
         h1 = layers[self.layer].register_forward_hook(functools.partial(_after_cut_layer, self))
         h2 = adapter.model.model.vision_tower.register_forward_hook(functools.partial(_after_tower, self))
         removers.extend([h1.remove, h2.remove])
@@ -344,7 +344,7 @@ class PackedEncoderStage(EncoderStage):
     def install(self) -> list:
         adapter = self.adapter
         removers = self.install_calls()
-        layers = _layer_modules(adapter.visual(), adapter.vision_attention_modules())
+        layers = layer_modules(adapter.visual(), adapter.vision_attention_modules())
         hooks = [layers[self.layer].register_forward_hook(functools.partial(_packed_after_cut, self))]
         for index in range(self.layer + 1, len(layers)):
             hooks.append(layers[index].register_forward_pre_hook(functools.partial(_packed_before_block, self),

@@ -179,6 +179,10 @@ def _version(t: torch.Tensor) -> int:
 
 
 def _cached_block_mask(cu_seqlens: torch.Tensor, n: int, device: torch.device, padded: bool = False):
+    if cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+        # under CUDA-graph capture (vision_graphs): the mask is built inside the graph, from the
+        # graph's static cu_seqlens, so every replay builds it from the boundaries it is given
+        return segment_block_mask(cu_seqlens, n, device, padded=padded)
     key = (id(cu_seqlens), _version(cu_seqlens), n, str(device), padded)
     with _MASKS_LOCK:  # threads share the cache (a hit needs the very tensor object, alive)
         hit = _MASKS.get(key)
@@ -278,6 +282,31 @@ def _assert_async(cond: torch.Tensor, msg: str) -> None:
         torch._assert_async(cond)
 
 
+#: the longest sequence the dense masked path takes (its boolean mask is N x N)
+MAX_DENSE_ROWS = 8192
+
+
+def segmented_attention_dense(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """:func:`segmented_attention_reference` as one SDPA call with the block-diagonal (N, N) boolean
+    mask built on the device from the segment ids: no host read, so it runs inside a CUDA graph
+    (``vision_graphs``). For short sequences whose head dim FlexAttention's kernel does not take."""
+    _, h, hk = _check(q, k, v, cu_seqlens)
+    n = q.shape[2]
+    cu = torch.as_tensor(cu_seqlens).to(q.device)
+    ok = (cu[0] == 0) & (cu[-1] == n) & (cu[1:] >= cu[:-1]).all()
+    _assert_async(ok, "cu_seqlens must rise from 0 to N")
+    ids = _segment_ids(cu, n, n)
+    mask = ids[:, None] == ids[None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=h != hk)
+
+
 def segmented_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -286,9 +315,12 @@ def segmented_attention(
     *,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Dispatcher: compiled FlexAttention for CUDA tensors, :func:`segmented_attention_reference`
-    elsewhere (same signature and semantics) and for head dims below 16, which FlexAttention's CUDA
-    kernel does not take (``tl.dot`` needs K >= 16; other sizes are rounded up to a power of two)."""
+    """Dispatcher: compiled FlexAttention for CUDA tensors; for CUDA tensors with head dims below 16,
+    which FlexAttention's CUDA kernel does not take (``tl.dot`` needs K >= 16), the dense masked
+    call up to :data:`MAX_DENSE_ROWS` rows; :func:`segmented_attention_reference` elsewhere (same
+    signature and semantics)."""
     if q.is_cuda and q.shape[-1] >= MIN_FLEX_HEAD_DIM and v.shape[-1] >= MIN_FLEX_HEAD_DIM:
         return segmented_attention_flex(q, k, v, cu_seqlens, scale=scale, compiled=True)
+    if q.is_cuda and q.shape[2] <= MAX_DENSE_ROWS and isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.is_cuda:
+        return segmented_attention_dense(q, k, v, cu_seqlens, scale=scale)
     return segmented_attention_reference(q, k, v, cu_seqlens, scale=scale)
