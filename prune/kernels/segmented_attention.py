@@ -190,9 +190,8 @@ def _cached_block_mask(cu_seqlens: torch.Tensor, n: int, device: torch.device, p
             return hit[1]
     if cu_seqlens.device.type == "cpu":
         _bounds(cu_seqlens, n)  # host data: validated on the host
-    else:  # device data: checked on the device, without a host sync
-        ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == n) & (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
-        _assert_async(ok, "cu_seqlens must rise from 0 to N")
+    else:
+        _check_on_device(cu_seqlens, n)
     mask = segment_block_mask(cu_seqlens, n, device, padded=padded)
     with _MASKS_LOCK:
         for old in [k for k, (ref, _) in _MASKS.items() if ref() is None]:
@@ -275,6 +274,12 @@ def _warn_fallback(error: BaseException) -> None:
                       "segmented attention runs one SDPA call per segment from now on", RuntimeWarning, stacklevel=3)
 
 
+def _check_on_device(cu: torch.Tensor, n: int) -> None:
+    """Device data checked on the device, without a host sync (an asynchronous assert)."""
+    ok = (cu[0] == 0) & (cu[-1] == n) & (cu[1:] >= cu[:-1]).all()
+    _assert_async(ok, "cu_seqlens must rise from 0 to N")
+
+
 def _assert_async(cond: torch.Tensor, msg: str) -> None:
     try:
         torch._assert_async(cond, msg)
@@ -300,8 +305,7 @@ def segmented_attention_dense(
     _, h, hk = _check(q, k, v, cu_seqlens)
     n = q.shape[2]
     cu = torch.as_tensor(cu_seqlens).to(q.device)
-    ok = (cu[0] == 0) & (cu[-1] == n) & (cu[1:] >= cu[:-1]).all()
-    _assert_async(ok, "cu_seqlens must rise from 0 to N")
+    _check_on_device(cu, n)
     ids = _segment_ids(cu, n, n)
     mask = ids[:, None] == ids[None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=h != hk)
