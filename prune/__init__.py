@@ -48,8 +48,9 @@ def wrap(
             encoders on CUDA loaded with eager / SDPA, default elsewhere. ``prune_state.vision_attention``
             says what was installed.
         vision_graphs: replay every vision-encoder layer as a CUDA graph (captured per layer the second
-            time an input shape is seen; at most 8 shapes kept): at batch 1 the encoder is bound by
-            kernel launches, and this removes them. CUDA only, inference only (autograd runs eagerly);
+            time an input shape is seen; at most 8 shapes kept): layers that wait for kernel launches
+            (few rows: the blocks after an encoder-stage cut, small ViTs at batch 1) stop waiting; a
+            GPU-bound layer gains nothing. CUDA only, inference only (autograd runs eagerly);
             Qwen-family encoders need the segmented vision attention. Layers whose attention prune
             taps for statistics stay eager. ``prune_state.vision_graphs.stats()`` counts captures and
             replays.

@@ -50,8 +50,8 @@ class PruneConfig:
             "default" (the model's own implementation, e.g. one SDPA call per window), or None:
             segmented for Qwen-family encoders on CUDA that run eager / SDPA, default elsewhere.
         vision_graphs: replay each vision-encoder layer as a CUDA graph (one per layer and input shape,
-            captured the second time a shape is seen): the batch-1 encoder stops being bound by the
-            host's kernel launches. CUDA only; Qwen-family encoders need ``vision_attention`` segmented.
+            captured the second time a shape is seen): layers bound by kernel launches (few rows)
+            stop waiting for the host. CUDA only; Qwen-family encoders need ``vision_attention`` segmented.
     """
 
     method: str = "hiprune"

@@ -1,9 +1,10 @@
 """CUDA graphs for the layers of a wrapped model's vision encoder (``vision_graphs=True``).
 
-At batch 1 a 7B VLM's vision encoder is launch-bound: the host takes as long to queue a layer's ~30
-small kernels as the GPU takes to run them (Qwen2.5-VL-7B, 1344 px: ~1.6 ms of host time per block),
-so a layer on 11 % of the rows (encoder-stage pruning) costs nearly what it costs on all of them.
-Replaying each layer as one CUDA graph removes the host from the loop: the GPU time is what is left.
+A vision layer on few rows is launch-bound: the host takes longer to queue its ~50 small kernels than
+the GPU takes to run them, so a Qwen2.5-VL-7B block after an encoder-stage cut (11 % of the rows)
+costs far more than 11 % of a full one. Replaying each layer as one CUDA graph removes the host from
+the loop: the GPU time is what is left. (The full Qwen2.5-VL-7B encoder at 1344 px is GPU-bound at
+batch 1, 46 ms of kernels: graphs do not shorten it; see benchmarks/results/h200/NOTES.md.)
 
 How it works (:class:`VisionGraphs`, one per wrapped model; :class:`GraphedLayer`, each layer's
 ``forward`` as an instance attribute, so the layer's hooks, prune's encoder-stage hooks included, still
