@@ -69,6 +69,15 @@ def test_vision_graphs_run_eagerly_on_cpu_under_autograd_and_on_odd_arguments():
     assert stats["captures"] == 0 and stats["replays"] == 0 and stats["eager"] == 5
 
 
+def test_vision_graphs_key_only_cuda_tensors_and_plain_values():
+    """A call is graphed only when every leaf can be keyed: CUDA tensors and plain values."""
+    assert VG._leaf_key(3) == ("v", "int", 3) and VG._leaf_key(None) == ("v", "NoneType", None)
+    assert VG._leaf_key(fractions.Fraction(1)) is None  # an object: eager
+    assert VG._leaf_key(torch.zeros(2)) is None  # a CPU tensor: eager
+    assert VG._signature([1, fractions.Fraction(1)], "spec") is None
+    assert VG._signature([1, 2.0], "spec") == ("spec", (("v", "int", 1), ("v", "float", 2.0)))
+
+
 def test_vision_graphs_copies_start_empty():
     graphs = VG.VisionGraphs(max_shapes=3)
     graphs.skipped[2] = "tapped"

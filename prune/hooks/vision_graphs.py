@@ -48,6 +48,7 @@ from torch import nn
 from torch.utils import _python_dispatch
 from torch.utils import _pytree as pytree
 
+from ..kernels.segmented_attention import _version
 from .attention_tap import ConfigView
 from .base import InstanceOverride
 from .vision_attention import SegmentedConfigView
@@ -114,13 +115,6 @@ class _Slot:
         self.source, self.version = None, -1
 
 
-def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # an inference tensor has no version counter
-        return -1
-
-
 class _Entry:
     __slots__ = ("graph", "out_leaves", "out_spec", "writes_inputs")
 
@@ -150,18 +144,14 @@ class VisionGraphs:
         self.eager_layers: dict[int, str] = {}  # layer -> why its capture failed
         self.counts = {"captures": 0, "replays": 0, "eager": 0}
 
-    # copies and pickles start without graphs (they hold device addresses of this model)
+    # copies (deepcopy goes through these too) and pickles start without graphs: they hold device
+    # addresses of this model
     def __getstate__(self) -> dict[str, Any]:
         return {"max_shapes": self.max_shapes, "skipped": dict(self.skipped)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.max_shapes, self.skipped = state["max_shapes"], dict(state["skipped"])
         self._reset()
-
-    def __deepcopy__(self, memo) -> VisionGraphs:
-        copy = VisionGraphs(self.max_shapes)
-        copy.skipped = dict(self.skipped)
-        return copy
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
