@@ -17,6 +17,7 @@ from ._compat import warn_if_untested
 from .config import PruneConfig
 from .hooks import adapter_for
 from .hooks import vision_attention as _vision_attention
+from .hooks import vision_compile as _vision_compile
 from .hooks import vision_graphs as _vision_graphs
 from .methods import get_method, method_names
 from .state import PruneRecord, PruneState
@@ -33,6 +34,7 @@ def wrap(
     positions: str | None = None,
     vision_attention: str | None = None,
     vision_graphs: bool = False,
+    vision_compile: bool = False,
     **options: Any,
 ) -> nn.Module:
     """Install pruning hooks on ``model`` in place and return it.
@@ -54,6 +56,13 @@ def wrap(
             Qwen-family encoders need the segmented vision attention. Layers whose attention prune
             taps for statistics stay eager. ``prune_state.vision_graphs.stats()`` counts captures and
             replays.
+        vision_compile: run every vision-encoder layer through ``torch.compile`` (inductor; one compiled
+            graph serves all identical layers, compiled on the first call of each new input size
+            class): the norms, rotary embedding and MLP's pointwise kernels fuse, which is where a
+            GPU-bound encoder spends time outside its GEMMs. Inference only (autograd runs eagerly);
+            Qwen-family encoders need the segmented vision attention; tapped layers stay eager. With
+            ``vision_graphs=True`` too, the compiled layers are replayed as CUDA graphs.
+            ``prune_state.vision_compile.stats()`` counts compiled and eager calls.
         **options: method options, e.g. ``alpha=0.1`` for hiprune (``prune methods`` lists them).
 
     Wrapping a wrapped model replaces its config. ``model.prune_state.last`` records the last prefill.
@@ -62,18 +71,20 @@ def wrap(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(method, PruneConfig):
-        if options or positions is not None or vision_attention is not None or vision_graphs:
+        if options or positions is not None or vision_attention is not None or vision_graphs or vision_compile:
             raise TypeError("pass either a PruneConfig or method/keep/options, not both")
         config = method
     else:
         config = PruneConfig(
             method=method, keep=keep, positions=positions, options=options, vision_attention=vision_attention,
-            vision_graphs=vision_graphs,
+            vision_graphs=vision_graphs, vision_compile=vision_compile,
         )
     adapter = adapter_for(model)  # raises for unsupported classes before anything changes
     attention = _vision_attention.resolve(adapter, config.vision_attention)
     if config.vision_graphs:
         _vision_graphs.check(adapter, attention)
+    if config.vision_compile:
+        _vision_compile.check(adapter, attention)
     positions_mode, method_options = config.resolved(adapter.family)
     preset = getattr(get_method(config.method), "preset_positions", None)
     if config.positions is None and preset in adapter.position_modes:
@@ -91,7 +102,10 @@ def wrap(
     state = PruneState(config=config, family=adapter.family, positions=positions_mode, vision_attention=attention)
     try:
         adapter.install(state, method_obj)
-        if config.vision_graphs:  # last: it leaves the layers that other hooks redirect eager
+        if config.vision_compile:  # after the method's hooks: it leaves the layers they redirect eager
+            state.vision_compile, removers = _vision_compile.install(adapter)
+            state._removers.extend(removers)
+        if config.vision_graphs:  # last (over the compiled layers): it leaves redirected layers eager
             state.vision_graphs, removers = _vision_graphs.install(adapter)
             state._removers.extend(removers)
     except BaseException:

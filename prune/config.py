@@ -52,6 +52,9 @@ class PruneConfig:
         vision_graphs: replay each vision-encoder layer as a CUDA graph (one per layer and input shape,
             captured the second time a shape is seen): layers bound by kernel launches (few rows)
             stop waiting for the host. CUDA only; Qwen-family encoders need ``vision_attention`` segmented.
+        vision_compile: run each vision-encoder layer through ``torch.compile`` (one compiled graph for
+            all identical layers; inference only): the compiler fuses the small kernels (norms,
+            rotary, the MLP's pointwise part). Qwen-family encoders need ``vision_attention`` segmented.
     """
 
     method: str = "hiprune"
@@ -60,6 +63,7 @@ class PruneConfig:
     options: dict[str, Any] = field(default_factory=dict)
     vision_attention: str | None = None
     vision_graphs: bool = False
+    vision_compile: bool = False
 
     def __post_init__(self) -> None:
         method_cls = get_method(self.method)
@@ -78,6 +82,8 @@ class PruneConfig:
             )
         if not isinstance(self.vision_graphs, bool):
             raise TypeError(f"vision_graphs must be True or False, got {self.vision_graphs!r}")
+        if not isinstance(self.vision_compile, bool):
+            raise TypeError(f"vision_compile must be True or False, got {self.vision_compile!r}")
         method_cls(**self.options)  # validates option names early
 
     def resolved(self, family: str) -> tuple[str, dict[str, Any]]:

@@ -151,6 +151,8 @@ class PruneState:
     vision_attention: str = "default"
     #: the CUDA graphs of the vision layers (``vision_graphs=True``; ``.stats()``), else None
     vision_graphs: Any = field(default=None, repr=False)
+    #: the compiled vision layers (``vision_compile=True``; ``.stats()``), else None
+    vision_compile: Any = field(default=None, repr=False)
     _removers: list = field(default_factory=list, repr=False)
     _latest: PruneRecord | None = field(default=None, repr=False)
 

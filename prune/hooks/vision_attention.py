@@ -177,6 +177,18 @@ def resolve(adapter, requested: str | None) -> str:
     return auto_choice(impl, param.device.type if param is not None else "meta")
 
 
+def require_segmented(adapter, attention: str, option: str, why: str) -> None:
+    """Raise ValueError (naming ``option``) where a Qwen-family encoder would split its segments on
+    the host: ``attention`` is not "segmented" and the model was not loaded with FlashAttention."""
+    if adapter.segmented_vision and attention != "segmented":
+        impl = str(_loaded_config(adapter.vision_attention_modules()[0])._attn_implementation)
+        if "flash" not in impl:
+            raise ValueError(
+                f"{option} on {type(adapter.model).__name__} needs vision_attention='segmented' (got {attention!r}): "
+                f"its {impl} attention splits the windows on the host, {why}"
+            )
+
+
 def auto_choice(implementation: str | None, device_type: str) -> str:
     """``vision_attention=None`` on an encoder with segments: segmented where it pays (CUDA, and the
     encoder runs eager / SDPA, i.e. one call per segment); FlashAttention already takes cu_seqlens."""
@@ -243,6 +255,7 @@ __all__ = [
     "SegmentedConfigView",
     "auto_choice",
     "install",
+    "require_segmented",
     "resolve",
     "seam_available",
 ]

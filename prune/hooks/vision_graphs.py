@@ -315,16 +315,10 @@ def vision_layers(adapter) -> list[nn.Module]:
 
 def check(adapter, attention: str) -> None:
     """Raise ValueError (naming the argument) where ``vision_graphs=True`` cannot work."""
-    from .vision_attention import _loaded_config
+    from .vision_attention import require_segmented
 
     name = type(adapter.model).__name__
-    if adapter.segmented_vision and attention != "segmented":
-        impl = str(_loaded_config(adapter.vision_attention_modules()[0])._attn_implementation)
-        if "flash" not in impl:
-            raise ValueError(
-                f"vision_graphs=True on {name} needs vision_attention='segmented' (got {attention!r}): its "
-                f"{impl} attention splits the windows on the host, which a CUDA graph cannot capture"
-            )
+    require_segmented(adapter, attention, "vision_graphs=True", "which a CUDA graph cannot capture")
     for layer in vision_layers(adapter):
         for t in (*layer.parameters(), *layer.buffers()):
             if t.device.type != "cuda":

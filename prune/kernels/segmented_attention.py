@@ -322,9 +322,31 @@ def segmented_attention(
     """Dispatcher: compiled FlexAttention for CUDA tensors; for CUDA tensors with head dims below 16,
     which FlexAttention's CUDA kernel does not take (``tl.dot`` needs K >= 16), the dense masked
     call up to :data:`MAX_DENSE_ROWS` rows; :func:`segmented_attention_reference` elsewhere (same
-    signature and semantics)."""
+    signature and semantics).
+
+    Inside ``torch.compile`` tracing (``vision_compile``: a compiled vision layer) it is one opaque
+    operator, ``prune::segmented_attention``: the graph around it is compiled without a break, and
+    the call runs this dispatcher (its block-mask cache, its own compiled FlexAttention) at run time."""
+    if torch.compiler.is_compiling() and isinstance(cu_seqlens, torch.Tensor):
+        return _segmented_attention_op(q, k, v, cu_seqlens, scale)
+    return _dispatch(q, k, v, cu_seqlens, scale=scale)
+
+
+def _dispatch(q, k, v, cu_seqlens, *, scale=None) -> torch.Tensor:
     if q.is_cuda and q.shape[-1] >= MIN_FLEX_HEAD_DIM and v.shape[-1] >= MIN_FLEX_HEAD_DIM:
         return segmented_attention_flex(q, k, v, cu_seqlens, scale=scale, compiled=True)
     if q.is_cuda and q.shape[2] <= MAX_DENSE_ROWS and isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.is_cuda:
         return segmented_attention_dense(q, k, v, cu_seqlens, scale=scale)
     return segmented_attention_reference(q, k, v, cu_seqlens, scale=scale)
+
+
+@torch.library.custom_op("prune::segmented_attention", mutates_args=())
+def _segmented_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float | None
+) -> torch.Tensor:
+    return _dispatch(q, k, v, cu_seqlens, scale=scale).contiguous()  # the strides its fake promises
+
+
+@_segmented_attention_op.register_fake
+def _(q, k, v, cu_seqlens, scale):
+    return q.new_empty(q.shape)  # contiguous (B, H, N, d)
