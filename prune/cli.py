@@ -304,6 +304,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         seed=args.seed,
         compile=args.compile,
         vision_graphs=args.vision_graphs,
+        vision_compile=args.vision_compile,
     )
     options = _eval_options(args.option, args.methods)
     result = bench.run_bench(spec, args.methods, args.keep, settings, options=options, stages=_stages(args.stages) or None,
@@ -602,6 +603,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(CUDA only)",
     )
     p.add_argument(
+        "--vision-compile",
+        action="store_true",
+        help="every row's vision-encoder layers (the unpruned row's too) through torch.compile: vision_compile=True",
+    )
+    p.add_argument(
         "--option",
         action="append",
         metavar="[METHOD.]NAME=VALUE",
@@ -660,7 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tap", action="store_true", help="leave out the encoder rows with the statistics taps on")
     p.add_argument("--modes", default="default,segmented,graphs",
                    help="vision attention of the rows: default (transformers'), segmented (one call per layer), graphs "
-                   "(segmented, each layer a CUDA graph: vision_graphs=True; CUDA only) (default: %(default)s)")
+                   "(segmented, each layer a CUDA graph: vision_graphs=True; CUDA only), compiled (segmented, layers "
+                   "through torch.compile: vision_compile=True), compiled_graphs (both) (default: %(default)s)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument(
         "--dtype", choices=["bfloat16", "float16", "float32"], help="default: bfloat16 on cuda, float32 on cpu"

@@ -527,6 +527,12 @@ def test_lmms_model_args_take_vision_attention():
         {"base": "qwen2_5_vl", "method": "random", "keep": 0.5, "vision_attention": "segmented", "pretrained": "p"}
     )
     assert config.vision_attention == "segmented" and rest == {"pretrained": "p"}
+    _, config, _ = lmms_plugin.split_model_args(
+        {"base": "qwen2_5_vl", "method": "random", "vision_graphs": "True", "vision_compile": True}
+    )
+    assert config.vision_graphs is True and config.vision_compile is True
+    with pytest.raises(ValueError, match="vision_compile must be True or False"):
+        lmms_plugin.split_model_args({"base": "qwen2_5_vl", "method": "random", "vision_compile": "maybe"})
 
 
 def test_block_mask_cache_follows_the_tensor_object():

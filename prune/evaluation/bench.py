@@ -64,6 +64,7 @@ from .._compat import cache_length as _cache_length
 from .._compat import cache_parameter, find_cache
 from ..hooks import adapter_for
 from ..hooks import vision_attention as VA  # noqa: N812
+from ..hooks import vision_compile as VC  # noqa: N812
 from ..hooks import vision_graphs as VG  # noqa: N812
 from ..methods import get_method
 from . import models as M
@@ -117,6 +118,8 @@ class BenchSettings:
     compile: bool = False
     #: every row's vision layers as CUDA graphs (``vision_graphs=True``; the unpruned row's too)
     vision_graphs: bool = False
+    #: every row's vision layers through torch.compile (``vision_compile=True``; the unpruned row's too)
+    vision_compile: bool = False
 
 
 class _Clock:
@@ -332,6 +335,7 @@ class _Measure:
         self.cache_kwargs = _CacheMaker(settings, inputs).kwargs
         # one owner of every row's vision-layer graphs (keys carry the weights' addresses: copies differ)
         self.graphs = VG.VisionGraphs(max_shapes=64) if settings.vision_graphs else None
+        self.compiled = VC.VisionCompile() if settings.vision_compile else None  # one compiled function
 
     def generate_kwargs(self, model: nn.Module) -> dict[str, Any]:
         kwargs = {"do_sample": False, "pad_token_id": model.generation_config.pad_token_id}
@@ -370,21 +374,27 @@ class _Config:
         return self.method != "none" and bool(getattr(get_method(self.method), "in_llm", False))
 
     def enter(self) -> None:
-        graphs = self.m.graphs
+        graphs, compiled = self.m.graphs, self.m.compiled
         if self.method == "none":
-            if graphs is not None and not self._removers:  # the unpruned encoder, graphed as the pruned ones
-                adapter = adapter_for(self.model)
+            if (graphs is not None or compiled is not None) and not self._removers:
+                adapter = adapter_for(self.model)  # the unpruned encoder, graphed / compiled as the pruned ones
                 if adapter.segmented_vision:
                     self._removers += VA.install(adapter.vision_attention_modules())
-                self._removers += VG.install(adapter, graphs)[1]
+                if compiled is not None:
+                    self._removers += VC.install(adapter, compiled)[1]
+                if graphs is not None:
+                    self._removers += VG.install(adapter, graphs)[1]
             return
         if getattr(self.model, "prune_state", None) is None:
             # the encoder's own attention, as in the unpruned row and the ideal: rows compare like with
-            # like (prune bench-encoder measures the segmented vision attention); with vision graphs,
-            # the segmented one where the encoder has segments (its default path cannot be captured)
-            segmented = graphs is not None and adapter_for(self.model).segmented_vision
+            # like (prune bench-encoder measures the segmented vision attention); with vision graphs or
+            # compiled layers, the segmented one where the encoder has segments (its default path
+            # splits them on the host)
+            segmented = (graphs is not None or compiled is not None) and adapter_for(self.model).segmented_vision
             prune.wrap(self.model, self.method, keep=self.keep, vision_attention="segmented" if segmented else "default",
-                       vision_graphs=graphs is not None, **self.options)
+                       vision_graphs=graphs is not None, vision_compile=compiled is not None, **self.options)
+            if compiled is not None:
+                VC.share(self.model, compiled)
             if graphs is not None:
                 VG.share(self.model, graphs)
 
@@ -549,6 +559,7 @@ def run_bench(
         f"batch {settings.batch}, image {height}x{width}, prompt {inputs['input_ids'].shape[1]} tokens; "
         f"{settings.rounds} rounds after {settings.warmup} warm-up rounds"
         + (", language model compiled (reduce-overhead, static cache)" if settings.compile else "")
+        + (", vision layers compiled" if settings.vision_compile else "")
         + (", vision layers as CUDA graphs" if settings.vision_graphs else "")
     )
     shared = _Measure(inputs, settings, device, log)

@@ -43,20 +43,32 @@ import prune
 
 from ..hooks import adapter_for
 from ..hooks import vision_attention as VA  # noqa: N812
+from ..hooks import vision_compile as VC  # noqa: N812
 from ..hooks import vision_graphs as VG  # noqa: N812
 from . import models as M
 from .bench import _Clock, _device_name, _reset_rope_deltas, _round_robin, _Samples, _slug, write_files
 
 SCHEMA = "prune.bench_encoder/1"
-#: vision attention of a row: transformers' default, segmented, segmented + CUDA graphs of the layers
-MODES = ("default", "segmented", "graphs")
+#: vision attention of a row: transformers' default, segmented, segmented + CUDA graphs of the layers,
+#: segmented + compiled layers (vision_compile), segmented + compiled layers replayed as CUDA graphs
+MODES = ("default", "segmented", "graphs", "compiled", "compiled_graphs")
+_CUDA_MODES = ("graphs", "compiled_graphs")  # CUDA graphs
+_DIFF_MODES = ("graphs", "compiled", "compiled_graphs")
+
+
+def _graphed(mode: str) -> bool:
+    return mode in ("graphs", "compiled_graphs")
+
+
+def _compiled(mode: str) -> bool:
+    return mode in ("compiled", "compiled_graphs")
 
 
 def _wrap_options(mode: str) -> dict[str, Any]:
     """``prune.wrap`` arguments of a row's mode."""
-    if mode == "graphs":
-        return {"vision_attention": "segmented", "vision_graphs": True}
-    return {"vision_attention": mode}
+    if mode == "default":
+        return {"vision_attention": "default"}
+    return {"vision_attention": "segmented", "vision_graphs": _graphed(mode), "vision_compile": _compiled(mode)}
 
 
 @dataclass
@@ -104,19 +116,25 @@ class _EncoderRow:
         if tapped is not None:
             self.row["tapped"] = f"{tapped[0]} @ {tapped[1]}"
         self._removers: list = []
-        self.graphs: VG.VisionGraphs | None = None  # rows of mode "graphs": the bench's one owner
+        # the bench's one owner of each: every row replays / reuses what any row captured / compiled
+        self.graphs: VG.VisionGraphs | None = None
+        self.compiled: VC.VisionCompile | None = None
 
     def enter(self) -> None:
         if self.tapped is not None:
             self.wrap(self.tapped[0], self.tapped[1])
-        elif self.mode in ("segmented", "graphs"):
+        elif self.mode != "default":
             self._removers = VA.install(self.adapter.vision_attention_modules())
-            if self.mode == "graphs":
+            if _compiled(self.mode):
+                self._removers += VC.install(self.adapter, self.compiled)[1]
+            if _graphed(self.mode):
                 self._removers += VG.install(self.adapter, self.graphs)[1]
 
     def wrap(self, method: str, keep: float, **options: Any) -> None:
         prune.wrap(self.model, method, keep=keep, **_wrap_options(self.mode), **options)
-        if self.mode == "graphs":
+        if _compiled(self.mode):
+            VC.share(self.model, self.compiled)
+        if _graphed(self.mode):
             VG.share(self.model, self.graphs)
 
     def exit(self) -> None:
@@ -189,8 +207,8 @@ def _encoder_output(out) -> torch.Tensor:
 
 
 def _differences(rows: list[_EncoderRow]) -> dict[str, dict[str, float]]:
-    """Per modality: max |segmented - default| of the encoder outputs (and, with graphs rows, max
-    |graphs - default| and |graphs - segmented|) and max |default| (batch 1)."""
+    """Per modality: max |segmented - default| of the encoder outputs (and, for the graphs / compiled
+    rows, max |mode - default| and |mode - segmented|) and max |default| (batch 1)."""
     out = {}
     by = {(r.modality, r.mode): r for r in rows if r.kind == "encoder" and r.tapped is None}
     for modality in ("image", "video"):
@@ -211,10 +229,11 @@ def _differences(rows: list[_EncoderRow]) -> dict[str, dict[str, float]]:
         out[modality] = {"max_abs": float(ref.abs().max()), "rows": int(ref.shape[0])}
         if "segmented" in outputs:
             out[modality]["max_abs_diff"] = float((outputs["segmented"] - ref).abs().max())
-        if "graphs" in outputs:
-            out[modality]["graphs_max_abs_diff"] = float((outputs["graphs"] - ref).abs().max())
-            if "segmented" in outputs:
-                out[modality]["graphs_vs_segmented"] = float((outputs["graphs"] - outputs["segmented"]).abs().max())
+        for mode in _DIFF_MODES:
+            if mode in outputs:
+                out[modality][f"{mode}_max_abs_diff"] = float((outputs[mode] - ref).abs().max())
+                if "segmented" in outputs:
+                    out[modality][f"{mode}_vs_segmented"] = float((outputs[mode] - outputs["segmented"]).abs().max())
     return out
 
 
@@ -289,9 +308,9 @@ def run_encoder_bench(
     clock = _Clock(device)
     pruned = [k for k in settings.prefill_keeps if k != 1.0]
     modes = [m for m in MODES if m in settings.modes]
-    if "graphs" in modes and device.type != "cuda":
-        modes.remove("graphs")
-        log("(no 'graphs' rows: CUDA graphs need --device cuda)")
+    if device.type != "cuda" and any(m in _CUDA_MODES for m in modes):
+        log(f"(no {', '.join(m for m in modes if m in _CUDA_MODES)} rows: they need --device cuda)")
+        modes = [m for m in modes if m not in _CUDA_MODES]
     rows: list[_EncoderRow] = [
         _EncoderRow(model, modality, mode, inputs[modality, first], clock) for modality in ("image", "video")
         for mode in modes
@@ -308,10 +327,14 @@ def run_encoder_bench(
                         for stage in ((None,) if keep == 1.0 else settings.stages):
                             rows += [kind(model, modality, mode, inputs[modality, batch], clock, settings.method, keep,
                                           stage) for mode in modes]
-    graphs = VG.VisionGraphs(max_shapes=64)  # one owner: every "graphs" row replays what any captured
+    # one owner per mode: every row of a mode replays what any of its rows captured (graphs of the
+    # eager and of the compiled layers are different graphs of the same keys), and one compiled
+    # function serves every compiled row
+    graphs = {mode: VG.VisionGraphs(max_shapes=64) for mode in modes if _graphed(mode)}
+    compiled = VC.VisionCompile() if any(_compiled(m) for m in modes) else None
     for row in rows:
-        if row.mode == "graphs":
-            row.graphs = graphs
+        row.graphs = graphs.get(row.mode)
+        row.compiled = compiled if _compiled(row.mode) else None
     log(
         f"{spec.name}: {type(model).__name__} ({settings.dtype}, {settings.attn}) on {_device_name(device)}; "
         f"image grid {grids['image']}, video grid {grids['video']}; {len(rows)} rows, {settings.rounds} rounds "
@@ -383,11 +406,12 @@ def markdown(result: dict[str, Any]) -> str:
                 f"- {modality}: encoder outputs ({d['rows']} rows), segmented vs default, differ by at most "
                 f"{d['max_abs_diff']:.3g} (largest output magnitude {d['max_abs']:.3g})"
             )
-        if d.get("graphs_max_abs_diff") is not None:
-            lines.append(
-                f"- {modality}: graphs vs default {d['graphs_max_abs_diff']:.3g}"
-                + (f", graphs vs segmented {d['graphs_vs_segmented']:.3g}" if "graphs_vs_segmented" in d else "")
-            )
+        for mode in _DIFF_MODES:
+            if d.get(f"{mode}_max_abs_diff") is not None:
+                lines.append(
+                    f"- {modality}: {mode} vs default {d[f'{mode}_max_abs_diff']:.3g}"
+                    + (f", {mode} vs segmented {d[f'{mode}_vs_segmented']:.3g}" if f"{mode}_vs_segmented" in d else "")
+                )
     return "\n".join(lines) + "\n"
 
 

@@ -10,7 +10,8 @@ Registered through lmms-eval's entry-point group ``lmms_eval.models`` (see pypro
 usual from the remaining arguments, then its Hugging Face model is wrapped with :func:`prune.wrap`.
 ``method`` (a prune method, or ``none`` for the unpruned model with the same statistics), ``keep``
 (a fraction in (0, 1] -- write ``1.0`` for all tokens -- or an int token count), ``positions``,
-``vision_attention`` (``segmented`` | ``default``) and
+``vision_attention`` (``segmented`` | ``default``), ``vision_graphs`` and ``vision_compile``
+(``True`` | ``False``) and
 the method's options (``prune methods`` lists them; prefix one with ``prune_`` if the base model has
 an argument of the same name) go to prune; everything else goes to the base model.
 
@@ -47,7 +48,7 @@ __all__ = [
 
 LMMS_EVAL_RANGE = ">=0.7.3,<0.8"
 MODEL_ID = "pruned"
-PRUNE_KEYS = ("method", "keep", "positions", "vision_attention")
+PRUNE_KEYS = ("method", "keep", "positions", "vision_attention", "vision_graphs", "vision_compile")
 
 
 def manifests():
@@ -78,6 +79,7 @@ def split_model_args(args: dict[str, Any]) -> tuple[str, PruneConfig | None, dic
     keep = args.pop("keep", 0.33)
     positions = args.pop("positions", None)
     vision_attention = args.pop("vision_attention", None)
+    flags = {name: _flag(name, args.pop(name)) for name in ("vision_graphs", "vision_compile") if name in args}
     options = {k[len("prune_") :]: args.pop(k) for k in list(args) if k.startswith("prune_")}
     if method == "none":
         if options:
@@ -87,9 +89,21 @@ def split_model_args(args: dict[str, Any]) -> tuple[str, PruneConfig | None, dic
     # an option name is prune's, unless prune_<name> was given: then the plain name is the base model's
     options.update({k: args.pop(k) for k in list(args) if k in defaults and k not in options})
     config = PruneConfig(
-        method=method, keep=keep, positions=positions, options=options, vision_attention=vision_attention
+        method=method, keep=keep, positions=positions, options=options, vision_attention=vision_attention, **flags
     )
     return str(base), config, args
+
+
+def _flag(name: str, value: Any) -> bool:
+    """A boolean model argument: lmms-eval passes ``True`` / ``False`` parsed, or as text."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 def find_hf_model(lm: Any) -> nn.Module:

@@ -166,4 +166,18 @@ def install(adapter, owner: VisionCompile | None = None) -> tuple[VisionCompile,
     return owner, removers
 
 
-__all__ = ["CompiledLayer", "VisionCompile", "check", "install"]
+def share(model: nn.Module, owner: VisionCompile) -> None:
+    """Point a model wrapped with ``vision_compile=True`` at ``owner`` (another wrap's): its compiled
+    function, compiled once, serves every wrap. For benchmarks that re-wrap one model per row."""
+    state = model.prune_state
+    for layer in model.modules():
+        override = layer.__dict__.get("forward")
+        while override is not None:
+            if isinstance(override, CompiledLayer):
+                override.owner = owner
+            override = getattr(override, "below", None)
+    owner.skipped = dict(state.vision_compile.skipped)
+    state.vision_compile = owner
+
+
+__all__ = ["CompiledLayer", "VisionCompile", "check", "install", "share"]
