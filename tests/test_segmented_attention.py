@@ -10,6 +10,7 @@ reference runs the same SDPA calls per segment), so statistics and kept tokens a
 from __future__ import annotations
 
 import copy
+import importlib
 import pickle
 
 import pytest
@@ -96,6 +97,22 @@ def test_block_mask_equals_dense_construction(lengths):
     assert torch.equal(mask.to_dense(), dense.to_dense())
     # blocks inside one segment skip the mask_mod (full blocks), as the dense construction finds them
     assert torch.equal(mask.full_kv_num_blocks, dense.full_kv_num_blocks)
+    # the query-side tables (the backward's) are the key-side ones: what transposing them gives
+    for side in ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        assert torch.equal(getattr(mask, side), getattr(dense, side)), side
+
+
+def test_block_mask_without_the_symmetric_constructor_is_the_same(monkeypatch):
+    S = importlib.import_module("prune.kernels.segmented_attention")  # noqa: N806
+
+    cu, n = _cu([100, 150, 50, 3]), 303
+    built = S.segment_block_mask(cu, n, padded=True)
+    monkeypatch.setattr(S, "_symmetric_constructor", lambda: False)
+    transposed = S.segment_block_mask(cu, n, padded=True)
+    for side in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks", "q_indices",
+                 "full_q_num_blocks", "full_q_indices"):
+        assert torch.equal(getattr(built, side), getattr(transposed, side)), side
+    assert built.seq_lengths == transposed.seq_lengths and built.BLOCK_SIZE == transposed.BLOCK_SIZE
 
 
 @pytest.mark.parametrize("bad", [[0, 5, 9], [1, 5, 10], [0, 6, 5, 10]])

@@ -265,3 +265,33 @@ def test_gpu_vision_compile_equals_the_eager_wrap_llava_and_batch_equals_singles
     for row in range(2):
         one = _run(model, _cuda(case.inputs([row])), calls=3)
         assert one[2][0, -GEN["max_new_tokens"]:].tolist() == out[2][row, -GEN["max_new_tokens"]:].tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_segmented_operator_inside_inductor_runs_the_fused_flex_kernel():
+    """Inside a compiled graph the segmented attention is one operator whose FlexAttention still runs
+    compiled (fused: no (N, N) scores in memory) and equals the per-segment reference."""
+    from prune.kernels import segmented_attention_reference
+    from prune.kernels.segmented_attention import segmented_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    n, heads, dim = 8192, 4, 64
+    q, k, v = (torch.randn(1, heads, n, dim, device="cuda", generator=gen) for _ in range(3))
+    cu = torch.tensor([0, 3000, 3001, 6000, n], device="cuda", dtype=torch.int32)
+
+    def block(q, k, v, cu):
+        return segmented_attention((q * 1.5).sin(), k, v, cu).cos() + 1
+
+    compiled = torch.compile(block, backend="inductor")
+    with torch.no_grad():
+        compiled(q, k, v, cu)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        out = compiled(q, k, v, cu)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - start
+        ref = segmented_attention_reference((q * 1.5).sin(), k, v, cu.cpu()).cos() + 1
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
+    assert peak < heads * n * n * 4 / 8  # eager FlexAttention would hold (H, N, N) fp32 scores

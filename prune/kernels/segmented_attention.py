@@ -149,10 +149,32 @@ def segment_block_mask(
     kv_num, kv_idx = _ordered(partial)
     full_num, full_idx = _ordered(full)
     length = blocks * BLOCK_SIZE if padded else n
+    mask_mod = _segment_mask_mod(ids)
+    if _symmetric_constructor():
+        # the block map is symmetric (queries and keys share the segments): the query-side tables,
+        # which from_kv_blocks derives by transposing with vmap, are the key-side ones. No vmap: it
+        # fails inside a compiled graph's custom operator (vision_compile), and costs launches.
+        return BlockMask(
+            seq_lengths=(length, length), kv_num_blocks=kv_num, kv_indices=kv_idx, full_kv_num_blocks=full_num,
+            full_kv_indices=full_idx, q_num_blocks=kv_num, q_indices=kv_idx, full_q_num_blocks=full_num,
+            full_q_indices=full_idx, BLOCK_SIZE=(BLOCK_SIZE, BLOCK_SIZE), mask_mod=mask_mod,
+        )
     extra = {"seq_lengths": (length, length)} if _takes_seq_lengths() else {}  # older torch: the lengths of q and k
-    return BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK_SIZE, mask_mod=_segment_mask_mod(ids), **extra
-    )
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK_SIZE, mask_mod=mask_mod, **extra)
+
+
+_BLOCK_MASK_FIELDS = ("seq_lengths", "kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                      "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices", "BLOCK_SIZE", "mask_mod")
+
+
+@functools.lru_cache(maxsize=1)
+def _symmetric_constructor() -> bool:
+    """True when ``BlockMask(...)`` takes every table by name (torch 2.5 and later)."""
+    import inspect
+
+    from torch.nn.attention.flex_attention import BlockMask
+
+    return set(_BLOCK_MASK_FIELDS) <= set(inspect.signature(BlockMask.__init__).parameters)
 
 
 @functools.lru_cache(maxsize=1)
