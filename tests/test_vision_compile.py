@@ -159,6 +159,28 @@ def test_vision_compile_batch_equals_singles():
         assert one_ids[0, single["input_ids"].shape[1]:].tolist() == ids[row, inputs["input_ids"].shape[1]:].tolist()
 
 
+def test_vision_compile_shared_owner_survives_rewraps():
+    """Benchmarks re-wrap one model per row and point each wrap at one owner (``share``): its compiled
+    function is compiled once and kept across unwraps; a wrap's own owner goes with its unwrap."""
+    inputs = qwen_inputs("qwen2_5_vl", QWEN_PROMPTS, [5, 14], seed=4)
+    model = _qwen()
+    backend = Counting()
+    shared = VC.VisionCompile(backend=backend)
+    graphs = []
+    for stage in ("post_encoder", "encoder", "post_encoder", "encoder"):
+        prune.wrap(model, "hiprune", keep=0.3, vision_attention="segmented", vision_compile=True,
+                   **({"stage": "encoder"} if stage == "encoder" else {}))
+        own = model.prune_state.vision_compile
+        VC.share(model, shared)
+        assert model.prune_state.vision_compile is shared
+        _run(model, inputs, calls=1)
+        graphs.append(backend.graphs)
+        prune.unwrap(model)
+        assert own._function is None and shared._function is not None
+    assert graphs[2:] == [graphs[1]] * 2  # the later wraps compiled nothing new
+    assert shared.stats()["compiled"] > 0 and shared.stats()["eager"] == 0
+
+
 # ---- eager fallbacks ----------------------------------------------------------------------------
 def test_vision_compile_runs_eagerly_under_autograd():
     inputs = qwen_inputs("qwen2_5_vl", QWEN_PROMPTS, [5, 14], seed=4)
