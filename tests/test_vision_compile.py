@@ -181,6 +181,21 @@ def test_vision_compile_shared_owner_survives_rewraps():
     assert shared.stats()["compiled"] > 0 and shared.stats()["eager"] == 0
 
 
+def test_vision_compile_stops_compiling_past_its_cap(monkeypatch):
+    """Past MAX_GRAPHS an owner compiles nothing more (no new graph, no nested module compiled): new
+    input structures run eagerly and stay right."""
+    monkeypatch.setattr(VC, "MAX_GRAPHS", 1)
+    inputs = qwen_inputs("qwen2_5_vl", QWEN_PROMPTS, [5, 14], seed=4)
+    model = prune.wrap(_qwen(), "hiprune", keep=0.3, vision_attention="segmented", stage="encoder")
+    ref = _run(model, inputs, calls=1)
+    backend = Counting()
+    owner = _compile_by_hand(model, backend)
+    out = _run(model, inputs)
+    _same(out, ref)
+    stats = owner.stats()
+    assert backend.graphs == stats["graphs"] == 1 and stats["capped"] > 0
+
+
 # ---- eager fallbacks ----------------------------------------------------------------------------
 def test_vision_compile_runs_eagerly_under_autograd():
     inputs = qwen_inputs("qwen2_5_vl", QWEN_PROMPTS, [5, 14], seed=4)

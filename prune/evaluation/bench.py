@@ -754,7 +754,11 @@ def _pct(value: float | None) -> str:
 def markdown(result: dict[str, Any]) -> str:
     """A markdown table of a bench result."""
     m, env, s = result["model"], result["environment"], result["settings"]
-    compiled = ", language model compiled (reduce-overhead, static cache)" if s.get("compile") else ""
+    compiled = (
+        (", language model compiled (reduce-overhead, static cache)" if s.get("compile") else "")
+        + (", vision layers compiled (vision_compile)" if s.get("vision_compile") else "")
+        + (", vision layers as CUDA graphs (vision_graphs)" if s.get("vision_graphs") else "")
+    )
     lines = [
         f"### {m['name']} on {env['device']}, batch {s['batch']}{' (compiled)' if s.get('compile') else ''}",
         "",

@@ -15,7 +15,11 @@ an instance attribute, so the layer's hooks still run around it, eagerly):
   instead of recompiling per layer until dynamo's recompile limit stops compiling. Each owner compiles
   its own copy of that function (a code object of its own), so several wrapped models in one process
   do not share, and exhaust, one cache. ``dynamic=None``: a second input size recompiles once with
-  symbolic sizes; later sizes reuse it.
+  symbolic sizes; later sizes reuse it. After :data:`MAX_GRAPHS` graphs an owner compiles no more
+  (``torch.compiler.set_stance("eager_on_recompile")`` around its calls): the graphs it has serve
+  their inputs, a new input structure runs eagerly. Without that cap, dynamo's recompile limit (8 per
+  code object) falls back frame by frame and compiles every nested module's forward on the way, a
+  compile storm that made a benchmark's calls several times slower than eager.
 - The segmented vision attention (``vision_attention="segmented"``) enters the compiled graph as one
   opaque operator (``prune::segmented_attention``): no graph break; it runs its own FlexAttention.
 - Eager instead, always correct: with autograd on; inside an outer ``torch.compile`` (which traces the
@@ -44,6 +48,9 @@ from torch.utils import _python_dispatch
 from .base import InstanceOverride
 
 _COUNTER = itertools.count()
+#: graphs one owner compiles before it stops compiling new input structures (dynamo's own limit per
+#: code object is 8; past it dynamo falls back frame by frame, compiling every nested module's forward)
+MAX_GRAPHS = 6
 
 
 def _run_layer(forward, layer, *args, **kwargs):
@@ -65,6 +72,7 @@ def _compiler_errors() -> tuple[type[BaseException], ...]:
 
 
 _COMPILER_ERRORS = _compiler_errors()
+_RUN_ONLY = getattr(torch.compiler, "set_stance", None)  # torch 2.6 and later
 
 
 class VisionCompile:
@@ -82,7 +90,8 @@ class VisionCompile:
         self._lock = threading.Lock()
         self._function = None
         self.failed: str | None = None
-        self.counts = {"compiled": 0, "eager": 0}
+        self.graphs = 0  # graphs the backend compiled for this owner
+        self.counts = {"compiled": 0, "eager": 0, "capped": 0}
 
     # copies and pickles compile their own function (a compiled one holds this model's guards)
     def __getstate__(self) -> dict[str, Any]:
@@ -93,12 +102,20 @@ class VisionCompile:
         self._reset()
 
     def stats(self) -> dict[str, Any]:
-        return {**self.counts, "failed": self.failed, "skipped": dict(self.skipped)}
+        """Calls run compiled, eagerly, and past :data:`MAX_GRAPHS` (``capped``: compiled graphs only,
+        new input structures eagerly); graphs compiled; the compiler's failure; skipped layers."""
+        return {**self.counts, "graphs": self.graphs, "failed": self.failed, "skipped": dict(self.skipped)}
+
+    def _count(self, gm, example_inputs):
+        """The backend, counting the graphs it compiles."""
+        self.graphs += 1
+        backend = torch._dynamo.lookup_backend(self.backend) if isinstance(self.backend, str) else self.backend
+        return backend(gm, example_inputs)
 
     def function(self):
         with self._lock:
             if self._function is None:
-                self._function = torch.compile(_fresh_function(), backend=self.backend, dynamic=None)
+                self._function = torch.compile(_fresh_function(), backend=self._count, dynamic=None)
             return self._function
 
     def run(self, layer: nn.Module, forward, args: tuple, kwargs: dict):
@@ -111,8 +128,16 @@ class VisionCompile:
         ):
             self.counts["eager"] += 1
             return forward(layer, *args, **kwargs)
+        capped = self.graphs >= MAX_GRAPHS
+        if capped and _RUN_ONLY is None:
+            self.counts["eager"] += 1
+            return forward(layer, *args, **kwargs)
         try:
-            out = self.function()(forward, layer, *args, **kwargs)
+            if capped:  # the graphs compiled so far still serve; a new structure runs eagerly, compiling nothing
+                with _RUN_ONLY("eager_on_recompile"):
+                    out = self.function()(forward, layer, *args, **kwargs)
+            else:
+                out = self.function()(forward, layer, *args, **kwargs)
         except _COMPILER_ERRORS as error:
             cause = getattr(error, "inner_exception", None) or error.__cause__ or error  # the backend's own error
             why = f"{type(cause).__name__}: {cause}".splitlines()[0][:300]
@@ -121,7 +146,7 @@ class VisionCompile:
                           RuntimeWarning, stacklevel=4)
             self.counts["eager"] += 1
             return forward(layer, *args, **kwargs)
-        self.counts["compiled"] += 1
+        self.counts["capped" if capped else "compiled"] += 1
         return out
 
 
