@@ -46,6 +46,7 @@ from torch import nn
 from torch.utils import _python_dispatch
 
 from .base import InstanceOverride
+from .vision_graphs import LayerOwner
 
 _COUNTER = itertools.count()
 #: graphs one owner compiles before it stops compiling new input structures (dynamo's own limit per
@@ -75,11 +76,14 @@ _COMPILER_ERRORS = _compiler_errors()
 _RUN_ONLY = getattr(torch.compiler, "set_stance", None)  # torch 2.6 and later
 
 
-class VisionCompile:
+class VisionCompile(LayerOwner):
     """The compiled vision layers of one wrapped model (see the module docstring).
 
     ``backend``: a ``torch.compile`` backend (``torch.compiler.list_backends()``); "inductor" fuses.
-    ``stats()``: compiled and eager calls, whether the compiler failed (with why), the layers skipped."""
+    ``stats()``: compiled and eager calls, whether the compiler failed (with why), the layers skipped.
+    Copies and pickles compile their own function (a compiled one holds this model's guards)."""
+
+    _settings = ("backend",)
 
     def __init__(self, backend: str = "inductor") -> None:
         self.backend = backend
@@ -92,14 +96,6 @@ class VisionCompile:
         self.failed: str | None = None
         self.graphs = 0  # graphs the backend compiled for this owner
         self.counts = {"compiled": 0, "eager": 0, "capped": 0}
-
-    # copies and pickles compile their own function (a compiled one holds this model's guards)
-    def __getstate__(self) -> dict[str, Any]:
-        return {"backend": self.backend, "skipped": dict(self.skipped)}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.backend, self.skipped = state["backend"], dict(state["skipped"])
-        self._reset()
 
     def stats(self) -> dict[str, Any]:
         """Calls run compiled, eagerly, and past :data:`MAX_GRAPHS` (``capped``: compiled graphs only,

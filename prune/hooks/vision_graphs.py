@@ -122,10 +122,34 @@ class _Entry:
         self.graph, self.out_leaves, self.out_spec, self.writes_inputs = graph, out_leaves, out_spec, writes_inputs
 
 
-class VisionGraphs:
+class LayerOwner:
+    """What the per-model owners of the vision layers (graphs, compiled function) share: copies and
+    pickles keep the settings named in ``_settings`` and the skipped layers, nothing built for this
+    model (device addresses, guards); ``_reset`` starts them empty."""
+
+    _settings: tuple[str, ...] = ()
+    skipped: dict[int, str]
+
+    def _reset(self) -> None:
+        raise NotImplementedError
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**{name: getattr(self, name) for name in self._settings}, "skipped": dict(self.skipped)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name in self._settings:
+            setattr(self, name, state[name])
+        self.skipped = dict(state["skipped"])
+        self._reset()
+
+
+class VisionGraphs(LayerOwner):
     """The CUDA graphs of one wrapped model's vision layers (see the module docstring).
 
-    ``stats()``: captures, replays, eager runs and the layers that stay eager (with why)."""
+    ``stats()``: captures, replays, eager runs and the layers that stay eager (with why). Copies
+    (deepcopy too) and pickles start without graphs: they hold device addresses of this model."""
+
+    _settings = ("max_shapes",)
 
     def __init__(self, max_shapes: int = MAX_SHAPES) -> None:
         self.max_shapes = max_shapes
@@ -144,14 +168,6 @@ class VisionGraphs:
         self.eager_layers: dict[int, str] = {}  # layer -> why its capture failed
         self.counts = {"captures": 0, "replays": 0, "eager": 0}
 
-    # copies (deepcopy goes through these too) and pickles start without graphs: they hold device
-    # addresses of this model
-    def __getstate__(self) -> dict[str, Any]:
-        return {"max_shapes": self.max_shapes, "skipped": dict(self.skipped)}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.max_shapes, self.skipped = state["max_shapes"], dict(state["skipped"])
-        self._reset()
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
