@@ -183,7 +183,7 @@ def test_vision_compile_shared_owner_survives_rewraps():
 
 def test_vision_compile_stops_compiling_past_its_cap(monkeypatch):
     """Past MAX_GRAPHS an owner compiles nothing more (no new graph, no nested module compiled): new
-    input structures run eagerly and stay right."""
+    input structures run eagerly and stay right; structures compiled before still run compiled."""
     monkeypatch.setattr(VC, "MAX_GRAPHS", 1)
     inputs = qwen_inputs("qwen2_5_vl", QWEN_PROMPTS, [5, 14], seed=4)
     model = prune.wrap(_qwen(), "hiprune", keep=0.3, vision_attention="segmented", stage="encoder")
@@ -194,6 +194,8 @@ def test_vision_compile_stops_compiling_past_its_cap(monkeypatch):
     _same(out, ref)
     stats = owner.stats()
     assert backend.graphs == stats["graphs"] == 1 and stats["capped"] > 0
+    _same(_run(model, inputs), ref)  # the structure compiled before the cap still runs compiled
+    assert owner.stats()["compiled"] > stats["compiled"] and backend.graphs == 1
 
 
 # ---- eager fallbacks ----------------------------------------------------------------------------

@@ -15,11 +15,12 @@ an instance attribute, so the layer's hooks still run around it, eagerly):
   instead of recompiling per layer until dynamo's recompile limit stops compiling. Each owner compiles
   its own copy of that function (a code object of its own), so several wrapped models in one process
   do not share, and exhaust, one cache. ``dynamic=None``: a second input size recompiles once with
-  symbolic sizes; later sizes reuse it. After :data:`MAX_GRAPHS` graphs an owner compiles no more
-  (``torch.compiler.set_stance("eager_on_recompile")`` around its calls): the graphs it has serve
-  their inputs, a new input structure runs eagerly. Without that cap, dynamo's recompile limit (8 per
-  code object) falls back frame by frame and compiles every nested module's forward on the way, a
-  compile storm that made a benchmark's calls several times slower than eager.
+  symbolic sizes; later sizes reuse it. After :data:`MAX_GRAPHS` graphs an owner compiles no more:
+  argument structures (shapes, dtypes, plain values) that ran compiled before still do, a new one
+  runs eagerly. Without that cap, dynamo's recompile limit (8 per code object) falls back frame by
+  frame and compiles every nested module's forward on the way, a compile storm that made a
+  benchmark's calls several times slower than eager. (A global ``torch.compiler.set_stance`` is not
+  used: it also stops prune's own FlexAttention compiling a new length, which then runs unfused.)
 - The segmented vision attention (``vision_attention="segmented"``) enters the compiled graph as one
   opaque operator (``prune::segmented_attention``): no graph break; it runs its own FlexAttention.
 - Eager instead, always correct: with autograd on; inside an outer ``torch.compile`` (which traces the
@@ -44,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils import _python_dispatch
+from torch.utils import _pytree as pytree
 
 from .base import InstanceOverride
 from .vision_graphs import LayerOwner
@@ -73,7 +75,23 @@ def _compiler_errors() -> tuple[type[BaseException], ...]:
 
 
 _COMPILER_ERRORS = _compiler_errors()
-_RUN_ONLY = getattr(torch.compiler, "set_stance", None)  # torch 2.6 and later
+#: dynamo's recompile limit per code object (its default): an owner never lets a call reach it
+_DYNAMO_LIMIT = 8
+
+
+def _structure(args: tuple, kwargs: dict) -> tuple:
+    """What a compiled graph is specialised on, as far as prune can tell: the arguments' pytree and
+    each leaf's shape, dtype and device (tensors) or value (plain values) or type (anything else)."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    keys = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            keys.append((tuple(leaf.shape), leaf.dtype, str(leaf.device)))
+        elif isinstance(leaf, (int, float, bool, str, type(None))):
+            keys.append((type(leaf).__name__, leaf))
+        else:
+            keys.append(type(leaf).__name__)
+    return str(spec), tuple(keys)
 
 
 class VisionCompile(LayerOwner):
@@ -95,11 +113,12 @@ class VisionCompile(LayerOwner):
         self._function = None
         self.failed: str | None = None
         self.graphs = 0  # graphs the backend compiled for this owner
+        self._compiled: set[tuple] = set()  # argument structures that ran compiled
         self.counts = {"compiled": 0, "eager": 0, "capped": 0}
 
     def stats(self) -> dict[str, Any]:
-        """Calls run compiled, eagerly, and past :data:`MAX_GRAPHS` (``capped``: compiled graphs only,
-        new input structures eagerly); graphs compiled; the compiler's failure; skipped layers."""
+        """Calls run compiled, eagerly, and eagerly past :data:`MAX_GRAPHS` (``capped``: a structure
+        no graph was compiled for); graphs compiled; the compiler's failure; skipped layers."""
         return {**self.counts, "graphs": self.graphs, "failed": self.failed, "skipped": dict(self.skipped)}
 
     def _count(self, gm, example_inputs):
@@ -124,16 +143,12 @@ class VisionCompile(LayerOwner):
         ):
             self.counts["eager"] += 1
             return forward(layer, *args, **kwargs)
-        capped = self.graphs >= MAX_GRAPHS
-        if capped and _RUN_ONLY is None:
-            self.counts["eager"] += 1
+        sig = _structure(args, kwargs)
+        if self.graphs >= MAX_GRAPHS and (sig not in self._compiled or self.graphs >= _DYNAMO_LIMIT):
+            self.counts["capped"] += 1  # a structure no graph was compiled for: eager, compiling nothing
             return forward(layer, *args, **kwargs)
         try:
-            if capped:  # the graphs compiled so far still serve; a new structure runs eagerly, compiling nothing
-                with _RUN_ONLY("eager_on_recompile"):
-                    out = self.function()(forward, layer, *args, **kwargs)
-            else:
-                out = self.function()(forward, layer, *args, **kwargs)
+            out = self.function()(forward, layer, *args, **kwargs)
         except _COMPILER_ERRORS as error:
             cause = getattr(error, "inner_exception", None) or error.__cause__ or error  # the backend's own error
             why = f"{type(cause).__name__}: {cause}".splitlines()[0][:300]
@@ -142,7 +157,9 @@ class VisionCompile(LayerOwner):
                           RuntimeWarning, stacklevel=4)
             self.counts["eager"] += 1
             return forward(layer, *args, **kwargs)
-        self.counts["capped" if capped else "compiled"] += 1
+        if len(self._compiled) < 4096:
+            self._compiled.add(sig)
+        self.counts["compiled"] += 1
         return out
 
 
