@@ -64,7 +64,8 @@ def _fresh_function():
     """A copy of :func:`_run_layer` with a code object of its own (dynamo caches per code object)."""
     code = _run_layer.__code__
     name = f"_prune_vision_layer_{next(_COUNTER)}"
-    return types.FunctionType(code.replace(co_name=name, co_qualname=name), _run_layer.__globals__, name)
+    names = {"co_name": name, **({"co_qualname": name} if hasattr(code, "co_qualname") else {})}  # 3.11+
+    return types.FunctionType(code.replace(**names), _run_layer.__globals__, name)
 
 
 def _compiler_errors() -> tuple[type[BaseException], ...]:
