@@ -192,17 +192,11 @@ def install(adapter, owner: VisionCompile | None = None) -> tuple[VisionCompile,
     """Compile every vision layer no prune view redirects; returns the owner and the functions that
     put the layers back. A new owner's compiled function is dropped with them; a given one's stays
     (a benchmark that re-wraps keeps what earlier rounds compiled: :func:`share`)."""
-    from .vision_graphs import _redirected, vision_layers
+    from .vision_graphs import owned_layers
 
     given = owner is not None
     owner = owner if given else VisionCompile()
-    owner.skipped = {}
-    removers = []
-    for index, layer in enumerate(vision_layers(adapter)):
-        if _redirected(layer):
-            owner.skipped[index] = "a prune statistics tap or mask redirects its attention"
-            continue
-        removers.append(CompiledLayer(layer, owner).install())
+    removers = [CompiledLayer(layer, owner).install() for _, layer in owned_layers(adapter, owner)]
     if not given:  # a new owner's compiled function goes with the layers; a given one's stays (share)
         removers.append(functools.partial(owner._reset))
     return owner, removers

@@ -347,16 +347,24 @@ def install(adapter, graphs: VisionGraphs | None = None) -> tuple[VisionGraphs, 
     that take the graphs off again. A new owner's graphs are dropped with them; a given one's stay
     (a benchmark that re-wraps keeps what earlier rounds captured: :func:`share`)."""
     owner = graphs if graphs is not None else VisionGraphs()
-    owner.skipped = {}
-    removers = []
-    for index, layer in enumerate(vision_layers(adapter)):
-        if _redirected(layer):
-            owner.skipped[index] = "a prune statistics tap or mask redirects its attention"
-            continue
-        removers.append(GraphedLayer(layer, owner, index).install())
+    removers = [GraphedLayer(layer, owner, index).install() for index, layer in owned_layers(adapter, owner)]
     if graphs is None:
         removers.append(functools.partial(owner.clear))
     return owner, removers
+
+
+def owned_layers(adapter, owner: LayerOwner) -> list[tuple[int, nn.Module]]:
+    """(index, layer) of every vision layer no prune view redirects; the others go to ``owner.skipped``
+    with why (a statistics tap hands tensors to Python per call; the encoder stage's key mask is a
+    per-call tensor: neither may be frozen into a graph)."""
+    owner.skipped = {}
+    layers = []
+    for index, layer in enumerate(vision_layers(adapter)):
+        if _redirected(layer):
+            owner.skipped[index] = "a prune statistics tap or mask redirects its attention"
+        else:
+            layers.append((index, layer))
+    return layers
 
 
 def share(model: nn.Module, graphs: VisionGraphs) -> None:
@@ -374,4 +382,5 @@ def share(model: nn.Module, graphs: VisionGraphs) -> None:
     state.vision_graphs = graphs
 
 
-__all__ = ["MAX_SHAPES", "GraphedLayer", "VisionGraphs", "check", "install", "share", "vision_layers"]
+__all__ = ["MAX_SHAPES", "GraphedLayer", "LayerOwner", "VisionGraphs", "check", "install", "owned_layers", "share",
+           "vision_layers"]
