@@ -70,6 +70,16 @@ def _same(out, ref, tol=1e-5):
     assert torch.equal(out[1], ref[1]) and torch.equal(out[2], ref[2])
 
 
+def _compiled_equals_eager(model, inputs):
+    """Run the wrapped model eagerly, compile its layers by hand (a counting backend), run it again
+    and check both agree; returns the owner, the backend and the eager outputs."""
+    ref = _run(model, inputs, calls=1)
+    backend = Counting()
+    owner = _compile_by_hand(model, backend)
+    _same(_run(model, inputs), ref)
+    return owner, backend, ref
+
+
 # ---- checks at wrap time ----------------------------------------------------------------------
 def test_vision_compile_argument_is_checked_at_wrap_time():
     model = tiny_qwen_vl("2.5", attn_implementation="sdpa")
@@ -106,11 +116,7 @@ def test_vision_compile_equals_the_eager_wrap_qwen(family, method, stage):
     options = {"stage": stage} if stage == "encoder" else {}
     inputs = qwen_inputs(family, QWEN_PROMPTS, [5, 14], seed=4)
     model = prune.wrap(_qwen(family), method, keep=0.3, vision_attention="segmented", **options)
-    ref = _run(model, inputs, calls=1)
-    backend = Counting()
-    owner = _compile_by_hand(model, backend)
-    out = _run(model, inputs)
-    _same(out, ref)
+    owner, backend, ref = _compiled_equals_eager(model, inputs)
     stats = owner.stats()
     assert stats["compiled"] > 0 and stats["failed"] is None
     assert backend.graphs <= 4  # static, then symbolic sizes; never one graph per layer
@@ -123,11 +129,7 @@ def test_vision_compile_shares_one_graph_among_identical_layers():
     """Twelve layers (three of them full-attention, one tapped), two calls: a handful of graphs."""
     inputs = qwen_inputs("qwen2_5_vl", QWEN_PROMPTS, [5, 14], seed=4)
     model = prune.wrap(_qwen(depth=12), "hiprune", keep=0.3, vision_attention="segmented", stage="encoder")
-    ref = _run(model, inputs, calls=1)
-    backend = Counting()
-    owner = _compile_by_hand(model, backend)
-    out = _run(model, inputs)
-    _same(out, ref)
+    owner, backend, ref = _compiled_equals_eager(model, inputs)
     assert owner.stats()["compiled"] >= 2 * (12 - len(owner.skipped))
     assert backend.graphs <= 4
 
@@ -138,11 +140,7 @@ def test_vision_compile_equals_the_eager_wrap_llava(make_case, method, stage):
     case = make_case("llava", attn="sdpa", prompts=((0, 1), (2,)), text_lens=(12, 7))
     options = {"stage": stage} if stage == "encoder" else {}
     model = prune.wrap(case.model, method, keep=0.25, **options)
-    ref = _run(model, case.inputs(), calls=1)
-    backend = Counting()
-    owner = _compile_by_hand(model, backend)
-    out = _run(model, case.inputs())
-    _same(out, ref)
+    owner, backend, ref = _compiled_equals_eager(model, case.inputs())
     assert owner.stats()["compiled"] > 0 and backend.graphs <= 4
 
 
@@ -187,11 +185,7 @@ def test_vision_compile_stops_compiling_past_its_cap(monkeypatch):
     monkeypatch.setattr(VC, "MAX_GRAPHS", 1)
     inputs = qwen_inputs("qwen2_5_vl", QWEN_PROMPTS, [5, 14], seed=4)
     model = prune.wrap(_qwen(), "hiprune", keep=0.3, vision_attention="segmented", stage="encoder")
-    ref = _run(model, inputs, calls=1)
-    backend = Counting()
-    owner = _compile_by_hand(model, backend)
-    out = _run(model, inputs)
-    _same(out, ref)
+    owner, backend, ref = _compiled_equals_eager(model, inputs)
     stats = owner.stats()
     assert backend.graphs == stats["graphs"] == 1 and stats["capped"] > 0
     _same(_run(model, inputs), ref)  # the structure compiled before the cap still runs compiled

@@ -371,16 +371,24 @@ def share(model: nn.Module, graphs: VisionGraphs) -> None:
     """Point a model wrapped with ``vision_graphs=True`` at ``graphs`` (another wrap's owner): the
     layers compute the same function of the same inputs under any wrap that graphs them, so what one
     wrap captured the next replays. For benchmarks that re-wrap one model per configuration."""
+    share_owner(model, graphs, GraphedLayer, "graphs", "vision_graphs")
+
+
+def share_owner(model: nn.Module, owner: LayerOwner, override_cls: type, attribute: str, field: str) -> None:
+    """Set ``attribute`` of every ``override_cls`` on the model's vision layers (wherever it stands
+    in the layer's chain of ``forward`` overrides) and the state's ``field`` to ``owner``."""
     from . import adapter_for
 
     state = model.prune_state
     for layer in vision_layers(adapter_for(model)):
         override = layer.__dict__.get("forward")
-        if isinstance(override, GraphedLayer):
-            override.graphs = graphs
-    graphs.skipped = dict(state.vision_graphs.skipped)
-    state.vision_graphs = graphs
+        while override is not None:
+            if isinstance(override, override_cls):
+                setattr(override, attribute, owner)
+            override = getattr(override, "below", None)
+    owner.skipped = dict(getattr(state, field).skipped)
+    setattr(state, field, owner)
 
 
 __all__ = ["MAX_SHAPES", "GraphedLayer", "LayerOwner", "VisionGraphs", "check", "install", "owned_layers", "share",
-           "vision_layers"]
+           "share_owner", "vision_layers"]
