@@ -353,6 +353,20 @@ class _Measure:
         samples.add("decode_tok_s", steps.rate(inputs["attention_mask"].shape[0]))
 
 
+def unwrapped_vision(adapter, graphs: VG.VisionGraphs | None, compiled: VC.VisionCompile | None) -> list:
+    """On an unwrapped model (an unpruned row), what a wrap with those vision options installs: the
+    segmented attention where the encoder has segments, then the compiled layers, then the graphs;
+    returns the functions that take them off."""
+    removers = []
+    if adapter.segmented_vision:
+        removers += VA.install(adapter.vision_attention_modules())
+    if compiled is not None:
+        removers += VC.install(adapter, compiled)[1]
+    if graphs is not None:
+        removers += VG.install(adapter, graphs)[1]
+    return removers
+
+
 class _Config:
     """The unpruned model or one method x keep: wrapped for its round, unwrapped after (or, compiled,
     its own wrapped copy of the model)."""
@@ -377,13 +391,8 @@ class _Config:
         graphs, compiled = self.m.graphs, self.m.compiled
         if self.method == "none":
             if (graphs is not None or compiled is not None) and not self._removers:
-                adapter = adapter_for(self.model)  # the unpruned encoder, graphed / compiled as the pruned ones
-                if adapter.segmented_vision:
-                    self._removers += VA.install(adapter.vision_attention_modules())
-                if compiled is not None:
-                    self._removers += VC.install(adapter, compiled)[1]
-                if graphs is not None:
-                    self._removers += VG.install(adapter, graphs)[1]
+                # the unpruned encoder, graphed / compiled as the pruned ones
+                self._removers += unwrapped_vision(adapter_for(self.model), graphs, compiled)
             return
         if getattr(self.model, "prune_state", None) is None:
             # the encoder's own attention, as in the unpruned row and the ideal: rows compare like with

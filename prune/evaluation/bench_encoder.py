@@ -42,11 +42,19 @@ from torch import nn
 import prune
 
 from ..hooks import adapter_for
-from ..hooks import vision_attention as VA  # noqa: N812
 from ..hooks import vision_compile as VC  # noqa: N812
 from ..hooks import vision_graphs as VG  # noqa: N812
 from . import models as M
-from .bench import _Clock, _device_name, _reset_rope_deltas, _round_robin, _Samples, _slug, write_files
+from .bench import (
+    _Clock,
+    _device_name,
+    _reset_rope_deltas,
+    _round_robin,
+    _Samples,
+    _slug,
+    unwrapped_vision,
+    write_files,
+)
 
 SCHEMA = "prune.bench_encoder/1"
 #: vision attention of a row: transformers' default, segmented, segmented + CUDA graphs of the layers,
@@ -123,12 +131,8 @@ class _EncoderRow:
     def enter(self) -> None:
         if self.tapped is not None:
             self.wrap(self.tapped[0], self.tapped[1])
-        elif self.mode != "default":
-            self._removers = VA.install(self.adapter.vision_attention_modules())
-            if _compiled(self.mode):
-                self._removers += VC.install(self.adapter, self.compiled)[1]
-            if _graphed(self.mode):
-                self._removers += VG.install(self.adapter, self.graphs)[1]
+        elif self.mode != "default":  # segmented (every model here has segments), compiled, graphed
+            self._removers = unwrapped_vision(self.adapter, self.graphs, self.compiled)
 
     def wrap(self, method: str, keep: float, **options: Any) -> None:
         prune.wrap(self.model, method, keep=keep, **_wrap_options(self.mode), **options)
