@@ -579,11 +579,11 @@ def test_compiled_path_pads_to_whole_blocks_and_equals_the_reference(lengths, mo
     sa = importlib.import_module("prune.kernels.segmented_attention")
     seen = []
 
-    def eager(q, k, v, **kw):
+    def eager(q, k, v, block_mask, scale, enable_gqa):
         seen.append(q.shape[2])
-        return flex_attention(q, k, v, **kw)
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
 
-    monkeypatch.setattr(sa, "_compiled_flex", lambda: eager)
+    monkeypatch.setattr(sa, "_compiled_flex", lambda context: eager)
     n = sum(lengths)
     q, k, v = (torch.randn(2, 4, n, 16) for _ in range(3))
     cu = _cu(lengths)
@@ -602,10 +602,61 @@ def test_compile_limits_fall_back_to_the_reference_with_a_warning(monkeypatch):
     def over_the_limit(*args, **kwargs):
         raise sa._COMPILE_LIMITS[0]("recompile limit hit")
 
-    monkeypatch.setattr(sa, "_compiled_flex", lambda: over_the_limit)
+    monkeypatch.setattr(sa, "_compiled_flex", lambda context: over_the_limit)
     monkeypatch.setattr(sa, "_FALLBACK_WARNED", __import__("threading").Event())
     q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
     cu = _cu((10, 30))
     with pytest.warns(RuntimeWarning, match="limits"):
         out = sa.segmented_attention_flex(q, k, v, cu, compiled=True)
     torch.testing.assert_close(out, segmented_attention_reference(q, k, v, cu), atol=1e-6, rtol=1e-6)
+
+
+def test_compiled_flex_has_one_function_per_calling_context_and_one_layout(monkeypatch):
+    """dynamo tells a call inside the ``prune::segmented_attention`` operator (a compiled vision
+    layer), a call with autograd on and an eager no-grad call apart by their tensors' dispatch keys
+    and checks strides: one shared compiled function held a graph per length per context and passed
+    dynamo's recompile limit (then FlexAttention runs uncompiled). Each context gets its own compiled
+    function, and every call hands it contiguous rows (a transposed view at a whole number of blocks
+    would be another graph)."""
+    import importlib
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    sa = importlib.import_module("prune.kernels.segmented_attention")
+    calls = []
+
+    def make(context):
+        def run(q, k, v, block_mask, scale, enable_gqa):
+            calls.append((context, q.is_contiguous(), k.is_contiguous(), v.is_contiguous()))
+            return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+        return run
+
+    monkeypatch.setattr(sa, "_compiled_flex", make)
+    n = 128  # a whole block: no padding copy
+    q, k, v = (torch.randn(1, n, 2, 16).transpose(1, 2) for _ in range(3))  # (B, H, N, d) views, Qwen's layout
+    assert not q.is_contiguous()
+    cu = _cu((40, 88))
+    ref = segmented_attention_reference(q, k, v, cu)
+    with torch.no_grad():
+        plain = sa.segmented_attention_flex(q, k, v, cu, compiled=True)
+        inside = sa.segmented_attention_flex(q, k, v, cu, compiled=True, _inside_op=True)
+    with torch.inference_mode():
+        inference = sa.segmented_attention_flex(q, k, v, cu, compiled=True)
+    contexts = [c[0] for c in calls]
+    assert len(set(contexts)) == 3, contexts
+    assert all(all(c[1:]) for c in calls)
+    for out in (plain, inside, inference):
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    graded = q.detach().clone().requires_grad_(True)  # (FlexAttention's backward needs CUDA: the context only)
+    assert sa._flex_context(graded, False) not in contexts
+
+
+def test_compiled_flex_functions_of_two_contexts_are_distinct_code_objects():
+    """dynamo caches per code object: two contexts must not share one (or its recompile limit)."""
+    import importlib
+
+    sa = importlib.import_module("prune.kernels.segmented_attention")
+    a, b = sa._compiled_flex((True, False, False)), sa._compiled_flex((False, False, False))
+    assert a is not b and a is sa._compiled_flex((True, False, False))
+    code = lambda f: getattr(f, "_torchdynamo_orig_callable", f).__code__  # noqa: E731
+    assert code(a) is not code(b) and code(a).co_name != code(b).co_name

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import types
 import weakref
 
 import torch
@@ -224,11 +225,30 @@ def _cached_block_mask(cu_seqlens: torch.Tensor, n: int, device: torch.device, p
     return mask
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled_flex():
+def _flex_call(q, k, v, block_mask, scale, enable_gqa):
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=None, fullgraph=True)
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex(context: tuple = ()):
+    """The ``torch.compile``d FlexAttention of one calling context: whether the call runs inside
+    the ``prune::segmented_attention`` operator (a compiled vision layer), with autograd on, under
+    inference mode. dynamo's guards tell those contexts apart (the dispatch keys a tensor carries
+    there differ), so one shared function would hold a graph per length *per context* and pass its
+    recompile limit (8), after which dynamo runs FlexAttention uncompiled, the (N, N) scores
+    materialised: a benchmark mixing compiled and eager layers ran its encoder several times slower.
+    A code object per context (few: at most 2 x 2 x 2) keeps each context's few graphs apart."""
+    code = _flex_call.__code__
+    name = "_prune_flex_" + "_".join(str(int(c)) for c in context)
+    fn = types.FunctionType(code.replace(co_name=name, **({"co_qualname": name} if hasattr(code, "co_qualname") else {})),
+                            _flex_call.__globals__, name)
+    return torch.compile(fn, dynamic=None, fullgraph=True)
+
+
+def _flex_context(q: torch.Tensor, inside_op: bool) -> tuple:
+    return inside_op, torch.is_grad_enabled() and q.requires_grad, torch.is_inference_mode_enabled()
 
 
 def segmented_attention_flex(
@@ -239,6 +259,7 @@ def segmented_attention_flex(
     *,
     scale: float | None = None,
     compiled: bool | None = None,
+    _inside_op: bool = False,
 ) -> torch.Tensor:
     """:func:`segmented_attention_reference` as one FlexAttention call.
 
@@ -261,8 +282,10 @@ def segmented_attention_flex(
         extra = (-n) % BLOCK_SIZE
         if extra:
             q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, extra)) for t in (q, k, v))
+        else:  # one layout for the compiled function (its guards check strides: a view would be a graph more)
+            q, k, v = (t.contiguous() for t in (q, k, v))
         try:
-            out = _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=h != hk)
+            out = _compiled_flex(_flex_context(q, _inside_op))(q, k, v, block_mask, scale, h != hk)
         except _COMPILE_LIMITS as error:  # e.g. many head dims / dtypes in one process
             _warn_fallback(error)
             return segmented_attention_reference(q[:, :, :n], k[:, :, :n], v[:, :, :n], cu_seqlens, scale=scale)
@@ -354,9 +377,9 @@ def segmented_attention(
     return _dispatch(q, k, v, cu_seqlens, scale=scale)
 
 
-def _dispatch(q, k, v, cu_seqlens, *, scale=None) -> torch.Tensor:
+def _dispatch(q, k, v, cu_seqlens, *, scale=None, inside_op: bool = False) -> torch.Tensor:
     if q.is_cuda and q.shape[-1] >= MIN_FLEX_HEAD_DIM and v.shape[-1] >= MIN_FLEX_HEAD_DIM:
-        return segmented_attention_flex(q, k, v, cu_seqlens, scale=scale, compiled=True)
+        return segmented_attention_flex(q, k, v, cu_seqlens, scale=scale, compiled=True, _inside_op=inside_op)
     if q.is_cuda and q.shape[2] <= MAX_DENSE_ROWS and isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.is_cuda:
         return segmented_attention_dense(q, k, v, cu_seqlens, scale=scale)
     return segmented_attention_reference(q, k, v, cu_seqlens, scale=scale)
@@ -366,7 +389,7 @@ def _dispatch(q, k, v, cu_seqlens, *, scale=None) -> torch.Tensor:
 def _segmented_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float | None
 ) -> torch.Tensor:
-    return _dispatch(q, k, v, cu_seqlens, scale=scale).contiguous()  # the strides its fake promises
+    return _dispatch(q, k, v, cu_seqlens, scale=scale, inside_op=True).contiguous()  # the strides its fake promises
 
 
 @_segmented_attention_op.register_fake
