@@ -348,9 +348,20 @@ def _cmd_bench_encoder(args: argparse.Namespace) -> int:
         modes=tuple(_modes(args.modes, bench_encoder.MODES)),
         ttft=not args.no_ttft,
         tap=not args.no_tap,
+        inputs=tuple(_inputs(args.inputs)),
+        compile=args.compile,
     )
     result = bench_encoder.run_encoder_bench(spec, settings, progress=not args.no_progress)
     return _bench_report(bench_encoder, result, args.out)
+
+
+def _inputs(text: str) -> list[str]:
+    """``--inputs image,video``: the media of bench-encoder's rows."""
+    media = [x for x in text.split(",") if x]
+    bad = [x for x in media if x not in ("image", "video")]
+    if bad or not media:
+        raise UsageError(f"--inputs: {', '.join(bad) or 'none'}: choose from image, video")
+    return media
 
 
 def _modes(text: str, known: tuple[str, ...]) -> list[str]:
@@ -664,6 +675,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stages of the pruned rows: post_encoder and/or encoder (default: %(default)s)")
     p.add_argument("--no-ttft", action="store_true", help="leave out the generate(max_new_tokens=1) rows")
     p.add_argument("--no-tap", action="store_true", help="leave out the encoder rows with the statistics taps on")
+    p.add_argument("--inputs", default="image,video", help="media of the rows: image and / or video (default: %(default)s)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the language model of every prefill / ttft row under torch.compile(mode='reduce-overhead') "
+                   "with a static cache (CUDA only)")
     p.add_argument("--modes", default="default,segmented,graphs",
                    help="vision attention of the rows: default (transformers'), segmented (one call per layer), graphs "
                    "(segmented, each layer a CUDA graph: vision_graphs=True; CUDA only), compiled (segmented, layers "

@@ -468,6 +468,52 @@ def test_bench_encoder_cli_smoke(tmp_path, capsys):
     assert next(tmp_path.glob("bench_encoder_*.png")).stat().st_size > 0
 
 
+def test_bench_encoder_inputs_choose_the_media_and_compile_needs_cuda(tmp_path, capsys):
+    import json
+
+    from prune.cli import main
+
+    common = ["bench-encoder", "--model", "tiny-qwen2.5-vl", "--device", "cpu", "--rounds", "1", "--warmup", "0",
+              "--image-size", "112", "--frames", "2", "--frame-size", "56", "--prompt-tokens", "8", "--no-progress",
+              "--no-ttft", "--no-tap", "--stages", "encoder", "--out", str(tmp_path)]
+    assert main([*common, "--inputs", "image"]) == 0
+    result = json.loads(next(tmp_path.glob("bench_encoder_*.json")).read_text())
+    assert {r["input"] for r in result["rows"]} == {"image"} and set(result["max_abs_diff"]) == {"image"}
+    assert result["settings"]["inputs"] == ["image"] and result["settings"]["compile"] is False
+    capsys.readouterr()
+    assert main([*common, "--inputs", "image,audio"]) == 2
+    assert "--inputs: audio" in capsys.readouterr().err
+    assert main([*common, "--compile"]) == 2
+    assert "needs --device cuda" in capsys.readouterr().err
+
+
+def test_bench_encoder_static_cache_rows_equal_dynamic_cache_rows():
+    """``--compile``'s prefill rows run on a static cache (one per input, reset per call): the pruned
+    encoder-stage prefill and the unpruned one give the logits of the dynamic-cache forward, call
+    after call (run here without the compiler, which needs CUDA graphs)."""
+    from prune._tiny import tiny_qwen_vl
+    from prune.evaluation.bench import _CacheMaker, _Clock
+    from prune.evaluation.bench_encoder import _PrefillRow
+    from tests.test_qwen import KINDS, make_inputs
+
+    model = tiny_qwen_vl("2.5", attn_implementation="sdpa").eval()
+    inputs = make_inputs([KINDS["image"]], [9])
+    cache = _CacheMaker(True, inputs, 1)
+    for keep, stage in ((1.0, None), (0.3, "encoder")):
+        row = _PrefillRow(model, "image", "segmented", inputs, _Clock(torch.device("cpu")), "hiprune", keep, stage)
+        row.enter()
+        try:
+            with torch.no_grad():
+                dynamic = row.run().logits
+                row.cache = cache
+                first, second = row.run().logits, row.run().logits
+        finally:
+            row.exit()
+        torch.testing.assert_close(first, dynamic, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(second, dynamic, atol=1e-5, rtol=1e-5)
+    assert len(cache.caches) == 1  # one static cache for the input, shared by its rows
+
+
 # ---- GPU: the compiled FlexAttention path --------------------------------------------------------
 @gpu
 @needs_cuda

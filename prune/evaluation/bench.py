@@ -332,7 +332,7 @@ class _Measure:
     def __init__(self, inputs: dict[str, torch.Tensor], settings: BenchSettings, device, log) -> None:
         self.inputs, self.s, self.device, self.log = inputs, settings, device, log
         self.clock = _Clock(device)
-        self.cache_kwargs = _CacheMaker(settings, inputs).kwargs
+        self.cache_kwargs = _CacheMaker(settings.compile, inputs, settings.new_tokens).kwargs
         # one owner of every row's vision-layer graphs (keys carry the weights' addresses: copies differ)
         self.graphs = VG.VisionGraphs(max_shapes=64) if settings.vision_graphs else None
         self.compiled = VC.VisionCompile() if settings.vision_compile else None  # one compiled function
@@ -623,13 +623,14 @@ def run_bench(
 
 class _CacheMaker:
     """The KV-cache argument of a timed forward or generate: none (the model makes a dynamic cache),
-    or, compiled, one static cache per model, reset before every call. Its first use runs the
-    language model eagerly: a static cache allocates its tensors on first use and marks them static
-    for CUDA graphs only outside a compiled region (transformers expects the prefill uncompiled)."""
+    or, compiled, one static cache per model (for ``inputs`` and ``new_tokens`` more), reset before
+    every call. Its first use runs the language model eagerly: a static cache allocates its tensors on
+    first use and marks them static for CUDA graphs only outside a compiled region (transformers
+    expects the prefill uncompiled)."""
 
-    def __init__(self, settings: BenchSettings, inputs: dict[str, torch.Tensor]) -> None:
-        self.compile, self.inputs = settings.compile, inputs
-        self.max_len = int(inputs["input_ids"].shape[1]) + settings.new_tokens + 8
+    def __init__(self, compile: bool, inputs: dict[str, torch.Tensor], new_tokens: int) -> None:
+        self.compile, self.inputs = compile, inputs
+        self.max_len = int(inputs["input_ids"].shape[1]) + new_tokens + 8
         self.caches: dict[int, Any] = {}
 
     def kwargs(self, model: nn.Module) -> dict[str, Any]:

@@ -46,7 +46,10 @@ from ..hooks import vision_compile as VC  # noqa: N812
 from ..hooks import vision_graphs as VG  # noqa: N812
 from . import models as M
 from .bench import (
+    _CacheMaker,
     _Clock,
+    _compile_language_model,
+    _compile_limits,
     _device_name,
     _reset_rope_deltas,
     _round_robin,
@@ -99,6 +102,11 @@ class EncoderBenchSettings:
     modes: tuple[str, ...] = MODES
     ttft: bool = True
     tap: bool = True
+    #: the inputs of the rows: "image" and / or "video"
+    inputs: tuple[str, ...] = ("image", "video")
+    #: the language model under torch.compile(mode="reduce-overhead") with a static cache, every
+    #: prefill / ttft row (pruned and unpruned alike; CUDA only)
+    compile: bool = False
 
 
 def _modality_inputs(inputs: dict[str, torch.Tensor], modality: str) -> dict[str, torch.Tensor]:
@@ -172,6 +180,11 @@ class _PrefillRow(_EncoderRow):
                                                            "video_grid_thw")}
         self.inputs = {**text, **self.pixels}
         self.row.update(method=method, keep=keep, stage=stage)
+        #: compiled: the static cache of this input (one per input and batch, shared by its rows)
+        self.cache: _CacheMaker | None = None
+
+    def cache_kwargs(self) -> dict[str, Any]:
+        return self.cache.kwargs(self.model) if self.cache is not None else {}
 
     def enter(self) -> None:
         self.wrap(self.method, self.keep, **({"stage": self.stage} if self.stage == "encoder" else {}))
@@ -181,8 +194,9 @@ class _PrefillRow(_EncoderRow):
             prune.unwrap(self.model)
 
     def run(self):
+        cache = self.cache_kwargs()
         _reset_rope_deltas(self.model)
-        return self.model(**self.inputs, use_cache=True, logits_to_keep=1)
+        return self.model(**self.inputs, **cache, use_cache=True, logits_to_keep=1)
 
 
 class _TTFTRow(_PrefillRow):
@@ -191,9 +205,12 @@ class _TTFTRow(_PrefillRow):
     kind = "ttft"
 
     def run(self):
+        cache = self.cache_kwargs()
+        if cache:  # the language model is compiled already: generate must not compile it again
+            cache["disable_compile"] = True
         _reset_rope_deltas(self.model)
         pad = getattr(self.model.generation_config, "pad_token_id", None)
-        return self.model.generate(**self.inputs, max_new_tokens=1, do_sample=False, pad_token_id=pad)
+        return self.model.generate(**self.inputs, max_new_tokens=1, do_sample=False, pad_token_id=pad, **cache)
 
 
 def _encoder_output(out) -> torch.Tensor:
@@ -289,6 +306,13 @@ def run_encoder_bench(
     device = torch.device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise M.ModelSpecError("--device cuda but torch sees no CUDA device (use --device cpu)")
+    if settings.compile and device.type != "cuda":
+        raise M.ModelSpecError("--compile times CUDA graphs: it needs --device cuda")
+    if settings.compile and settings.warmup < 1:
+        raise M.ModelSpecError("--compile needs --warmup of at least 1 (the first round compiles)")
+    bad = [m for m in settings.inputs if m not in ("image", "video")]
+    if bad or not settings.inputs:
+        raise M.ModelSpecError(f"inputs: {bad or 'none'}: choose from image, video")
     dtype = M.DTYPES[settings.dtype]
     model = M.build_model(spec, device=device, dtype=dtype, attn_implementation=settings.attn, seed=settings.seed)
     adapter = adapter_for(model)
@@ -315,18 +339,19 @@ def run_encoder_bench(
     if device.type != "cuda" and any(m in _CUDA_MODES for m in modes):
         log(f"(no {', '.join(m for m in modes if m in _CUDA_MODES)} rows: they need --device cuda)")
         modes = [m for m in modes if m not in _CUDA_MODES]
+    media = [m for m in ("image", "video") if m in settings.inputs]
     rows: list[_EncoderRow] = [
-        _EncoderRow(model, modality, mode, inputs[modality, first], clock) for modality in ("image", "video")
+        _EncoderRow(model, modality, mode, inputs[modality, first], clock) for modality in media
         for mode in modes
     ]
     if settings.tap and pruned:
         rows += [_EncoderRow(model, modality, mode, inputs[modality, first], clock, tapped=(settings.method, pruned[0]))
-                 for modality in ("image", "video") for mode in modes]
+                 for modality in media for mode in modes]
     if settings.prefill:
         kinds = (_PrefillRow, _TTFTRow) if settings.ttft else (_PrefillRow,)
         for kind in kinds:
             for batch in settings.batches:
-                for modality in ("image", "video"):
+                for modality in media:
                     for keep in settings.prefill_keeps:
                         for stage in ((None,) if keep == 1.0 else settings.stages):
                             rows += [kind(model, modality, mode, inputs[modality, batch], clock, settings.method, keep,
@@ -336,15 +361,20 @@ def run_encoder_bench(
     # function serves every compiled row
     graphs = {mode: VG.VisionGraphs(max_shapes=64) for mode in modes if _graphed(mode)}
     compiled = VC.VisionCompile() if any(_compiled(m) for m in modes) else None
+    caches = {key: _CacheMaker(True, value, 1) for key, value in inputs.items()} if settings.compile else {}
     for row in rows:
         row.graphs = graphs.get(row.mode)
         row.compiled = compiled if _compiled(row.mode) else None
+        if isinstance(row, _PrefillRow):
+            row.cache = caches.get((row.modality, row.row["batch"]))
+    if settings.compile:
+        _compile_language_model(model)  # vision-side pruning: the pruned prefill is one graph per length
     log(
         f"{spec.name}: {type(model).__name__} ({settings.dtype}, {settings.attn}) on {_device_name(device)}; "
         f"image grid {grids['image']}, video grid {grids['video']}; {len(rows)} rows, {settings.rounds} rounds "
         f"after {settings.warmup} warm-up rounds"
     )
-    with torch.no_grad():
+    with torch.no_grad(), _compile_limits(settings):
         _round_robin(rows, settings, progress, log)  # reads warmup and rounds
     differences = _differences(rows)
     summaries = [_summary(r) for r in rows]
@@ -361,7 +391,8 @@ def run_encoder_bench(
             "prune": prune.__version__,
         },
         "settings": {**asdict(settings), "prefill_keeps": list(settings.prefill_keeps),
-                     "stages": list(settings.stages), "batches": list(settings.batches)},
+                     "stages": list(settings.stages), "batches": list(settings.batches),
+                     "inputs": list(settings.inputs)},
         "grids": grids,
         "vision_tokens": {k: int(sum(t * h * w for t, h, w in g) // adapter.merge_size() ** 2) for k, g in grids.items()},
         "max_abs_diff": differences,
@@ -380,7 +411,9 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"{env['device']}, torch {env['torch']}, transformers {env['transformers']}; {s['dtype']}, {s['attn']}; "
         f"image {s['image_size']} px (grid {result['grids']['image']}), video {s['frames']} x {s['frame_size']} px "
-        f"(grid {result['grids']['video']}); {s['rounds']} rounds after {s['warmup']} warm-up, round-robin",
+        f"(grid {result['grids']['video']}); {s['rounds']} rounds after {s['warmup']} warm-up, round-robin"
+        + ("; language model compiled (reduce-overhead, static cache) in every prefill / ttft row" if s.get("compile")
+           else ""),
         "",
         "| row | input | batch | method @ keep | stage | attention | min ms | median ms | spread | host ms | "
         "speedup over default (min / median) | vs unpruned, same attention | vs unpruned, default attention |",
@@ -455,6 +488,8 @@ def write_outputs(result: dict[str, Any], out_dir: str | Path, *, log: Callable[
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"bench_encoder_{_slug(result['model']['name'])}_{_slug(result['environment']['device'])}"
+    if result["settings"].get("compile"):
+        stem += "_compiled"
     return write_files(result, out_dir, stem, markdown, plot, log)
 
 
