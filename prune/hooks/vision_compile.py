@@ -38,7 +38,6 @@ from __future__ import annotations
 import functools
 import itertools
 import threading
-import types
 import warnings
 from typing import Any
 
@@ -61,10 +60,9 @@ def _run_layer(forward, layer, *args, **kwargs):
 
 def _fresh_function():
     """A copy of :func:`_run_layer` with a code object of its own (dynamo caches per code object)."""
-    code = _run_layer.__code__
-    name = f"_prune_vision_layer_{next(_COUNTER)}"
-    names = {"co_name": name, **({"co_qualname": name} if hasattr(code, "co_qualname") else {})}  # 3.11+
-    return types.FunctionType(code.replace(**names), _run_layer.__globals__, name)
+    from ..kernels.segmented_attention import renamed_copy
+
+    return renamed_copy(_run_layer, f"_prune_vision_layer_{next(_COUNTER)}")
 
 
 def _compiler_errors() -> tuple[type[BaseException], ...]:

@@ -225,13 +225,21 @@ def _cached_block_mask(cu_seqlens: torch.Tensor, n: int, device: torch.device, p
     return mask
 
 
+def renamed_copy(fn, name: str):
+    """``fn`` with a code object of its own named ``name``: dynamo caches compiled graphs, and
+    counts recompiles against its limit, per code object."""
+    code = fn.__code__
+    names = {"co_name": name, **({"co_qualname": name} if hasattr(code, "co_qualname") else {})}  # 3.11+
+    return types.FunctionType(code.replace(**names), fn.__globals__, name)
+
+
 def _flex_call(q, k, v, block_mask, scale, enable_gqa):
     from torch.nn.attention.flex_attention import flex_attention
 
     return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_flex(context: tuple = ()):
     """The ``torch.compile``d FlexAttention of one calling context: whether the call runs inside
     the ``prune::segmented_attention`` operator (a compiled vision layer), with autograd on, under
@@ -240,10 +248,7 @@ def _compiled_flex(context: tuple = ()):
     recompile limit (8), after which dynamo runs FlexAttention uncompiled, the (N, N) scores
     materialised: a benchmark mixing compiled and eager layers ran its encoder several times slower.
     A code object per context (few: at most 2 x 2 x 2) keeps each context's few graphs apart."""
-    code = _flex_call.__code__
-    name = "_prune_flex_" + "_".join(str(int(c)) for c in context)
-    fn = types.FunctionType(code.replace(co_name=name, **({"co_qualname": name} if hasattr(code, "co_qualname") else {})),
-                            _flex_call.__globals__, name)
+    fn = renamed_copy(_flex_call, "_prune_flex_" + "_".join(str(int(c)) for c in context))
     return torch.compile(fn, dynamic=None, fullgraph=True)
 
 
