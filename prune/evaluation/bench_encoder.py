@@ -19,6 +19,10 @@ random weights: speed does not depend on the values), for an image and a video:
 - ``max_abs_diff``: the largest difference between the encoder outputs of the two paths (and the
   largest output magnitude beside it, for scale).
 
+``compile``: the language model of every prefill / ttft row (pruned and unpruned) runs under
+``torch.compile(mode="reduce-overhead")`` on a static cache per input (reset per call), as
+``prune bench --compile`` does; ``inputs`` picks the media (image and / or video).
+
 Every pruned prefill / ttft row carries ``vs_unpruned`` (the unpruned row of the same attention and
 batch over it) and ``vs_default`` (the unpruned row with transformers' default attention over it).
 
