@@ -254,3 +254,48 @@ def test_gpu_vision_graphs_uncapturable_layer_runs_eagerly_with_a_warning():
     torch.testing.assert_close(outs[-1], lin(x))
     torch.testing.assert_close(again, lin(y))
     assert again.data_ptr() != outs[-1].data_ptr()  # callers get their own copies
+
+
+def test_vision_graphs_capture_between_cublas_workspace_clears(monkeypatch):
+    """The capture runs between two clears of cuBLAS' workspaces (so the workspace a captured matmul
+    uses is allocated in the graphs' pool, not by the eager warm-up): checked on the order of calls."""
+    calls = []
+    monkeypatch.setattr(VG, "_clear_cublas_workspaces", lambda: calls.append("clear"))
+    with VG._cublas_workspaces_in_pool():
+        calls.append("capture")
+    assert calls == ["clear", "capture", "clear"]
+    calls.clear()
+    with pytest.raises(RuntimeError), VG._cublas_workspaces_in_pool():
+        calls.append("capture")
+        raise RuntimeError("capture failed")
+    assert calls == ["clear", "capture", "clear"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_vision_graphs_survive_a_reduce_overhead_recording():
+    """A language model under ``torch.compile(mode="reduce-overhead")`` records its CUDA graphs after
+    the vision graphs were captured: it clears cuBLAS' workspaces and empties the allocator's cache.
+    The vision graphs must not have baked in a workspace that this frees (their replay would then
+    write into freed memory: a launch failure, or another tensor overwritten)."""
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 1024)).to("cuda", torch.bfloat16)
+    graphs = VG.VisionGraphs()
+    x = torch.randn(96, 1024, device="cuda", dtype=torch.bfloat16)
+    lm = nn.Linear(1024, 1024).to("cuda", torch.bfloat16)
+    compiled = torch.compile(lm, mode="reduce-overhead")
+    with torch.no_grad():
+        ref = layer(x)
+        for _ in range(3):
+            graphs.run(0, layer, layer.forward, (x,), {})
+        assert graphs.stats()["captures"] == 1
+        for _ in range(3):
+            compiled(x).clone()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        filler = [torch.full((4 << 20,), 7.0, device="cuda") for _ in range(64)]  # 1 GiB of fresh memory
+        outs = [graphs.run(0, layer, layer.forward, (x,), {}) for _ in range(3)]
+        torch.cuda.synchronize()
+    for out in outs:
+        torch.testing.assert_close(out, ref)
+    assert all(bool((f == 7.0).all()) for f in filler)

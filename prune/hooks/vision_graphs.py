@@ -37,6 +37,7 @@ segments on the host (Qwen under ``vision_attention="default"`` with SDPA / eage
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import threading
 import warnings
@@ -113,6 +114,31 @@ class _Slot:
 
     def forget(self) -> None:
         self.source, self.version = None, -1
+
+
+def _clear_cublas_workspaces() -> None:
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
+
+
+@contextlib.contextmanager
+def _cublas_workspaces_in_pool():
+    """Capture with cuBLAS workspaces allocated inside the graphs' pool, not outside it.
+
+    cuBLAS keeps one workspace per (handle, stream) and a captured matmul bakes its address into the
+    graph. A workspace made by an eager call (the warm-up run) lives in the ordinary allocator, and
+    whoever clears the workspaces frees it: ``torch.compile(mode="reduce-overhead")`` does before
+    and after each of its recordings, and ``torch.cuda.graph`` empties the cache, so the memory goes
+    back to the driver (the next replay of our graph dies with "unspecified launch failure") or to
+    another tensor (it silently overwrites it). Cleared before the capture, the capture allocates a
+    new workspace in our pool, which our graphs keep alive; cleared after, no eager call goes on
+    using memory of the pool (what torch's own cudagraph trees do, ``clear_cublas_manager``)."""
+    _clear_cublas_workspaces()
+    try:
+        yield
+    finally:
+        _clear_cublas_workspaces()
 
 
 class _Entry:
@@ -267,7 +293,7 @@ class VisionGraphs(LayerOwner):
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             side.wait_stream(current)
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), _cublas_workspaces_in_pool():
                 graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 try:
                     produced = pytree.tree_flatten(forward(*args, **kwargs))[0]
