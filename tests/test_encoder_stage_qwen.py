@@ -276,6 +276,36 @@ def test_qwen_encoder_stage_drops_whole_windows():
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
 
 
+def test_qwen_encoder_stage_segmented_keeps_emptied_windows_on_the_device():
+    """Under the one-call segmented attention the survivors' boundaries are mapped on the device, no
+    read back: every window stays in the list (an emptied one as an empty segment, which the
+    segmented kernel takes), and the oracle holds as with the host path."""
+    model = _build("qwen2_5_vl", "sdpa")
+    inputs = make_inputs("qwen2_5_vl", [[("image", (1, 16, 16))]], [7])
+    windowed = model.model.visual.blocks[2]
+    seen = {"original": [], "mapped": []}
+
+    def boundaries(key):
+        return lambda m, a, k: seen[key].extend(
+            v.clone() for v in k.values() if isinstance(v, torch.Tensor) and v.dim() == 1 and not v.is_floating_point())
+
+    first = windowed.register_forward_pre_hook(boundaries("original"), with_kwargs=True)
+    wrapped = prune.wrap(model, "hiprune", keep=0.1, stage="encoder", vision_attention="segmented")
+    last = windowed.register_forward_pre_hook(boundaries("mapped"), with_kwargs=True)
+    with torch.no_grad():
+        logits = wrapped(**inputs).logits[0]
+        record = wrapped.prune_state.last
+    first.remove(), last.remove()
+    (original,), (cu,) = seen["original"], seen["mapped"]
+    kept_units = int(record.images[0].kept.reshape(-1).sum())
+    assert cu.shape == original.shape and int(cu[0]) == 0 and int(cu[-1]) == 4 * kept_units
+    lengths = cu[1:] - cu[:-1]
+    assert bool((lengths >= 0).all()) and bool((lengths == 0).any())  # emptied windows stay, empty
+    prune.unwrap(model)
+    ref_logits, _ = oracle(model, inputs, record, record.keep_mask[0])
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+
+
 def test_qwen_encoder_stage_unwrap_restores():
     model = _build("qwen3_vl")
     assert_unwrap_restores(model, make_inputs("qwen3_vl", [KINDS["image+video"]], [9]))

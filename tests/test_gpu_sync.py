@@ -75,3 +75,40 @@ def test_cuda_prefill_and_generate_have_no_sync_in_prune(monkeypatch, family, me
     assert torch.equal(keep, ref_keep)
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
     assert tokens.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+STAGE_CASES = [("llava", "cls"), ("llava", "hiprune"), ("llava_next", "hiprune"), ("qwen2_5_vl", "hiprune"),
+               ("qwen2_vl", "hiprune")]
+
+
+@cuda
+@pytest.mark.parametrize("family,method", STAGE_CASES, ids=[f"{f}-{m}" for f, m in STAGE_CASES])
+def test_cuda_encoder_stage_has_no_sync_in_prune(monkeypatch, family, method):
+    """``stage="encoder"``: the selection inside the encoder (after the cut layer), the mapping of the
+    later blocks' arguments (Qwen: rotary rows and segment boundaries, on the device under the
+    segmented attention the wrap picks on CUDA), the scatter after the tower and the language
+    model's cut run without a device read; the kept set is the per-view reference's."""
+    from prune.hooks import encoder_stage
+
+    window = _Window()
+    monkeypatch.setattr(base.Adapter, "_on_language_model_call", window.wrap(base.Adapter._on_language_model_call))
+    monkeypatch.setattr(base.Adapter, "_collect", window.wrap(base.Adapter._collect))
+    for name in ("_after_cut_layer", "_after_tower", "_packed_after_cut", "_packed_before_block", "_packed_scatter"):
+        monkeypatch.setattr(encoder_stage, name, window.wrap(getattr(encoder_stage, name)))
+    model, inputs = _case(family)
+    prune.wrap(model, method, keep=0.3, stage="encoder")
+    if family.startswith("qwen"):
+        assert model.prune_state.vision_attention == "segmented"
+    with torch.no_grad():
+        model(**inputs)  # warm-up
+        window.armed = True
+        logits = model(**inputs).logits
+        keep = model.prune_state.last.keep_mask.clone()
+        tokens = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        window.armed = False
+        monkeypatch.setattr(get_method(method), "select_batch", Method.select_batch)
+        ref_logits = model(**inputs).logits
+        ref_keep = model.prune_state.last.keep_mask
+    assert torch.equal(keep, ref_keep)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert tokens.shape[1] == inputs["input_ids"].shape[1] + 3

@@ -277,7 +277,13 @@ def test_gpu_vision_graphs_survive_a_reduce_overhead_recording():
     """A language model under ``torch.compile(mode="reduce-overhead")`` records its CUDA graphs after
     the vision graphs were captured: it clears cuBLAS' workspaces and empties the allocator's cache.
     The vision graphs must not have baked in a workspace that this frees (their replay would then
-    write into freed memory: a launch failure, or another tensor overwritten)."""
+    write into freed memory: a launch failure, or another tensor overwritten).
+
+    Honest limit: on the H200 this small case passed without the fix as well (whether the freed
+    workspace is reused depends on the allocator's state); the failure was reproduced only by the
+    Qwen2.5-VL-7B bench run (``bench-encoder --compile --modes compiled_graphs``,
+    ``benchmarks/results/h200/encoder_stage/compiled_lm_graphs_b1/``). The ordering test above is
+    the one that fails if the fix is taken out."""
     torch.manual_seed(0)
     layer = nn.Sequential(nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 1024)).to("cuda", torch.bfloat16)
     graphs = VG.VisionGraphs()

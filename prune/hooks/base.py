@@ -556,12 +556,8 @@ class Adapter:
             sample = int(rows[start])
             if not bool((rows[start : start + n] == sample).all()):
                 raise RuntimeError(f"one {modality}'s placeholder tokens span two prompts")
-            token_view, token_patch = lay.token_view.cpu(), lay.token_patch.cpu()
+            token_view, token_patch, caps, budget, shares = plan_views(self.method, config, lay)
             prunable = token_view >= 0
-            caps = torch.bincount(token_view[prunable], minlength=len(lay.grids)).tolist()
-            budget = config.budget(int(prunable.sum()))
-            shares = self.method.view_budgets(budget, caps, [h * w for h, w in lay.grids], config.budget,
-                                              proportional=lay.split == "proportional")
             plan = _Planned(lay, sample, cols[start : start + n], token_view, token_patch, budget, shares,
                             src=torch.full((n,), -1, dtype=torch.long), kept_count=int((~prunable).sum()))
             for v in range(len(lay.grids)):
@@ -589,20 +585,7 @@ class Adapter:
             features = _view_features(embeds, at_rows, at_cols, src, len(ranked) * width)
             features = features.view(len(ranked), width, embeds.shape[-1])
         if ranked:
-            keys = [r.key for r in getattr(self.method, "requests", [])]
-            first = layouts[ranked[0][0]].signals[ranked[0][1]]  # the encoder stage's own signals, if recorded
-            keys += [k for k in getattr(self.method, "signal_keys", ()) if k in first]
-            batch = ViewBatch(
-                grids=grids,
-                budgets=[b for _, _, _, b in ranked],
-                valid=to_device(valid, device),
-                valid_host=valid,
-                signals={key: _pad_rows([layouts[i].signals[v][key].to(device) for i, v, _, _ in ranked], width,
-                                        float("-inf")) for key in keys},
-                index=[v for _, v, _, _ in ranked],
-                features=features,
-            )
-            sel = self.method.select_batch(batch)
+            sel = rank_views(self.method, layouts, [(i, v, b) for i, v, _, b in ranked], valid, device, features)
             for (i, _, _, _), count in zip(ranked, sel.counts or [None] * len(ranked)):
                 if plans[i].kept_count is not None:
                     plans[i].kept_count = None if count is None else plans[i].kept_count + count
@@ -644,6 +627,39 @@ class Adapter:
                 )
             )
         return embeds
+
+
+def plan_views(method: Method, config, lay: ImageLayout) -> tuple[torch.Tensor, torch.Tensor, list[int], int, list[int]]:
+    """Host arithmetic on the shapes of one image (video): its tokens' views and patches, each view's
+    prunable count (cap), the image's budget and each view's share of it."""
+    token_view, token_patch = lay.token_view.cpu(), lay.token_patch.cpu()
+    prunable = token_view >= 0
+    caps = torch.bincount(token_view[prunable], minlength=len(lay.grids)).tolist()
+    budget = config.budget(int(prunable.sum()))
+    shares = method.view_budgets(budget, caps, [h * w for h, w in lay.grids], config.budget,
+                                 proportional=lay.split == "proportional")
+    return token_view, token_patch, caps, budget, shares
+
+
+def rank_views(method: Method, layouts: list[ImageLayout], ranked: list[tuple[int, int, int]], valid: torch.Tensor,
+               device: torch.device, features: torch.Tensor | None = None):
+    """The method's batched selection of the views ``ranked`` ((layout, view, budget) each) of one
+    call, on the device. ``valid``: (V, P) host bool of each ranked view's valid patches."""
+    keys = [r.key for r in getattr(method, "requests", [])]
+    first = layouts[ranked[0][0]].signals[ranked[0][1]]  # the encoder stage's own signals, if recorded
+    keys += [k for k in getattr(method, "signal_keys", ()) if k in first]
+    width = valid.shape[1]
+    batch = ViewBatch(
+        grids=[layouts[i].grids[v] for i, v, _ in ranked],
+        budgets=[b for _, _, b in ranked],
+        valid=to_device(valid, device),
+        valid_host=valid,
+        signals={key: _pad_rows([layouts[i].signals[v][key].to(device) for i, v, _ in ranked], width, float("-inf"))
+                 for key in keys},
+        index=[v for _, v, _ in ranked],
+        features=features,
+    )
+    return method.select_batch(batch)
 
 
 @dataclass

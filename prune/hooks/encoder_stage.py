@@ -37,9 +37,9 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..methods import Method, Selection, View
-from ..methods.base import BatchSelection, ViewBatch
+from ..methods.base import BatchSelection, ViewBatch, to_device
 from .attention_tap import _ConfigView, _inner_implementation
-from .base import InstanceOverride, bind_arguments, host_shape_arguments
+from .base import InstanceOverride, bind_arguments, host_shape_arguments, plan_views, rank_views
 
 KEEP_KEY = "keep@encoder"
 SCORE_KEY = "score@encoder"
@@ -159,59 +159,71 @@ class EncoderStage:
         ctx = self.state._scratch.get("encoder_stage")
         return ctx if ctx is not None and self.state._collecting is not None else None
 
-    def view_choices(self, ctx: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each view's (keep (n,) bool, score (n,) float) on the host, in the layouts' order: the budgets
-        of the post-encoder selection (``adapter._select``), the method's own ``select`` per view, on
-        the statistics collected so far in this encoder call."""
+    def view_choices(self, ctx: dict[str, Any], device) -> list[tuple[torch.Tensor, torch.Tensor, int | None]]:
+        """Each view's keep (n,) bool and score (n,) fp32 on ``device``, and the count it keeps as the
+        host knows it (None: data-dependent), in the layouts' order: the budgets of the post-encoder
+        selection (:func:`plan_views`), one batched selection of every view that needs ranking
+        (:func:`rank_views`, the method's ``select_batch``) on the statistics collected so far in
+        this encoder call. Nothing is read back from the device."""
         collected = self.state._collecting
-        signals = {k: (torch.cat(v, dim=-1) if len(v) > 1 else v[0]).detach().float().cpu()
+        signals = {k: (torch.cat(v, dim=-1) if len(v) > 1 else v[0]).detach().float()
                    for k, v in collected.items() if k not in (KEEP_KEY, SCORE_KEY)}
-        adapter, method, config = self.adapter, self.method, self.state.config
-        choices = []
-        for lay in adapter.layouts(ctx["modality"], ctx["args"], signals):
-            token_view, token_patch = lay.token_view.cpu(), lay.token_patch.cpu()
-            prunable = token_view >= 0
-            caps = torch.bincount(token_view[prunable], minlength=len(lay.grids)).tolist()
-            budget = config.budget(int(prunable.sum()))
-            shares = method.view_budgets(budget, caps, [h * w for h, w in lay.grids], config.budget,
-                                         proportional=lay.split == "proportional")
+        layouts = self.adapter.layouts(ctx["modality"], ctx["args"], signals)
+        views, ranked = [], []  # views: (valid (n,) host, its row among the ranked or None, host count)
+        for i, lay in enumerate(layouts):
+            token_view, token_patch, caps, _, shares = plan_views(self.method, self.state.config, lay)
             for v, (h, w) in enumerate(lay.grids):
-                n = h * w
-                valid = torch.zeros(n, dtype=torch.bool)
+                valid = torch.zeros(h * w, dtype=torch.bool)
                 valid[token_patch[token_view == v]] = True
-                keep, score = valid.clone(), torch.full((n,), float("nan"))
                 if shares[v] < caps[v]:
-                    view_signals = {key: sig.float() for key, sig in lay.signals[v].items()}
-                    sel = method.select(View(grid=(h, w), budget=shares[v], valid=valid, signals=view_signals,
-                                             index=v))
-                    keep = torch.zeros(n, dtype=torch.bool)
-                    keep[sel.keep.cpu()] = True
-                    if sel.score is not None:
-                        score = sel.score.cpu().float()
-                choices.append((keep, score))
+                    views.append((valid, len(ranked), shares[v]))
+                    ranked.append((i, v, shares[v]))
+                else:  # the whole view fits its budget: nothing to rank
+                    views.append((valid, None, int(valid.sum())))
+        sel = None
+        if ranked:
+            width = max(views[j][0].numel() for j in range(len(views)) if views[j][1] is not None)
+            valid = torch.zeros(len(ranked), width, dtype=torch.bool)
+            for mask, row, _ in views:
+                if row is not None:
+                    valid[row, : mask.numel()] = mask
+            sel = rank_views(self.method, layouts, ranked, valid, device)
+        choices = []
+        for mask, row, count in views:
+            n = mask.numel()
+            if row is None:
+                choices.append((to_device(mask, device), torch.full((n,), float("nan"), device=device), count))
+                continue
+            score = sel.score[row, :n].float() if sel.score is not None else torch.full((n,), float("nan"), device=device)
+            choices.append((sel.keep[row, :n], score, None if sel.counts is None else sel.counts[row]))
         return choices
 
     def select_rows(self, ctx: dict[str, Any], device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The encoder rows each view (encoder batch row) keeps: (views, offset + T) long, [CLS] first,
         ascending, and None; or, where views keep different counts (LLaVA-NeXT's crops), padded to the
         longest with row 0 and a (views, offset + T) bool of the real rows. Records the selection as
-        the call's ``keep@encoder`` / ``score@encoder`` signals."""
-        choices = self.view_choices(ctx)
-        keep = torch.stack([k for k, _ in choices])  # (views, N)
+        the call's ``keep@encoder`` / ``score@encoder`` signals. On the device, sizes from the host
+        counts: no read back unless the method's count is data-dependent."""
+        choices = self.view_choices(ctx, device)
+        keep = torch.stack([k for k, _, _ in choices])  # (views, N)
         views = keep.shape[0]
-        full = torch.cat([torch.ones(views, self.offset, dtype=torch.bool), keep], dim=1)  # (views, offset + N)
+        full = torch.cat([keep.new_ones(views, self.offset), keep], dim=1)  # (views, offset + N)
         collected = self.state._collecting
-        collected[KEEP_KEY] = [full.float().to(device)]
-        scores = torch.stack([s for _, s in choices])
-        collected[SCORE_KEY] = [torch.cat([torch.zeros(views, self.offset), scores], dim=1).to(device)]
-        counts = full.sum(1)
-        longest = int(counts.max())
+        collected[KEEP_KEY] = [full.float()]
+        scores = torch.stack([s for _, s, _ in choices])
+        collected[SCORE_KEY] = [torch.cat([scores.new_zeros(views, self.offset), scores], dim=1)]
+        counts = [c for _, _, c in choices]
+        if None in counts:  # a data-dependent count: read back (one sync)
+            counts = full.sum(1).tolist()
+        else:
+            counts = [c + self.offset for c in counts]
+        longest = max(counts)
         # stable sort puts each view's kept rows first, ascending; the rest pads to the longest view
         order = torch.sort((~full).to(torch.int8), dim=1, stable=True).indices[:, :longest]
-        real = torch.arange(longest)[None, :] < counts[:, None]
-        if bool(real.all()):
-            return order.to(device), None
-        return order.masked_fill(~real, 0).to(device), real.to(device)
+        if min(counts) == longest:
+            return order, None
+        real = to_device(torch.arange(longest)[None, :] < torch.tensor(counts)[:, None], device)
+        return order.masked_fill(~real, 0), real
 
 
 def _after_cut_layer(stage: EncoderStage, module, args, output):
@@ -355,25 +367,34 @@ class PackedEncoderStage(EncoderStage):
         removers.extend(h.remove for h in hooks)
         return removers
 
-    def select_units(self, ctx: dict[str, Any], length: int, device) -> torch.Tensor:
-        """(S,) bool on the host: the sequence rows (encoder order) of the kept merge units. Records
-        the selection as the call's ``keep@encoder`` / ``score@encoder`` signals, per row."""
-        choices = self.view_choices(ctx)
-        keep = torch.cat([k for k, _ in choices])  # (units,) raster order, view after view
-        score = torch.cat([s for _, s in choices])
+    def device_bounds(self) -> bool:
+        """Whether the blocks after the cut take their segment boundaries on the device: under prune's
+        one-call segmented attention (it takes empty segments and never reads them back); otherwise
+        transformers splits the segments on the host and fails on an empty one."""
+        return self.state.vision_attention == "segmented"
+
+    def select_units(self, ctx: dict[str, Any], length: int, device) -> tuple[torch.Tensor, int | None]:
+        """(S,) bool on ``device``: the sequence rows (encoder order) of the kept merge units, and how
+        many they are as the host knows it (None: the method's count is data-dependent). Records the
+        selection as the call's ``keep@encoder`` / ``score@encoder`` signals, per row."""
+        choices = self.view_choices(ctx, device)
+        keep = torch.cat([k for k, _, _ in choices])  # (units,) raster order, view after view
+        score = torch.cat([s for _, s, _ in choices])
         unit = self.adapter.merge_size() ** 2
         if keep.numel() * unit != length:
             raise RuntimeError(f"stage='encoder': {keep.numel()} merge units of {unit} rows do not make the "
                                f"encoder's {length} rows")
         order = self.adapter.unit_order(self.adapter.grid_of(ctx["modality"], ctx["args"]))  # raster unit -> encoder position (None: the same)
         if order is not None:
+            order = to_device(order, device)
             keep = torch.zeros_like(keep).index_copy_(0, order, keep)
             score = torch.zeros_like(score).index_copy_(0, order, score)
         rows = keep.repeat_interleave(unit)
         collected = self.state._collecting
-        collected[KEEP_KEY] = [rows.float()[None].to(device)]  # (1, S): the shape of the encoder's statistics
-        collected[SCORE_KEY] = [score.repeat_interleave(unit)[None].to(device)]
-        return rows
+        collected[KEEP_KEY] = [rows.float()[None]]  # (1, S): the shape of the encoder's statistics
+        collected[SCORE_KEY] = [score.repeat_interleave(unit)[None]]
+        counts = [c for _, _, c in choices]
+        return rows, None if None in counts else sum(counts) * unit
 
 
 def _packed_after_cut(stage: PackedEncoderStage, module, args, output):
@@ -385,10 +406,15 @@ def _packed_after_cut(stage: PackedEncoderStage, module, args, output):
         raise RuntimeError(f"stage='encoder': expected the packed (S, D) sequence after the cut block, got "
                            f"{tuple(hidden.shape)}")
     length = hidden.shape[0]
-    kept = stage.select_units(ctx, length, hidden.device)
-    rows = torch.nonzero(kept, as_tuple=True)[0].to(hidden.device)  # host data: no device read
-    prefix = torch.nn.functional.pad(kept.long().cumsum(0), (1, 0))  # (S + 1,) on the host
-    ctx.update(rows=rows, length=length, prefix=prefix, mapped={}, scattered=None)
+    kept, count = stage.select_units(ctx, length, hidden.device)
+    if count is None:  # the method's count is data-dependent: read back (one sync)
+        count = int(kept.sum())
+    rows = torch.nonzero_static(kept, size=count)[:, 0]  # ascending, sized from the host count
+    prefix = torch.nn.functional.pad(kept.long().cumsum(0), (1, 0))  # (S + 1,) survivors before each row
+    device_bounds = stage.device_bounds()
+    if not device_bounds:  # transformers splits the segments on the host: bounds on the host
+        prefix = prefix.cpu()
+    ctx.update(rows=rows, length=length, prefix=prefix, device_bounds=device_bounds, mapped={}, scattered=None)
     gathered = hidden.index_select(0, rows)
     return (gathered, *output[1:]) if isinstance(output, tuple) else gathered
 
@@ -410,11 +436,15 @@ def _packed_map(ctx: dict[str, Any], value: Any) -> Any:
     if hit is not None and hit[0] is value:  # every block shares these tensors: mapped once per call
         return hit[1]
     if integer and value.dim() == 1:  # segment boundaries: the survivors before each boundary
-        # Read once per call and tensor (transformers reads them back per block anyway, for the split
-        # lengths): emptied segments (a window whose units were all dropped) are removed, because
-        # transformers' per-segment SDPA / eager paths fail on a zero-length segment.
-        bounds = torch.unique_consecutive(ctx["prefix"][value.cpu().long()])
-        mapped = bounds.to(device=value.device, dtype=value.dtype)
+        prefix = ctx["prefix"]
+        if ctx["device_bounds"]:  # one-call segmented attention: empty segments are fine
+            mapped = prefix[value.long()].to(value.dtype)
+        else:
+            # On the host, once per call and tensor (transformers reads them back per block anyway,
+            # for the split lengths): emptied segments (a window whose units were all dropped) are
+            # removed, because transformers' per-segment SDPA / eager paths fail on a zero-length one.
+            bounds = torch.unique_consecutive(prefix[value.cpu().long()])
+            mapped = bounds.to(device=value.device, dtype=value.dtype)
     else:
         mapped = value.index_select(0, ctx["rows"].to(value.device))
     ctx["mapped"][id(value)] = (value, mapped)
