@@ -22,7 +22,7 @@ from transformers import Cache
 
 #: the transformers releases the test suite runs against (CI runs both ends); pyproject.toml's
 #: ``[tool.prune]`` table and its dependency bound say the same, and a test keeps them equal
-TESTED_TRANSFORMERS = ("5.17.0", "5.24.0")
+TESTED_TRANSFORMERS = ("5.17.0", "5.25.0")
 
 #: distribution -> (oldest, newest) release tested; the newest's patch releases count as tested.
 #: Python and torch: the GPU machine (torch 2.11) and CI (torch 2.14); lmms-eval 0.7.3 is the newest.
@@ -103,8 +103,13 @@ def _cache_parameter(fn) -> str | None:
     return None
 
 
+@torch.compiler.assume_constant_result
 def cache_parameter(fn) -> str:
-    """The name of the parameter of ``fn`` that takes the KV cache (read from its signature)."""
+    """The name of the parameter of ``fn`` that takes the KV cache (read from its signature).
+
+    A constant to ``torch.compile``: dynamo does not trace the signature's inspection (transformers'
+    deprecation shims give functions a ``__signature__`` whose dict dynamo refuses to read), it calls
+    this once while tracing and bakes in the name."""
     name = _cache_parameter(getattr(fn, "__func__", fn))
     if name is None:
         raise TypeError(f"{getattr(fn, '__qualname__', fn)} takes no cache argument")

@@ -336,3 +336,21 @@ def test_gpu_qwen_encoder_stage_equals_the_cpu_run(family):
         out[device] = (logits.cpu(), model.prune_state.last.keep_mask.cpu())
     assert torch.equal(out["cuda"][1], out["cpu"][1])
     torch.testing.assert_close(out["cuda"][0], out["cpu"][0], atol=2e-3, rtol=2e-3)
+
+
+def test_qwen2_5_unit_order_per_grid_is_the_inverse_window_index_on_every_call():
+    """Qwen2.5-VL's unit order (raster unit -> encoder position) is kept per grid: asked again for a
+    grid, or for other grids in between, it is still the inverse of the model's own window index."""
+    from transformers.vision_utils import get_vision_window_index
+
+    model = _build("qwen2_5_vl")
+    adapter = prune.hooks.adapter_for(model)
+    visual = model.model.visual
+    grids = [[[1, 8, 12]], [[1, 8, 8], [1, 12, 8]], [[2, 12, 8]], [[1, 8, 12]]]
+    for _ in range(2):
+        for grid in grids:
+            grid = torch.tensor(grid)
+            index, _ = get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
+                                               window_size=visual.window_size, patch_size=visual.patch_size)
+            order = adapter.unit_order(grid)
+            assert order.tolist() == torch.argsort(torch.as_tensor(index).long()).tolist()

@@ -37,8 +37,8 @@ def test_pyproject_declares_the_tested_range():
 
 @pytest.mark.parametrize(
     "version, inside",
-    [("5.17.0", True), ("5.20.1", True), ("5.24.0", True), ("5.24.3", True), ("5.25.0", False),
-     ("5.25.0.dev0", False), ("5.16.2", False), ("4.57.0", False), ("6.0.0", False)],
+    [("5.17.0", True), ("5.20.1", True), ("5.24.0", True), ("5.24.3", True), ("5.25.0", True),
+     ("5.25.4", True), ("5.26.0", False), ("5.26.0.dev0", False), ("5.16.2", False), ("4.57.0", False), ("6.0.0", False)],
 )
 def test_tested_range(version, inside):
     assert in_tested_range(version) is inside
@@ -48,7 +48,8 @@ def test_wrap_warns_once_outside_the_tested_range(monkeypatch):
     monkeypatch.setattr(_compat, "transformers_version", lambda: "5.99.0")
     monkeypatch.setattr(_compat, "_warned_versions", set())
     model = tiny_llava()
-    with pytest.warns(UserWarning, match=r"tested with transformers 5\.17\.0 to 5\.24\.0.*5\.99\.0"):
+    with pytest.warns(UserWarning, match=rf"tested with transformers {re.escape(_compat.TESTED_TRANSFORMERS[0])} to "
+                      rf"{re.escape(_compat.TESTED_TRANSFORMERS[1])}.*5\.99\.0"):
         prune.wrap(model, "random", keep=0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -111,7 +112,7 @@ def test_prune_env_names_every_dependency():
     lines = {line.split()[0]: line for line in out.stdout.splitlines()}
     assert set(lines) >= {"prune", "python", "torch", "transformers", "triton", "lmms-eval", "decord", "device"}
     assert transformers.__version__ in lines["transformers"]
-    assert "5.17.0 .. 5.24.0" in lines["transformers"]
+    assert " .. ".join(_compat.TESTED_TRANSFORMERS) in lines["transformers"]
     assert lines["transformers"].rstrip().endswith("ok")
     as_json = subprocess.run([sys.executable, "-m", "prune.cli", "env", "--json"], capture_output=True, text=True,
                              check=True)

@@ -3,7 +3,10 @@ for the unpruned model and hiprune @ 0.11 at the encoder stage, both with vision
 and the language model under reduce-overhead with a static cache (the bench-encoder `--compile`
 `compiled_graphs` rows). CUDA events and host clocks at the encoder's blocks, the merger and the language
 model: GPU ms between the marks (a gap the GPU spends waiting for the host shows as GPU time too, so host
-ms beside it). `PYTHONPATH=. python benchmarks/diag/encoder_stage_phases.py` (about 2 minutes)."""
+ms beside it). `PYTHONPATH=. python benchmarks/diag/encoder_stage_phases.py [--profile]` (about 2 minutes; `--profile`: then
+cProfile and torch.profiler tables of the pruned call, and a Chrome trace under $OUT when it is set)."""
+import os
+import sys
 import time
 
 import torch
@@ -92,3 +95,30 @@ for _ in range(4):
 for _ in range(2):
     run(1.0, None, report=True)
     run(0.11, "encoder", report=True)
+
+if "--profile" in sys.argv:  # where the pruned call's host time goes: Python functions, then torch ops
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(3):
+        run(0.11, "encoder")
+    profiler.disable()
+    torch.cuda.synchronize()
+    print("--- cProfile, 3 pruned calls (wrap + call + unwrap), by own time")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(35)
+    print("--- cProfile, by cumulative time, prune's functions")
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(r"prune/", 45)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        run(0.11, "encoder")
+        torch.cuda.synchronize()
+    print("--- torch.profiler, one pruned call, ops by self CPU time")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+    print("--- the same, grouped by the Python stack (5 frames)")
+    print(prof.key_averages(group_by_stack_n=5).table(sort_by="self_cpu_time_total", row_limit=25))
+    out = os.environ.get("OUT")
+    if out:
+        prof.export_chrome_trace(os.path.join(out, "encoder_stage_pruned_trace.json"))

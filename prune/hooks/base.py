@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_masks_for_generate
 
-from .._compat import cache_length, find_cache, is_static_cache
+from .._compat import cache_length, cache_parameter, find_cache, is_static_cache
 from ..kernels import attention_stats
 from ..methods import EncoderInfo, Method, SignalRequest
 from ..methods.base import ViewBatch, _pad_rows, to_device
@@ -324,10 +324,14 @@ class Adapter:
         if self.state._media:
             modalities = ", ".join(sorted(self.state._media))
             self.state._media = {}
+            try:  # the keyword this release gives the cache (5.24: past_key_values -> cache)
+                name = cache_parameter(type(self.model).forward)
+            except TypeError:
+                name = "cache"
             raise ValueError(
-                f"past_key_values: this call passes new media ({modalities}) with a cache that a pruned "
+                f"{name}: this call passes new media ({modalities}) with a cache that a pruned "
                 "prefill produced; prune cannot place new media on a pruned cache. Pass the whole history "
-                "with all its media and no past_key_values (the prompt is pruned afresh), or unwrap the model."
+                f"with all its media and no {name} (the prompt is pruned afresh), or unwrap the model."
             )
 
     def _placeholder_mask(self, modality: str, call: dict[str, Any]) -> torch.Tensor:

@@ -29,11 +29,25 @@ def _window_index(visual, grid_thw: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(index).long()
 
 
+_MAX_ORDERS = 64
+
+
 class Qwen25VLAdapter(Qwen2VLAdapter):
     family = "qwen2_5_vl"
     model_classes = ("Qwen2_5_VLForConditionalGeneration",)
 
     def unit_order(self, grid_thw: torch.Tensor) -> torch.Tensor:
         # window_index[i] = raster unit at encoder position i; its inverse maps raster -> encoder.
-        # On the host: the model's own function runs its loops over grid_thw.tolist().
-        return torch.argsort(_window_index(self.visual(), grid_thw.cpu()).cpu())
+        # On the host: the model's own function runs its loops over grid_thw.tolist() (a few ms on a
+        # 1344 px image), so the order is kept per grid and window geometry (read-only: do not write).
+        visual = self.visual()
+        grid = grid_thw.cpu()
+        key = (tuple(grid.flatten().tolist()), visual.spatial_merge_size, visual.window_size, visual.patch_size)
+        orders = self.__dict__.setdefault("_unit_orders", {})  # this adapter's (this model's) own
+        order = orders.get(key)
+        if order is None:
+            order = torch.argsort(_window_index(visual, grid).cpu())
+            if len(orders) >= _MAX_ORDERS:
+                orders.clear()
+            orders[key] = order
+        return order
