@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import prune
-from prune.hooks import base
+from prune.hooks import adapter_for, base
 from prune.methods import Method, get_method
 
 pytestmark = pytest.mark.gpu
@@ -43,6 +43,22 @@ class _Window:
                 torch.cuda.set_sync_debug_mode(before)
 
         return inner
+
+    def hook_module(self, module) -> None:
+        """The module's whole forward inside the window (forward pre- and post-hooks)."""
+        saved = []
+
+        def enter(*_args):
+            if self.armed:
+                saved.append(torch.cuda.get_sync_debug_mode())
+                torch.cuda.set_sync_debug_mode("error")
+
+        def leave(*_args):
+            if saved:
+                torch.cuda.set_sync_debug_mode(saved.pop())
+
+        module.register_forward_pre_hook(enter)
+        module.register_forward_hook(leave)
 
 
 def _case(family):
@@ -87,7 +103,8 @@ def test_cuda_encoder_stage_has_no_sync_in_prune(monkeypatch, family, method):
     """``stage="encoder"``: the selection inside the encoder (after the cut layer), the mapping of the
     later blocks' arguments (Qwen: rotary rows and segment boundaries, on the device under the
     segmented attention the wrap picks on CUDA), the scatter after the tower and the language
-    model's cut run without a device read; the kept set is the per-view reference's."""
+    model's cut run without a device read, and so does every vision attention (Qwen: the tapped
+    layers too); the kept set is the per-view reference's."""
     from prune.hooks import encoder_stage
 
     window = _Window()
@@ -99,6 +116,10 @@ def test_cuda_encoder_stage_has_no_sync_in_prune(monkeypatch, family, method):
     prune.wrap(model, method, keep=0.3, stage="encoder")
     if family.startswith("qwen"):
         assert model.prune_state.vision_attention == "segmented"
+        # every vision attention, the tapped cut layer's too (one call with cu_seqlens: no per-segment
+        # split with lengths.tolist())
+        for module in adapter_for(model).vision_attention_modules():
+            window.hook_module(module)
     with torch.no_grad():
         model(**inputs)  # warm-up
         window.armed = True

@@ -22,6 +22,7 @@ import prune
 from prune._tiny import qwen3_prompts, qwen_media, qwen_prompts, tiny_llava, tiny_qwen3_vl, tiny_qwen_vl
 from prune.hooks import adapter_for
 from prune.hooks import vision_attention as VA  # noqa: N812
+from prune.hooks.attention_tap import TAP_FLASH_NAME, TAP_NAME
 from prune.kernels.segmented_attention import (
     segment_block_mask,
     segmented_attention,
@@ -201,11 +202,14 @@ def test_encoder_eager_and_sdpa_and_segmented(family, kernel, request):
             assert torch.equal(segmented[modality], sdpa[modality])
 
 
+@pytest.mark.parametrize("keep", [1.0, 0.4])
 @pytest.mark.parametrize("family", ENCODER_FAMILIES)
-def test_one_call_per_layer_with_cu_seqlens_on_this_version(family, monkeypatch):
+def test_one_call_per_layer_with_cu_seqlens_on_this_version(family, keep, monkeypatch):
     """The seam (see prune/hooks/vision_attention.py): transformers routes a module whose config reads
     as our 'flash' name to its varlen path, so each vision layer makes ONE attention call, with
-    cu_seqlens. A release that decides otherwise makes this fail (0 calls), not silently slow."""
+    cu_seqlens. A release that decides otherwise makes this fail (0 calls), not silently slow.
+    At keep < 1 hiprune taps two layers: they too make one call (the tap's flash name), not one per
+    segment with a ``lengths.tolist()`` that waits for the GPU."""
     calls = []
 
     def spy(q, k, v, cu, scale=None):
@@ -216,7 +220,10 @@ def test_one_call_per_layer_with_cu_seqlens_on_this_version(family, monkeypatch)
     model = _model(family, "sdpa")
     depth = len(adapter_for(model).vision_attention_modules())
     inputs = _inputs(family)
-    prune.wrap(model, "hiprune", keep=1.0, vision_attention="segmented")
+    prune.wrap(model, "hiprune", keep=keep, vision_attention="segmented")
+    tapped = [m for m in adapter_for(model).vision_attention_modules()
+              if m.config._attn_implementation == TAP_FLASH_NAME]
+    assert len(tapped) == (0 if keep == 1.0 else 2)
     _features(model, inputs)
     assert len(calls) == 2 * depth  # image and video encoder runs
     image, video = calls[:depth], calls[depth:]
@@ -278,7 +285,8 @@ def test_seam_is_available_on_this_version():
     from transformers.utils.generic import is_flash_attention_requested
 
     assert is_flash_attention_requested(requested_attention_implementation=VA.SEGMENTED_NAME)
-    assert not is_flash_attention_requested(requested_attention_implementation="prune_tap")  # the tap keeps the loop
+    assert not is_flash_attention_requested(requested_attention_implementation=TAP_NAME)  # a tap over sdpa / eager
+    assert is_flash_attention_requested(requested_attention_implementation=TAP_FLASH_NAME)  # a tap over the seam
 
 
 def test_seam_gone_fails_loudly(monkeypatch):
@@ -338,8 +346,9 @@ def test_identity_at_keep_one_segmented(family, impl):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_tap_statistics_identity_with_segmented(family, impl):
-    """hiprune taps two encoder layers: they keep the per-segment loop (the tap's name routes them
-    there) and call the model's own implementation, so their statistics match the default's."""
+    """hiprune taps two encoder layers. Under "default" they run the model's per-segment loop, under
+    "segmented" one call with cu_seqlens (the tap's flash name): the statistics (normalised per
+    segment either way) and the kept tokens are the same."""
     inputs = _inputs(family)
     records = {}
     for mode in ("default", "segmented"):
@@ -368,13 +377,13 @@ def test_unwrap_restores_exactly_and_language_model_untouched():
     lm_before = [m.config for m in lm_attn]
     registered = set(ALL_ATTENTION_FUNCTIONS)
     prune.wrap(model, "hiprune", keep=0.4, vision_attention="segmented")
-    assert all(m.config._attn_implementation in (VA.SEGMENTED_NAME, "prune_tap") for m in vision)
+    assert all(m.config._attn_implementation in (VA.SEGMENTED_NAME, TAP_FLASH_NAME) for m in vision)
     assert [m.config for m in lm_attn] == lm_before and all(c is d for c, d in zip(
         [m.config for m in lm_attn], lm_before, strict=True))
     assert all(m.config._attn_implementation == "sdpa" for m in lm_attn)
     assert model.config._attn_implementation == "sdpa"
     assert model.config.vision_config._attn_implementation == "sdpa"
-    assert set(ALL_ATTENTION_FUNCTIONS) - registered <= {VA.SEGMENTED_NAME, "prune_tap"}
+    assert set(ALL_ATTENTION_FUNCTIONS) - registered <= {VA.SEGMENTED_NAME, TAP_NAME, TAP_FLASH_NAME}
     prune.unwrap(model)
     assert all(m.config is c for m, c in zip(vision, before, strict=True))
     assert all(m.config is c for m, c in zip(lm_attn, lm_before, strict=True))

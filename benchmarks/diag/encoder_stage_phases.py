@@ -122,3 +122,33 @@ if "--profile" in sys.argv:  # where the pruned call's host time goes: Python fu
     out = os.environ.get("OUT")
     if out:
         prof.export_chrome_trace(os.path.join(out, "encoder_stage_pruned_trace.json"))
+
+if "--syncs" in sys.argv:  # every synchronisation of one pruned call, with the phase and the code that makes it
+    import traceback
+    import warnings
+
+    sites = []
+
+    def _show(message, category, filename, lineno, file=None, line=None):
+        phase = marks[-1][0] if marks else "call start"
+        frames = [f for f in traceback.extract_stack()[:-2] if "warnings" not in f.filename]
+        where = " <- ".join(f"{f.filename.split('site-packages/')[-1].split('/work/main/')[-1]}:{f.lineno} {f.name}"
+                            for f in reversed(frames[-6:]))
+        sites.append(f"[after {phase}] {where}")
+
+    run(0.11, "encoder")
+    old = warnings.showwarning
+    warnings.showwarning = _show
+    install_marks(15)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = _show
+            run(0.11, "encoder")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = old
+    print(f"--- synchronisations in one pruned call (wrap included): {len(sites)}")
+    for site in sites:
+        print("  ", site)

@@ -20,6 +20,10 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 TAP_NAME = "prune_tap"
+#: the tap's name over a module whose own implementation's name contains "flash" (FlashAttention, or
+#: prune's segmented vision attention): transformers picks a module's code path by that substring
+#: (``is_flash_attention_requested``), so the tapped module keeps its one-call ``cu_seqlens`` path
+TAP_FLASH_NAME = "prune_tap_flash"
 _TAP_ATTR = "_prune_tap"
 STATS_ONLY_ATTR = "_prune_stats_only"
 
@@ -68,6 +72,14 @@ class _ConfigView(ConfigView):
         _ensure_registered()
 
 
+class _FlashConfigView(_ConfigView):
+    """The view of a tapped module whose own attention is flash-routed: the same tap, a name that
+    keeps transformers' varlen path (one call with ``cu_seq_lens_q``; the statistics then take the
+    segments from that argument)."""
+
+    _prune_name = TAP_FLASH_NAME
+
+
 def _inner_implementation(module: torch.nn.Module) -> Callable:
     impl = module.config._prune_base._attn_implementation
     if impl in (None, "eager"):
@@ -91,8 +103,9 @@ def _tap_attention(module: torch.nn.Module, query, key, value, attention_mask, *
 
 
 def _ensure_registered() -> None:
-    if TAP_NAME not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(TAP_NAME, _tap_attention)
+    for name in (TAP_NAME, TAP_FLASH_NAME):
+        if name not in ALL_ATTENTION_FUNCTIONS:
+            AttentionInterface.register(name, _tap_attention)
 
 
 def install_tap(module: torch.nn.Module, callback: Callable) -> Callable[[], None]:
@@ -104,7 +117,10 @@ def install_tap(module: torch.nn.Module, callback: Callable) -> Callable[[], Non
         raise RuntimeError(f"{type(module).__name__} is already tapped")
     _ensure_registered()
     original_config = module.config
-    module.config = _ConfigView(original_config)
+    # the same code path as untapped: a module routed to its cu_seqlens path (FlashAttention, prune's
+    # segmented view) stays there instead of splitting its segments on the host, one call each
+    flash = "flash" in str(original_config._attn_implementation or "")
+    module.config = (_FlashConfigView if flash else _ConfigView)(original_config)
     setattr(module, _TAP_ATTR, callback)
     return functools.partial(_untap, module, original_config)  # copies and pickles follow a partial
 

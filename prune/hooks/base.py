@@ -102,6 +102,14 @@ def bind_arguments(fn, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {**dict(zip(names, args)), **kwargs}
 
 
+def _segment_length_per_row(segments: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+    """(n,) float32: the length of the segment (``cu_seqlens`` window) each row lies in; on the
+    device, no synchronisation."""
+    cu = torch.as_tensor(segments).to(device=device, dtype=torch.int64)
+    seg = torch.searchsorted(cu[1:].contiguous(), torch.arange(n, device=device), right=True)
+    return (cu[seg + 1] - cu[seg]).to(torch.float32)
+
+
 class Adapter:
     """Base class: one subclass per model family (one file each in ``prune/hooks/``)."""
 
@@ -250,6 +258,10 @@ class Adapter:
             )  # (batch, N) fp32
             if req.query == "sum":  # every row of this call was averaged: back to the sum over rows
                 stats = stats * q.shape[2]
+            elif req.query == "all" and segments is not None:
+                # one call over all segments averaged over all its rows; the per-segment calls the
+                # other backends make average over each segment's own rows: the same scale for both
+                stats = stats * (q.shape[2] / _segment_length_per_row(segments, q.shape[2], stats.device))
             collected.setdefault(req.key, []).append(stats)
 
     def _on_multimodal_call(self, module, args, kwargs):

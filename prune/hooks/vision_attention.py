@@ -1,7 +1,7 @@
 """One-call segmented attention for the vision encoder of a wrapped model (``vision_attention=``).
 
 Qwen-family vision attention (Qwen2-VL, Qwen2.5-VL, Qwen2.5-Omni, Qwen3-VL, Qwen3.5; transformers
-5.17 to 5.24) chooses between two paths in its forward::
+5.17 to 5.25) chooses between two paths in its forward::
 
     if is_flash_attention_requested(self.config):    # "flash" in config._attn_implementation
         attention_interface(self, q, k, v, None, cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, ...)
@@ -23,10 +23,12 @@ the function still computes the right attention (it runs the model's own impleme
 segment) and warns once.
 
 Composition with the statistics tap: the tap is installed *over* this view (``Adapter.install``
-installs this first). The tap's name has no "flash", so a tapped layer runs the per-segment loop and
-the tap calls its base implementation, which is this function without ``cu_seq_lens_q``: it runs the
-model's own implementation, so a tapped layer and its statistics are bit-identical to an unwrapped
-run; only untapped layers take the one-call path.
+installs this first). Over a flash-routed module the tap's own name contains "flash" too
+(``attention_tap.TAP_FLASH_NAME``), so a tapped layer takes the same one-call path as the others:
+the tap hands q and k (and ``cu_seq_lens_q``, from which the statistics take the segments) to its
+callback and calls its base implementation, this function. (Until 2026-12-04 the tap's name had no
+"flash": a tapped layer ran transformers' per-segment loop, whose ``lengths.tolist()`` on a device
+``cu_seqlens`` synchronised the host with the GPU in the middle of the encoder.)
 """
 
 from __future__ import annotations
