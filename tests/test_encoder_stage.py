@@ -315,6 +315,7 @@ def test_encoder_stage_cuda_oracle_and_batch_equals_singles(make_case, method):
         single = to(case.inputs([1]))
         logits = model(**single).logits[0]
         record = model.prune_state.last
+    positions = model.prune_state.positions  # the method's preset for LLaVA ("compact"), not "original"
     prune.unwrap(model)
     masks = [im.view_masks()[0] for im in record.images]
     feats = encoder_by_hand(model, single["pixel_values"], [m.cuda() for m in masks], _cut(model, name, options))
@@ -323,7 +324,7 @@ def test_encoder_stage_cuda_oracle_and_batch_equals_singles(make_case, method):
     for im, rows in zip(record.images, feats):
         embeds[im.positions.cuda()[im.kept.cuda()]] = rows
     keep = record.keep_mask[0]
-    ref, _ = run_reduced(model, embeds[keep], reduced_positions(keep.cpu(), "original").cuda(), steps=0)
+    ref, _ = run_reduced(model, embeds[keep], reduced_positions(keep.cpu(), positions).cuda(), steps=0)
     torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
 
 
