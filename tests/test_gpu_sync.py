@@ -69,6 +69,24 @@ def _case(family):
     return model.cuda(), inputs
 
 
+def _armed_prefill_and_generate(monkeypatch, window, model, inputs, method):
+    """A warm-up call, then a prefill and a short generate inside the armed window; the kept set and
+    the logits equal the per-view reference's (``select_batch`` replaced by the view-by-view loop)."""
+    with torch.no_grad():
+        model(**inputs)  # warm-up: kernels compile, pinned blocks and cached index copies are made
+        window.armed = True
+        logits = model(**inputs).logits
+        keep = model.prune_state.last.keep_mask.clone()
+        tokens = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        window.armed = False
+        monkeypatch.setattr(get_method(method), "select_batch", Method.select_batch)
+        ref_logits = model(**inputs).logits
+        ref_keep = model.prune_state.last.keep_mask
+    assert torch.equal(keep, ref_keep)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert tokens.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
 @cuda
 @pytest.mark.parametrize("family,method", CASES, ids=[f"{f}-{m}" for f, m in CASES])
 def test_cuda_prefill_and_generate_have_no_sync_in_prune(monkeypatch, family, method):
@@ -77,20 +95,7 @@ def test_cuda_prefill_and_generate_have_no_sync_in_prune(monkeypatch, family, me
     monkeypatch.setattr(base.Adapter, "_collect", window.wrap(base.Adapter._collect))
     model, inputs = _case(family)
     prune.wrap(model, method, keep=0.3)
-    with torch.no_grad():
-        model(**inputs)  # warm-up: kernels compile, pinned blocks and cached index copies are made
-        window.armed = True
-        logits = model(**inputs).logits
-        keep = model.prune_state.last.keep_mask.clone()
-        tokens = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
-        window.armed = False
-        # the same answer as the per-view reference, run view by view
-        monkeypatch.setattr(get_method(method), "select_batch", Method.select_batch)
-        ref_logits = model(**inputs).logits
-        ref_keep = model.prune_state.last.keep_mask
-    assert torch.equal(keep, ref_keep)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
-    assert tokens.shape[1] == inputs["input_ids"].shape[1] + 3
+    _armed_prefill_and_generate(monkeypatch, window, model, inputs, method)
 
 
 STAGE_CASES = [("llava", "cls"), ("llava", "hiprune"), ("llava_next", "hiprune"), ("qwen2_5_vl", "hiprune"),
@@ -120,16 +125,4 @@ def test_cuda_encoder_stage_has_no_sync_in_prune(monkeypatch, family, method):
         # split with lengths.tolist())
         for module in adapter_for(model).vision_attention_modules():
             window.hook_module(module)
-    with torch.no_grad():
-        model(**inputs)  # warm-up
-        window.armed = True
-        logits = model(**inputs).logits
-        keep = model.prune_state.last.keep_mask.clone()
-        tokens = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
-        window.armed = False
-        monkeypatch.setattr(get_method(method), "select_batch", Method.select_batch)
-        ref_logits = model(**inputs).logits
-        ref_keep = model.prune_state.last.keep_mask
-    assert torch.equal(keep, ref_keep)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
-    assert tokens.shape[1] == inputs["input_ids"].shape[1] + 3
+    _armed_prefill_and_generate(monkeypatch, window, model, inputs, method)
