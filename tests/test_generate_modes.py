@@ -192,6 +192,54 @@ def test_llava_static_cache_equals_dynamic(make_case, method, layers, family):
     assert static.tolist() == dynamic.tolist()
 
 
+@pytest.mark.parametrize("family, attn", [("llava", "sdpa"), ("llava", "eager"), ("qwen2_5_vl", "sdpa"),
+                                         ("qwen2_5_vl", "eager")])
+def test_static_decode_mask_built_directly_equals_the_models_builder(make_case, monkeypatch, family, attn):
+    """Each static decode step's mask: built directly in the form of the one generate made (bool for
+    SDPA, additive for eager), it equals what the model's mask builder makes of the same physical
+    padding mask; where a layer has a sliding window the builder is asked instead."""
+    from prune.hooks import base as B
+    from prune.hooks import cutter as C
+
+    steps = []
+
+    def spy(*args, **kwargs):
+        steps.append((args, kwargs))
+        return C.map_decode_static(*args, **kwargs)
+
+    monkeypatch.setattr(B, "map_decode_static", spy)
+    if family == "llava":
+        case = _llava(make_case, prompts=((0,), (1,), ()), text_layers=2, attn=attn)
+        model, inputs = case.model, case.inputs()
+    else:
+        from prune._tiny import tiny_qwen_vl
+
+        model = tiny_qwen_vl("2.5", attn_implementation=attn)
+        inputs = make_inputs([KINDS["image"], KINDS["video"]], [9, 6])
+    prune.wrap(model, "random", keep=0.3)
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, cache_implementation="static")
+    assert len(steps) == 3
+    plain, direct_fn = C._plain_causal_text, C.static_causal_like
+    made = []
+    monkeypatch.setattr(C, "static_causal_like", lambda *a: made.append(direct_fn(*a)) or made[-1])
+    for args, kwargs in steps:
+        made.clear()
+        direct = C.map_decode_static(*args, **kwargs)["attention_mask"]
+        assert len(made) == 1 and made[0] is not None  # built directly, not by the builder
+        monkeypatch.setattr(C, "_plain_causal_text", lambda config: False)
+        built = C.map_decode_static(*args, **kwargs)["attention_mask"]
+        monkeypatch.setattr(C, "_plain_causal_text", plain)
+        if family == "qwen2_5_vl":  # masks keyed by layer type
+            assert set(direct) == set(built) == {"full_attention"}
+            direct, built = direct["full_attention"], built["full_attention"]
+        assert direct.dtype == (torch.bool if attn == "sdpa" else model.dtype)
+        assert direct.shape == built.shape and torch.equal(direct, built)
+    text = model.config.get_text_config()
+    monkeypatch.setattr(text, "sliding_window", 4, raising=False)
+    assert not C._plain_causal_text(model.config)
+
+
 @pytest.mark.parametrize("method", VISION)
 def test_qwen_static_cache_equals_dynamic(method):
     from prune._tiny import tiny_qwen_vl

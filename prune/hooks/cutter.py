@@ -213,6 +213,37 @@ def static_mask(plan: Plan, capacity: int, columns: torch.Tensor | None = None) 
     return mask
 
 
+def _plain_causal_text(config) -> bool:
+    """The language model attends causally over the whole cache in every layer: no sliding window,
+    no chunked attention, no per-layer-type masks (then a static decode step's mask is simply
+    "padding mask and key <= query"); read off the text config's public fields."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "sliding_window", None) or getattr(text, "attention_chunk_size", None):
+        return False
+    layer_types = getattr(text, "layer_types", None)
+    return not layer_types or all(t == "full_attention" for t in layer_types)
+
+
+def static_causal_like(given, physical: torch.Tensor, past, q_len: int) -> torch.Tensor | None:
+    """A static decode step's (B, 1, Q, capacity) mask over the physical padding mask ``physical``
+    (B, capacity), queries at physical positions ``past`` (an int or the cache's 0-d device length)
+    onwards, in the form of ``given`` (the mask ``generate`` built for the step: bool, True attends,
+    or additive float). None where ``given`` has another form or shape: the caller then asks the
+    model's mask builder. Host cost: a handful of tensor ops, nothing read from the device."""
+    if not (isinstance(given, torch.Tensor) and given.ndim == 4 and (given.dtype == torch.bool or given.is_floating_point())):
+        return None
+    batch, capacity = physical.shape
+    if given.shape[0] != batch or given.shape[2] != q_len or given.shape[3] != capacity:
+        return None
+    device = given.device
+    queries = torch.arange(q_len, device=device) + past  # physical positions of this step's tokens
+    allowed = torch.arange(capacity, device=device)[None, :] <= queries[:, None]  # (Q, capacity)
+    allowed = allowed[None, None] & physical.to(device).bool()[:, None, None, :]
+    if given.dtype == torch.bool:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=given.dtype, device=device).masked_fill_(~allowed, torch.finfo(given.dtype).min)
+
+
 def map_decode_static(
     kwargs: dict[str, Any], plan: Plan, cache, past, build_mask, config, drop: int = 0
 ) -> dict[str, Any]:
@@ -221,7 +252,10 @@ def map_decode_static(
     0-d length tensor (then nothing is read off the device). ``build_mask(config=, inputs_embeds=,
     attention_mask=, cache=, position_ids=)`` is the model's ``create_masks_for_generate``: it turns
     the physical (B, capacity) padding mask into the model's mask (4-D, bool or additive per backend,
-    or one per layer type), as wide as the cache whatever the step."""
+    or one per layer type), as wide as the cache whatever the step. Where the step's own mask (the
+    one ``generate`` built) is a plain 4-D tensor and every layer attends causally over the whole
+    cache, the mask is built directly in its form (:func:`static_causal_like`): the builder's host
+    work (a large share of a compiled decode step's host time) happens once per step, not twice."""
     kwargs = dict(kwargs)
     embeds = kwargs["inputs_embeds"]
     if drop:
@@ -247,7 +281,14 @@ def map_decode_static(
     positions = _decode_positions(kwargs, batch, q_len, device, past_logical) - plan.shift.to(device)[:, None]
     out = dict(kwargs)
     out["position_ids"] = positions
-    out["attention_mask"] = call_with_cache(
+    direct = None
+    if _plain_causal_text(config):
+        if isinstance(mask, dict) and set(mask) == {"full_attention"}:  # models that key masks by layer type
+            full = static_causal_like(mask["full_attention"], physical, past, q_len)
+            direct = None if full is None else {"full_attention": full}
+        else:
+            direct = static_causal_like(mask, physical, past, q_len)
+    out["attention_mask"] = direct if direct is not None else call_with_cache(
         build_mask, cache, config=config, inputs_embeds=embeds, attention_mask=physical,
         position_ids=text_positions(positions),
     )
