@@ -220,16 +220,15 @@ def test_static_decode_mask_built_directly_equals_the_models_builder(make_case, 
     with torch.no_grad():
         model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, cache_implementation="static")
     assert len(steps) == 3
-    plain, direct_fn = C._plain_causal_text, C.static_causal_like
+    direct_fn = C.static_causal_like
     made = []
     monkeypatch.setattr(C, "static_causal_like", lambda *a: made.append(direct_fn(*a)) or made[-1])
+    assert all(kwargs.get("plain_causal") is True for _, kwargs in steps)  # read once, handed to each step
     for args, kwargs in steps:
         made.clear()
-        direct = C.map_decode_static(*args, **kwargs)["attention_mask"]
+        direct = C.map_decode_static(*args, **{**kwargs, "plain_causal": None})["attention_mask"]  # from the config
         assert len(made) == 1 and made[0] is not None  # built directly, not by the builder
-        monkeypatch.setattr(C, "_plain_causal_text", lambda config: False)
-        built = C.map_decode_static(*args, **kwargs)["attention_mask"]
-        monkeypatch.setattr(C, "_plain_causal_text", plain)
+        built = C.map_decode_static(*args, **{**kwargs, "plain_causal": False})["attention_mask"]
         if family == "qwen2_5_vl":  # masks keyed by layer type
             assert set(direct) == set(built) == {"full_attention"}
             direct, built = direct["full_attention"], built["full_attention"]
@@ -237,7 +236,7 @@ def test_static_decode_mask_built_directly_equals_the_models_builder(make_case, 
         assert direct.shape == built.shape and torch.equal(direct, built)
     text = model.config.get_text_config()
     monkeypatch.setattr(text, "sliding_window", 4, raising=False)
-    assert not C._plain_causal_text(model.config)
+    assert not C.plain_causal_text(model.config)
 
 
 @pytest.mark.parametrize("method", VISION)

@@ -25,7 +25,15 @@ from ..methods.base import ViewBatch, _pad_rows, to_device
 from ..state import ImageRecord, PruneRecord, PruneState
 from . import vision_attention
 from .attention_tap import install_tap
-from .cutter import Packing, cut_prefill, map_decode, map_decode_static, static_mask, two_d_mask
+from .cutter import (
+    Packing,
+    cut_prefill,
+    map_decode,
+    map_decode_static,
+    plain_causal_text,
+    static_mask,
+    two_d_mask,
+)
 
 
 @dataclass
@@ -322,13 +330,18 @@ class Adapter:
         return pending[1]
 
     def _media_arguments(self, module: nn.Module) -> list[str]:
-        """The forward's media arguments: the first parameter of each feature function (by signature)."""
-        names = []
-        for name in self.feature_functions.values():
-            fn = getattr(type(module), name, None)
-            params = list(inspect.signature(fn).parameters)[1:] if fn is not None else []
-            if params:
-                names.append(params[0])
+        """The forward's media arguments: the first parameter of each feature function (by signature;
+        read once per module class: every decode step asks)."""
+        known = self.__dict__.setdefault("_media_argument_names", {})
+        names = known.get(type(module))
+        if names is None:
+            names = []
+            for name in self.feature_functions.values():
+                fn = getattr(type(module), name, None)
+                params = list(inspect.signature(fn).parameters)[1:] if fn is not None else []
+                if params:
+                    names.append(params[0])
+            known[type(module)] = names
         return names
 
     def _refuse_new_media(self) -> None:
@@ -403,7 +416,11 @@ class Adapter:
             drop = self._take_cached_prefix(cache)
             if self.static_decode and is_static_cache(cache):  # fixed shapes in physical columns: one graph
                 build = getattr(self.model, "create_masks_for_generate", None) or create_masks_for_generate
-                return args, map_decode_static(kwargs, plan, cache, past_len, build, self.model.config, drop=drop)
+                plain = self.__dict__.get("_plain_causal")
+                if plain is None:  # read once: the config's layout does not change under a wrap
+                    plain = self.__dict__["_plain_causal"] = plain_causal_text(self.model.config)
+                return args, map_decode_static(kwargs, plan, cache, past_len, build, self.model.config, drop=drop,
+                                               plain_causal=plain)
             return args, map_decode(kwargs, plan, past_len, drop=drop)
         call, media = state._call, state._media
         state._call, state._media = {}, {}

@@ -213,7 +213,7 @@ def static_mask(plan: Plan, capacity: int, columns: torch.Tensor | None = None) 
     return mask
 
 
-def _plain_causal_text(config) -> bool:
+def plain_causal_text(config) -> bool:
     """The language model attends causally over the whole cache in every layer: no sliding window,
     no chunked attention, no per-layer-type masks (then a static decode step's mask is simply
     "padding mask and key <= query"); read off the text config's public fields."""
@@ -245,7 +245,8 @@ def static_causal_like(given, physical: torch.Tensor, past, q_len: int) -> torch
 
 
 def map_decode_static(
-    kwargs: dict[str, Any], plan: Plan, cache, past, build_mask, config, drop: int = 0
+    kwargs: dict[str, Any], plan: Plan, cache, past, build_mask, config, drop: int = 0,
+    plain_causal: bool | None = None,
 ) -> dict[str, Any]:
     """:func:`map_decode` for a static cache: the same mapping, in the form ``generate`` gives a
     static cache's decode step. ``past`` is the cache's physical length, an int or the cache's own
@@ -255,7 +256,8 @@ def map_decode_static(
     or one per layer type), as wide as the cache whatever the step. Where the step's own mask (the
     one ``generate`` built) is a plain 4-D tensor and every layer attends causally over the whole
     cache, the mask is built directly in its form (:func:`static_causal_like`): the builder's host
-    work (a large share of a compiled decode step's host time) happens once per step, not twice."""
+    work happens once per step, not twice. ``plain_causal``: :func:`plain_causal_text` of ``config``,
+    when the caller has it (read from the config when None)."""
     kwargs = dict(kwargs)
     embeds = kwargs["inputs_embeds"]
     if drop:
@@ -282,7 +284,7 @@ def map_decode_static(
     out = dict(kwargs)
     out["position_ids"] = positions
     direct = None
-    if _plain_causal_text(config):
+    if plain_causal_text(config) if plain_causal is None else plain_causal:
         if isinstance(mask, dict) and set(mask) == {"full_attention"}:  # models that key masks by layer type
             full = static_causal_like(mask["full_attention"], physical, past, q_len)
             direct = None if full is None else {"full_attention": full}
