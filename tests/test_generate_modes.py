@@ -9,15 +9,9 @@ import pytest
 import torch
 
 import prune
-from prune._compat import cache_parameter, find_cache
+from prune._compat import cache_parameter, find_cache, with_cache
 from tests.oracle import full_inputs_embeds
 from tests.test_qwen import KINDS, make_inputs
-
-
-def cache_kw(model, cache):
-    """The cache as the keyword the installed transformers gives it (5.24: past_key_values -> cache)."""
-    return {cache_parameter(type(model).forward): cache}
-
 
 GEN = {"max_new_tokens": 5, "min_new_tokens": 5}
 VISION = ["random", "hiprune"]
@@ -97,7 +91,7 @@ def _continue(model, inputs, first, more, **extra):
                          return_dict_in_generate=True, **extra)
     history = out.sequences
     mask = torch.cat([inputs["attention_mask"], torch.ones(history.shape[0], first, dtype=torch.long)], 1)
-    turn = dict(input_ids=history, attention_mask=mask, **cache_kw(model, find_cache(out)))
+    turn = dict(input_ids=history, attention_mask=mask, **with_cache(type(model).forward, find_cache(out)))
     for key in ("mm_token_type_ids",):  # Qwen: the history's token types (text after the prompt)
         if key in inputs:
             turn[key] = torch.cat([inputs[key], torch.zeros_like(history[:, inputs[key].shape[1]:])], 1)
@@ -131,7 +125,7 @@ def test_llava_chat_turn_equals_a_fresh_call_on_the_history(make_case, method):
         out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, return_dict_in_generate=True)
         history = torch.cat([out.sequences, user], 1)
         mask = torch.ones_like(history)
-        turn = model.generate(input_ids=history, attention_mask=mask, **cache_kw(model, find_cache(out)), max_new_tokens=4,
+        turn = model.generate(input_ids=history, attention_mask=mask, **with_cache(type(model).forward, find_cache(out)), max_new_tokens=4,
                               min_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
         fresh = model.generate(input_ids=history, attention_mask=mask, pixel_values=inputs["pixel_values"],
                                max_new_tokens=4, min_new_tokens=4, do_sample=False, return_dict_in_generate=True,
@@ -158,7 +152,7 @@ def test_qwen_second_turn_on_the_cache_equals_one_longer_call(method):
         ones = torch.ones(2, 3, dtype=torch.long)
         turn = model.generate(input_ids=out.sequences, attention_mask=torch.cat([inputs["attention_mask"], ones], 1),
                               mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"], 0 * ones], 1),
-                              **cache_kw(model, find_cache(out)), max_new_tokens=1, do_sample=False,
+                              **with_cache(type(model).forward, find_cache(out)), max_new_tokens=1, do_sample=False,
                               return_dict_in_generate=True, output_logits=True)
     assert second.tolist() == whole[:, 3:].tolist()
     torch.testing.assert_close(turn.logits[0], whole_logits[3], atol=1e-4, rtol=1e-4)
@@ -173,7 +167,7 @@ def test_new_media_on_a_pruned_cache_is_refused(make_case):
         history = torch.cat([out.sequences, inputs["input_ids"]], 1)  # a second image in the new turn
         with pytest.raises(ValueError, match=f"^{cache_parameter(type(model).forward)}: "):
             model.generate(input_ids=history, attention_mask=torch.ones_like(history), pixel_values=inputs["pixel_values"],
-                           **cache_kw(model, find_cache(out)), max_new_tokens=2, do_sample=False)
+                           **with_cache(type(model).forward, find_cache(out)), max_new_tokens=2, do_sample=False)
 
 
 # ---- static cache --------------------------------------------------------------------------------
@@ -493,14 +487,14 @@ def test_chat_turn_in_one_chunk_equals_token_by_token(make_case, method):
         out_a = model.generate(**inputs, **first)
         out_b = model.generate(**inputs, **first)
         history = torch.cat([out_a.sequences, user], 1)
-        turn = model.generate(input_ids=history, attention_mask=torch.ones_like(history), **cache_kw(model, find_cache(out_a)),
+        turn = model.generate(input_ids=history, attention_mask=torch.ones_like(history), **with_cache(type(model).forward, find_cache(out_a)),
                               max_new_tokens=1, do_sample=False, return_dict_in_generate=True, output_logits=True)
         cache = find_cache(out_b)
         fed = torch.cat([out_b.sequences[:, -1:], user], 1)  # the last answer token is not cached yet
         for i in range(fed.shape[1]):
             length = out_b.sequences.shape[1] + i
             step = model(input_ids=fed[:, i : i + 1], attention_mask=torch.ones(1, length, dtype=torch.long),
-                         **cache_kw(model, cache), use_cache=True)
+                         **with_cache(type(model).forward, cache), use_cache=True)
     torch.testing.assert_close(turn.logits[0][0], step.logits[0, -1], atol=1e-4, rtol=1e-4)
 
 

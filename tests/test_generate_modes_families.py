@@ -13,13 +13,7 @@ import torch
 import transformers
 
 import prune
-from prune._compat import cache_parameter, find_cache
-
-
-def cache_kw(model, cache):
-    """The cache as the keyword the installed transformers gives it (5.24: past_key_values -> cache)."""
-    return {cache_parameter(type(model).forward): cache}
-
+from prune._compat import find_cache, with_cache
 
 GEN = {"max_new_tokens": 5, "min_new_tokens": 5}
 FAMILIES = [
@@ -230,7 +224,7 @@ def test_second_turn_on_the_cache_equals_one_longer_call(family, method):
         out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
                              return_dict_in_generate=True)
         turn = case.history(inputs, _new(out, inputs))
-        nxt = model.generate(**turn, **cache_kw(model, find_cache(out)), max_new_tokens=4, min_new_tokens=4,
+        nxt = model.generate(**turn, **with_cache(type(model).forward, find_cache(out)), max_new_tokens=4, min_new_tokens=4,
                              do_sample=False, **logits)
     assert _new(nxt, turn).tolist() == _new(whole, inputs)[:, 3:].tolist()
     for step in range(4):  # logits too: tiny models' greedy tokens barely depend on M-RoPE positions
@@ -250,7 +244,7 @@ def test_chat_turn_equals_a_fresh_call_on_the_history(family, method):
         out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
                              return_dict_in_generate=True)
         history = case.history(inputs, torch.cat([_new(out, inputs), user], 1))
-        turn = model.generate(**history, **cache_kw(model, find_cache(out)), **gen)
+        turn = model.generate(**history, **with_cache(type(model).forward, find_cache(out)), **gen)
         fresh = model.generate(**history, **case.media(inputs), **gen)
     assert _new(turn, history).tolist() == _new(fresh, history).tolist()
     torch.testing.assert_close(turn.logits[0], fresh.logits[0], atol=1e-4, rtol=1e-4)

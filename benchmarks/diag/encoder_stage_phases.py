@@ -137,18 +137,17 @@ if "--syncs" in sys.argv:  # every synchronisation of one pruned call, with the 
         sites.append(f"[after {phase}] {where}")
 
     run(0.11, "encoder")
-    old = warnings.showwarning
-    warnings.showwarning = _show
-    install_marks(15)
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = _show
+    hooks = install_marks(15)
+    with warnings.catch_warnings():  # restores showwarning on the way out
+        warnings.simplefilter("always")
+        warnings.showwarning = _show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
             run(0.11, "encoder")
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-        warnings.showwarning = old
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for hook in hooks:
+        hook.remove()
     print(f"--- synchronisations in one pruned call (wrap included): {len(sites)}")
     for site in sites:
         print("  ", site)

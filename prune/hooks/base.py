@@ -20,6 +20,7 @@ from transformers.masking_utils import create_masks_for_generate
 
 from .._compat import cache_length, cache_parameter, find_cache, is_static_cache
 from ..kernels import attention_stats
+from ..kernels.attention_stats import segment_bounds
 from ..methods import EncoderInfo, Method, SignalRequest
 from ..methods.base import ViewBatch, _pad_rows, to_device
 from ..state import ImageRecord, PruneRecord, PruneState
@@ -108,14 +109,6 @@ def bind_arguments(fn, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     if hasattr(fn, "__func__"):
         names = names[1:]  # drop self
     return {**dict(zip(names, args)), **kwargs}
-
-
-def _segment_length_per_row(segments: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
-    """(n,) float32: the length of the segment (``cu_seqlens`` window) each row lies in; on the
-    device, no synchronisation."""
-    cu = torch.as_tensor(segments).to(device=device, dtype=torch.int64)
-    seg = torch.searchsorted(cu[1:].contiguous(), torch.arange(n, device=device), right=True)
-    return (cu[seg + 1] - cu[seg]).to(torch.float32)
 
 
 class Adapter:
@@ -269,7 +262,8 @@ class Adapter:
             elif req.query == "all" and segments is not None:
                 # one call over all segments averaged over all its rows; the per-segment calls the
                 # other backends make average over each segment's own rows: the same scale for both
-                stats = stats * (q.shape[2] / _segment_length_per_row(segments, q.shape[2], stats.device))
+                lo, hi = segment_bounds(torch.as_tensor(segments).to(stats.device, torch.int64), q.shape[2])
+                stats = stats * (q.shape[2] / (hi - lo).float())
             collected.setdefault(req.key, []).append(stats)
 
     def _on_multimodal_call(self, module, args, kwargs):
@@ -332,8 +326,7 @@ class Adapter:
     def _media_arguments(self, module: nn.Module) -> list[str]:
         """The forward's media arguments: the first parameter of each feature function (by signature;
         read once per module class: every decode step asks)."""
-        known = self.__dict__.setdefault("_media_argument_names", {})
-        names = known.get(type(module))
+        names = self._media_argument_names.get(type(module))
         if names is None:
             names = []
             for name in self.feature_functions.values():
@@ -341,8 +334,18 @@ class Adapter:
                 params = list(inspect.signature(fn).parameters)[1:] if fn is not None else []
                 if params:
                     names.append(params[0])
-            known[type(module)] = names
+            self._media_argument_names[type(module)] = names
         return names
+
+    @functools.cached_property
+    def _media_argument_names(self) -> dict[type, list[str]]:
+        return {}
+
+    @functools.cached_property
+    def _plain_causal(self) -> bool:
+        """The language model attends causally over its whole cache in every layer (read once: a
+        wrap does not change the config's layout)."""
+        return plain_causal_text(self.model.config)
 
     def _refuse_new_media(self) -> None:
         """A later turn on a pruned cache whose call ran the vision encoder (new media) cannot be placed."""
@@ -416,11 +419,8 @@ class Adapter:
             drop = self._take_cached_prefix(cache)
             if self.static_decode and is_static_cache(cache):  # fixed shapes in physical columns: one graph
                 build = getattr(self.model, "create_masks_for_generate", None) or create_masks_for_generate
-                plain = self.__dict__.get("_plain_causal")
-                if plain is None:  # read once: the config's layout does not change under a wrap
-                    plain = self.__dict__["_plain_causal"] = plain_causal_text(self.model.config)
                 return args, map_decode_static(kwargs, plan, cache, past_len, build, self.model.config, drop=drop,
-                                               plain_causal=plain)
+                                               plain_causal=self._plain_causal)
             return args, map_decode(kwargs, plan, past_len, drop=drop)
         call, media = state._call, state._media
         state._call, state._media = {}, {}

@@ -224,6 +224,14 @@ def plain_causal_text(config) -> bool:
     return not layer_types or all(t == "full_attention" for t in layer_types)
 
 
+def mask_in_form(allowed: torch.Tensor, form: torch.dtype) -> torch.Tensor:
+    """A bool mask (True attends) in the form a backend takes: itself for bool, else additive
+    (0 where allowed, the dtype's minimum elsewhere)."""
+    if form == torch.bool:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=form, device=allowed.device).masked_fill_(~allowed, torch.finfo(form).min)
+
+
 def static_causal_like(given, physical: torch.Tensor, past, q_len: int) -> torch.Tensor | None:
     """A static decode step's (B, 1, Q, capacity) mask over the physical padding mask ``physical``
     (B, capacity), queries at physical positions ``past`` (an int or the cache's 0-d device length)
@@ -238,10 +246,7 @@ def static_causal_like(given, physical: torch.Tensor, past, q_len: int) -> torch
     device = given.device
     queries = torch.arange(q_len, device=device) + past  # physical positions of this step's tokens
     allowed = torch.arange(capacity, device=device)[None, :] <= queries[:, None]  # (Q, capacity)
-    allowed = allowed[None, None] & physical.to(device).bool()[:, None, None, :]
-    if given.dtype == torch.bool:
-        return allowed
-    return torch.zeros(allowed.shape, dtype=given.dtype, device=device).masked_fill_(~allowed, torch.finfo(given.dtype).min)
+    return mask_in_form(allowed[None, None] & physical.to(device).bool()[:, None, None, :], given.dtype)
 
 
 def map_decode_static(

@@ -30,7 +30,7 @@ from .._compat import call_with_cache, is_static_cache
 from ..kernels import attention_stats, transition_variation
 from ..methods.base import to_device
 from .attention_tap import STATS_ONLY_ATTR, install_tap
-from .cutter import Packing, compact, logical_positions, physical_mask, two_d_mask
+from .cutter import Packing, compact, logical_positions, mask_in_form, physical_mask, two_d_mask
 
 if TYPE_CHECKING:
     from ..methods.llm import LLMMethod
@@ -516,7 +516,4 @@ def causal_like(given, hidden: torch.Tensor, mask2d: torch.Tensor, cache, config
     queries, keys = hidden.shape[1], mask2d.shape[1]
     device = hidden.device
     causal = torch.arange(keys, device=device)[None, :] <= torch.arange(keys - queries, keys, device=device)[:, None]
-    allowed = causal[None, None] & mask2d.bool()[:, None, None, :]
-    if form == torch.bool:
-        return allowed
-    return torch.zeros(allowed.shape, dtype=form, device=device).masked_fill_(~allowed, torch.finfo(form).min)
+    return mask_in_form(causal[None, None] & mask2d.bool()[:, None, None, :], form)

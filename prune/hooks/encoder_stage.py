@@ -182,11 +182,8 @@ class EncoderStage:
                     views.append((valid, None, int(valid.sum())))
         sel = None
         if ranked:
-            width = max(views[j][0].numel() for j in range(len(views)) if views[j][1] is not None)
-            valid = torch.zeros(len(ranked), width, dtype=torch.bool)
-            for mask, row, _ in views:
-                if row is not None:
-                    valid[row, : mask.numel()] = mask
+            masks = [mask for mask, row, _ in views if row is not None]  # in the ranked rows' order
+            valid = torch.nn.utils.rnn.pad_sequence(masks, batch_first=True)  # (V, widest) bool, False-padded
             sel = rank_views(self.method, layouts, ranked, valid, device)
         choices = []
         for mask, row, count in views:

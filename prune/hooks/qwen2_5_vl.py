@@ -8,6 +8,8 @@ the model's own window index. Window segments (cu_seqlens) are respected by the 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .qwen2_vl import Qwen2VLAdapter
@@ -43,11 +45,15 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
         visual = self.visual()
         grid = grid_thw.cpu()
         key = (tuple(grid.flatten().tolist()), visual.spatial_merge_size, visual.window_size, visual.patch_size)
-        orders = self.__dict__.setdefault("_unit_orders", {})  # this adapter's (this model's) own
-        order = orders.get(key)
+        order = self._unit_orders.get(key)
         if order is None:
             order = torch.argsort(_window_index(visual, grid).cpu())
-            if len(orders) >= _MAX_ORDERS:
-                orders.clear()
-            orders[key] = order
+            if len(self._unit_orders) >= _MAX_ORDERS:
+                self._unit_orders.clear()
+            self._unit_orders[key] = order
         return order
+
+    @functools.cached_property
+    def _unit_orders(self) -> dict[tuple, torch.Tensor]:
+        """This adapter's (this model's) unit orders, per grid and window geometry."""
+        return {}

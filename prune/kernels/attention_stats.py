@@ -229,7 +229,7 @@ def _segment_arrays(segments, n: int, device: torch.device) -> tuple[torch.Tenso
         cu = seg.to(device=device, dtype=torch.int64)
         ok = (cu[0] == 0) & (cu[-1] == n) & (cu[1:] >= cu[:-1]).all()
         _assert_async(ok, f"segments must be non-decreasing cumulative lengths from 0 to N={n}")
-        return _bounds_from_cu(cu, n)
+        return segment_bounds(cu, n)
 
     def build():
         bounds = _segment_bounds(segments, n)  # validates on the host
@@ -246,7 +246,9 @@ def _segment_arrays(segments, n: int, device: torch.device) -> tuple[torch.Tenso
     return _cached(None if key is None else ("segments", n, str(device), key), build)
 
 
-def _bounds_from_cu(cu: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def segment_bounds(cu: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) (n,) int32 on ``cu``'s device: the bounds of the segment (``cu_seqlens`` window) each
+    of the ``n`` rows lies in; no synchronisation."""
     seg_id = torch.searchsorted(cu[1:].contiguous(), torch.arange(n, device=cu.device), right=True)
     return cu[seg_id].to(torch.int32), cu[seg_id + 1].to(torch.int32)
 
