@@ -1,8 +1,13 @@
 """Diagnostic (CPU or GPU): prune's host time per static-cache decode step. A tiny LLaVA built in code,
 greedy generate with ``cache_implementation="static"``; per-step time = (time of N new tokens - time of
-1) / (N - 1), best of 5, unwrapped vs wrapped with random @ 0.3 (a vision-side method: the decode
-steps only map positions and masks). On a tiny model every step is host time, so the difference is
-prune's per-step cost. ``PYTHONPATH=. python benchmarks/diag/decode_step_host.py`` (about a minute)."""
+1) / (N - 1). Round-robin (../shared/MEASURING.md): every round times the unwrapped model, then the
+same model wrapped with random @ 0.3 (a vision-side method: its decode steps only map positions and
+masks), 20 rounds after 2 warm-up rounds; min, median and spread per configuration. On a tiny model
+every step is host time, so the difference is prune's per-step cost.
+``PYTHONPATH=. python benchmarks/diag/decode_step_host.py [--json FILE]`` (about a minute)."""
+import json
+import statistics
+import sys
 import time
 
 import torch
@@ -15,24 +20,43 @@ case = Case("llava", attn="sdpa", prompts=((0,),), text_lens=(9,), seed=0)
 model, inputs = case.model, case.inputs()
 
 
-def per_step_us(n: int = 96, reps: int = 5) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        with torch.no_grad():
-            t = time.perf_counter()
-            model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation="static")
-            many = time.perf_counter() - t
-            t = time.perf_counter()
-            model.generate(**inputs, max_new_tokens=1, min_new_tokens=1, do_sample=False, cache_implementation="static")
-            one = time.perf_counter() - t
-        best = min(best, (many - one) / (n - 1))
-    return best * 1e6
+def per_step_us(n: int = 160) -> float:
+    gen = {"do_sample": False, "cache_implementation": "static"}
+    with torch.no_grad():
+        t = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **gen)
+        many = time.perf_counter() - t
+        t = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=1, min_new_tokens=1, **gen)
+        one = time.perf_counter() - t
+    return (many - one) / (n - 1) * 1e6
 
 
-for _ in range(2):
-    unwrapped = per_step_us()
+def wrapped_us() -> float:
     prune.wrap(model, "random", keep=0.3)
-    wrapped = per_step_us()
-    prune.unwrap(model)
-    print(f"decode step, tiny LLaVA, static cache: unwrapped {unwrapped:.0f} us, wrapped {wrapped:.0f} us "
-          f"(prune: +{wrapped - unwrapped:.0f} us)")
+    try:
+        return per_step_us()
+    finally:
+        prune.unwrap(model)
+
+
+rounds, warmup = 20, 2
+times: dict[str, list[float]] = {"unwrapped": [], "random@0.3": []}
+for r in range(warmup + rounds):
+    for name, fn in (("unwrapped", per_step_us), ("random@0.3", wrapped_us)):
+        value = fn()
+        if r >= warmup:
+            times[name].append(value)
+rows = {}
+print(f"decode step, tiny LLaVA, static cache, {rounds} rounds round-robin after {warmup} warm-up")
+print("| config | min us | median us | spread |\n|---|---:|---:|---:|")
+for name, values in times.items():
+    low, mid = min(values), statistics.median(values)
+    rows[name] = {"min_us": low, "median_us": mid, "spread": (max(values) - low) / low}
+    print(f"| {name} | {low:.0f} | {mid:.0f} | {100 * rows[name]['spread']:.0f} % |")
+extra_min = rows["random@0.3"]["min_us"] - rows["unwrapped"]["min_us"]
+extra_med = rows["random@0.3"]["median_us"] - rows["unwrapped"]["median_us"]
+print(f"prune per decode step: +{extra_min:.0f} us (min) / +{extra_med:.0f} us (median)")
+if "--json" in sys.argv:
+    with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
+        json.dump({"rows": rows, "rounds": rounds, "warmup": warmup}, f, indent=1)
