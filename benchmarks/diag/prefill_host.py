@@ -1,0 +1,73 @@
+"""Diagnostic (CPU): prune's host time per prefill forward of each vision-side method. A tiny LLaVA
+built in code (batch 1, one image), ``model(**inputs)`` with the default dynamic cache. On a tiny model
+every operation is host time, so wrapped - unwrapped is prune's per-prefill cost: the statistics tap,
+the selection and the cut. It bounds the eager batch-1 ratio to ideal of a launch-bound model (LLaVA-1.5-7B
+on the H200: host ~ GPU ~ 28 ms per prefill, so 0.85 ms of prune host time is a ratio of 0.97).
+
+Round-robin (../shared/MEASURING.md): every round times the unwrapped model, then the model wrapped with
+each method at keep 0.3, each timing the min of 5 forwards; 20 rounds after 2 warm-up rounds; min, median
+and spread per configuration, and prune's extra (wrapped - unwrapped, of the mins and of the medians). ``PYTHONPATH=. python benchmarks/diag/prefill_host.py
+[--methods random,pool,cls,hiprune] [--json FILE]`` (about half a minute)."""
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+import prune
+from tests.conftest import Case
+
+torch.set_num_threads(1)
+case = Case("llava", attn="sdpa", prompts=((0,),), text_lens=(9,), seed=0)
+model, inputs = case.model, case.inputs()
+methods = ["random", "pool", "cls", "hiprune"]
+if "--methods" in sys.argv:
+    methods = sys.argv[sys.argv.index("--methods") + 1].split(",")
+
+
+def forward_us(repeats: int = 5) -> float:
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats):
+            t = time.perf_counter()
+            model(**inputs, use_cache=True, logits_to_keep=1)
+            best = min(best, time.perf_counter() - t)
+    return best * 1e6
+
+
+def wrapped_us(method: str) -> float:
+    prune.wrap(model, method, keep=0.3)
+    try:
+        forward_us(1)  # the wrap's first call builds what it caches
+        return forward_us()
+    finally:
+        prune.unwrap(model)
+
+
+rounds, warmup = 20, 2
+times: dict[str, list[float]] = {name: [] for name in ["unwrapped", *methods]}
+for r in range(warmup + rounds):
+    base = forward_us()
+    if r >= warmup:
+        times["unwrapped"].append(base)
+    for method in methods:
+        value = wrapped_us(method)
+        if r >= warmup:
+            times[method].append(value)
+rows = {}
+print(f"prefill forward, tiny LLaVA, batch 1, {rounds} rounds round-robin after {warmup} warm-up")
+print("| config | min us | median us | spread | prune's extra: min / median us |\n|---|---:|---:|---:|---:|")
+for name, values in times.items():
+    low, mid = min(values), statistics.median(values)
+    rows[name] = {"min_us": low, "median_us": mid, "spread": (max(values) - low) / low}
+    extra = ""
+    if name != "unwrapped":
+        base = rows["unwrapped"]
+        rows[name].update(extra_min_us=low - base["min_us"], extra_median_us=mid - base["median_us"])
+        extra = f"+{low - base['min_us']:.0f} / +{mid - base['median_us']:.0f}"
+    label = name if name == "unwrapped" else f"{name} @ 0.3"
+    print(f"| {label} | {low:.0f} | {mid:.0f} | {100 * rows[name]['spread']:.0f} % | {extra} |")
+if "--json" in sys.argv:
+    with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
+        json.dump({"rows": rows, "rounds": rounds, "warmup": warmup, "torch": torch.__version__}, f, indent=1)
