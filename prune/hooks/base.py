@@ -123,6 +123,12 @@ class Adapter:
     #: the vision encoder attends over segments (windows, images, frames) of one packed sequence and
     #: its attention takes cu_seqlens: ``vision_attention="segmented"`` applies (vision_attention.py)
     segmented_vision: ClassVar[bool] = False
+    #: the selection runs as soon as a prefill's media and prompt are both known (the end of the
+    #: feature function, or the multimodal forward's pre-hook when ``generate`` encoded the media
+    #: first), while the GPU still works through the encoder, rather than at the language model's
+    #: call, after transformers' placeholder check has drained the GPU queue (see
+    #: :meth:`Adapter._select_early`); False for a family whose selection needs more of the call
+    early_selection: ClassVar[bool] = True
     #: decode steps on a static cache in the fixed-shape form (see cutter.map_decode_static); False
     #: for a family that rebuilds the step's masks itself from the 2-D mask (Gemma 3)
     static_decode: ClassVar[bool] = True
@@ -241,7 +247,42 @@ class Adapter:
         state._media[modality] = (shape_arguments, signals)
         # generate(use_cache=False) passes these same encoder outputs to every step's prefill
         state._encoded[modality] = (out, state._media[modality])
+        self._select_early(modality)  # a forward's own encoder call: its prompt is known already
         return out
+
+    def _select_early(self, modality: str) -> None:
+        """Run the selection of ``modality`` for the current prefill now, if its prompt and media are
+        both known: the host queues it while the GPU still runs the encoder. At the language model's
+        call (after transformers' placeholder check, which reads a count back and so drains the GPU
+        queue) only the cut is left to queue, so the GPU idles for less host work. The language-model
+        hook uses this result when it was made for the same call, media and sequence shape, and
+        otherwise selects as before; a method that reads the language model's input embeddings
+        (``needs_features``) always selects there. Nothing here reads the device."""
+        state = self.state
+        call = state._call
+        media = state._media.get(modality)
+        if (not self.early_selection or self.decoder_cut is not None or not call or media is None
+                or call.get(f"host:{modality}") is None or getattr(self.method, "needs_features", False)):
+            return
+        basis = call.get("input_ids")
+        basis = call.get("inputs_embeds") if basis is None else basis
+        if not isinstance(basis, torch.Tensor) or basis.ndim < 2:
+            return
+        early = state._scratch.setdefault("early_selection", {})
+        done = early.get(modality)
+        if done is not None and done[0] is call and done[1] is media:
+            return
+        batch, length = basis.shape[:2]
+        stand_in = torch.empty(batch, length, 0, device=basis.device)  # only its shape and device are read
+        keep_mask = torch.ones(batch, length, dtype=torch.bool, device=basis.device)
+        records: list[ImageRecord] = []
+        try:
+            out = self._select(modality, call, media[0], media[1], stand_in, keep_mask, records)
+        except Exception:  # noqa: BLE001 - the language-model hook selects again and reports it there
+            early.pop(modality, None)
+            return
+        if out is stand_in:
+            early[modality] = (call, media, keep_mask, records)
 
     def _tap_callback(self, requests: list[SignalRequest]):
         return functools.partial(self._collect, requests)  # a partial, not a closure: copies and pickles follow
@@ -285,6 +326,9 @@ class Adapter:
             cached = self.state._encoded.get(modality)
             if modality not in self.state._media and cached is not None and cached[0] is output:
                 self.state._media[modality] = cached[1]  # a re-used encoder output (no KV cache)
+        for modality in list(self.state._media):  # media encoded before this forward (generate)
+            if modality in self.feature_functions:
+                self._select_early(modality)
         return None
 
     def later_turn_arguments(self, kwargs: dict[str, Any], physical: int, logical: int) -> dict[str, Any]:
@@ -424,6 +468,7 @@ class Adapter:
             return args, map_decode(kwargs, plan, past_len, drop=drop)
         call, media = state._call, state._media
         state._call, state._media = {}, {}
+        early = state._scratch.pop("early_selection", None) or {}
         state.set_plan(cache, None)
         embeds = kwargs["inputs_embeds"]
         batch, length = embeds.shape[:2]
@@ -432,6 +477,12 @@ class Adapter:
         if call:
             for modality in self.feature_functions:
                 if modality in media:
+                    done = early.get(modality)
+                    if (done is not None and done[0] is call and done[1] is media[modality]
+                            and done[2].shape == keep_mask.shape and done[2].device == keep_mask.device):
+                        keep_mask &= done[2]  # selected while the encoder ran (see _select_early)
+                        records.extend(done[3])
+                        continue
                     fn_args, signals = media[modality]
                     embeds = self._select(modality, call, fn_args, signals, embeds, keep_mask, records)
                 elif bool(self._host_placeholder_mask(modality, call).any()):

@@ -88,6 +88,9 @@ class Qwen25OmniAdapter(Qwen25VLAdapter):
         "audio": "get_audio_features",
     }
     position_modes = ("original",)
+    # the joint audio-visual selection needs the video and the audio call together, and this
+    # family's pre-hook adds to the call's record after the base one: it selects at the language model
+    early_selection = False
 
     def __init__(self, model: nn.Module) -> None:
         # A full Omni model (thinker + talker + token2wav): prune its thinker.
