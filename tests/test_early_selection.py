@@ -21,7 +21,7 @@ class _SelectsAtTheLanguageModel:
     """Counts the selections made inside the language-model hook (the late path)."""
 
     def __init__(self, monkeypatch):
-        self.late = 0
+        self.late = self.total = 0
         self.inside = False
         original_call, original_select = base.Adapter._language_model_call, base.Adapter._select
         watcher = self
@@ -35,18 +35,19 @@ class _SelectsAtTheLanguageModel:
 
         def select(adapter, *args, **kwargs):
             watcher.late += watcher.inside
+            watcher.total += 1
             return original_select(adapter, *args, **kwargs)
 
         monkeypatch.setattr(base.Adapter, "_language_model_call", call)
         monkeypatch.setattr(base.Adapter, "_select", select)
 
 
-def _run(family, method, early: bool, monkeypatch, generate: bool = False):
+def _run(family, method, early: bool, monkeypatch, generate: bool = False, **options):
     build, _ = _family_cases()[family]
     model, inputs = build()
     with monkeypatch.context() as patch:
         patch.setattr(base.Adapter, "early_selection", early)
-        prune.wrap(model, method, keep=0.3)
+        prune.wrap(model, method, keep=0.3, **options)
         with torch.no_grad():
             if generate:
                 out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
@@ -79,6 +80,26 @@ def test_early_selection_under_generate(monkeypatch, family, method):
     assert watcher.late == 0
     assert torch.equal(last.keep_mask, ref_last.keep_mask)
     assert torch.equal(out, reference)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "llava"])
+def test_encoder_stage_selects_at_the_cut(monkeypatch, family):
+    """stage="encoder": the language model's selection is made right after the cut layer (Qwen's
+    encoder synchronises at its merger, after the cut) and adopted at the feature function's end."""
+    reference, ref_last = _run(family, "hiprune", False, monkeypatch, stage="encoder")
+    watcher = _SelectsAtTheLanguageModel(monkeypatch)
+    at_cut = []
+    original = base.Adapter._select_at_encoder_cut
+    monkeypatch.setattr(base.Adapter, "_select_at_encoder_cut",
+                        lambda adapter, *a: (at_cut.append(1), original(adapter, *a))[1])
+    out, last = _run(family, "hiprune", True, monkeypatch, stage="encoder")
+    assert watcher.late == 0
+    if family == "llava":  # a full-attention ViT: no synchronisation inside the encoder to get ahead of
+        assert not at_cut
+    else:  # one selection per encoder call, made at its cut and adopted, not made again
+        assert len(at_cut) >= 1 and watcher.total == len(at_cut)
+    assert torch.equal(last.keep_mask, ref_last.keep_mask)
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
 
 
 def test_methods_that_read_the_embeddings_select_at_the_language_model(monkeypatch):

@@ -250,7 +250,19 @@ class Adapter:
         self._select_early(modality)  # a forward's own encoder call: its prompt is known already
         return out
 
-    def _select_early(self, modality: str) -> None:
+    def _select_at_encoder_cut(self, modality: str, shape_arguments: dict[str, Any]) -> None:
+        """Encoder-stage pruning: every statistic the selection reads is collected once the cut layer
+        has run (the method reads no later layer), so the language model's selection is made there,
+        while the host is still ahead of the GPU (a Qwen encoder then synchronises at its merger, so
+        the end of the feature function is already past the GPU's idle point). The feature function's
+        end adopts it (see :meth:`_select_early`)."""
+        collected = self.state._collecting
+        if collected is None:
+            return
+        signals = {k: torch.cat(v, dim=-1) if len(v) > 1 else v[0] for k, v in collected.items()}
+        self._select_early(modality, (shape_arguments, signals), provisional=True)
+
+    def _select_early(self, modality: str, media: tuple | None = None, provisional: bool = False) -> None:
         """Run the selection of ``modality`` for the current prefill now, if its prompt and media are
         both known: the host queues it while the GPU still runs the encoder. At the language model's
         call (after transformers' placeholder check, which reads a count back and so drains the GPU
@@ -260,7 +272,7 @@ class Adapter:
         (``needs_features``) always selects there. Nothing here reads the device."""
         state = self.state
         call = state._call
-        media = state._media.get(modality)
+        media = state._media.get(modality) if media is None else media
         if (not self.early_selection or self.decoder_cut is not None or not call or media is None
                 or call.get(f"host:{modality}") is None or getattr(self.method, "needs_features", False)):
             return
@@ -270,8 +282,12 @@ class Adapter:
             return
         early = state._scratch.setdefault("early_selection", {})
         done = early.get(modality)
-        if done is not None and done[0] is call and done[1] is media:
-            return
+        if done is not None and done[0] is call:
+            if done[1] is media:
+                return
+            if done[4] and not provisional:  # made at the encoder-stage cut on this call's statistics
+                early[modality] = (call, media, done[2], done[3], False)
+                return
         batch, length = basis.shape[:2]
         stand_in = torch.empty(batch, length, 0, device=basis.device)  # only its shape and device are read
         keep_mask = torch.ones(batch, length, dtype=torch.bool, device=basis.device)
@@ -282,7 +298,7 @@ class Adapter:
             early.pop(modality, None)
             return
         if out is stand_in:
-            early[modality] = (call, media, keep_mask, records)
+            early[modality] = (call, media, keep_mask, records, provisional)
 
     def _tap_callback(self, requests: list[SignalRequest]):
         return functools.partial(self._collect, requests)  # a partial, not a closure: copies and pickles follow

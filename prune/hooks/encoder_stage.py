@@ -413,6 +413,7 @@ def _packed_after_cut(stage: PackedEncoderStage, module, args, output):
         prefix = prefix.cpu()
     ctx.update(rows=rows, length=length, prefix=prefix, device_bounds=device_bounds, mapped={}, scattered=None)
     gathered = hidden.index_select(0, rows)
+    stage.adapter._select_at_encoder_cut(ctx["modality"], ctx["args"])  # the language model's selection, now
     return (gathered, *output[1:]) if isinstance(output, tuple) else gathered
 
 
