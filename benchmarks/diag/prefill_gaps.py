@@ -1,0 +1,109 @@
+"""Diagnostic (GPU): where an eager pruned prefill loses time against its ideal. LLaVA-1.5-7B shape,
+batch 8 (``--batch``), bf16, SDPA; random @ 0.11 (``--method``, ``--keep``). Under torch.profiler, one
+forward each of: the pruned model, the unwrapped vision encoder alone, and the ideal (the unwrapped
+model on embeddings of the kept length, as ``prune bench`` builds it). For each: wall ms, the GPU's
+kernel ms (summed), its idle ms inside the forward (wall - the union of kernel intervals) and the
+largest idle gaps with the host op that ended each. If the pruned forward's kernel ms is about the
+encoder's plus the ideal's, its overhead is idle time (the GPU waiting for the host after a
+synchronisation); otherwise the top kernels tell what it adds.
+``PYTHONPATH=. python benchmarks/diag/prefill_gaps.py [--batch 8] [--method random] [--keep 0.11]
+[--json FILE]`` (about a minute on an H200)."""
+import json
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import prune
+from prune.evaluation import models as M
+from prune.evaluation.tasks.shapes import random_scene, render_scene
+
+
+def _arg(name, default):
+    return type(default)(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
+
+
+batch, method, keep = _arg("--batch", 8), _arg("--method", "random"), _arg("--keep", 0.11)
+spec = M.resolve_model("llava-1.5-7b")
+dev, dt = torch.device("cuda"), torch.bfloat16
+model = M.build_model(spec, device=dev, dtype=dt, attn_implementation="sdpa", seed=0)
+images = [render_scene(random_scene(b), size=spec.image_size[::-1]) for b in range(batch)]
+inputs = M.make_inputs(model, M.build_image_processor(spec), images, prompt_tokens=64, seed=0, device=dev, dtype=dt,
+                       spec=spec)
+
+
+def pruned():
+    return model(**inputs, use_cache=True, logits_to_keep=1)
+
+
+def encoder():
+    return model.model.get_image_features(pixel_values=inputs["pixel_values"])
+
+
+prune.wrap(model, method, keep=keep)
+with torch.no_grad():
+    pruned()
+kept = int(model.prune_state.last.keep_mask.sum(1).max())
+prune.unwrap(model)
+embeds = torch.randn(batch, kept, model.config.text_config.hidden_size, device=dev, dtype=dt) * 0.02
+mask = torch.ones(batch, kept, dtype=torch.long, device=dev)
+
+
+def ideal():
+    return model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
+
+
+def profiled(fn, wrap: bool):
+    if wrap:
+        prune.wrap(model, method, keep=keep)
+    try:
+        with torch.no_grad():
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+    finally:
+        if wrap:
+            prune.unwrap(model)
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > 0]
+    host = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events)
+    busy, gaps, last_end = 0.0, [], None
+    for start, end, _ in spans:
+        if last_end is not None and start > last_end:
+            gaps.append((start - last_end, last_end))
+        if last_end is None or end > last_end:
+            busy += end - max(start, last_end if last_end is not None else start)
+            last_end = end
+    kernel = sum(end - start for start, end, _ in spans)
+    wall = spans[-1][1] - spans[0][0] if spans else 0.0
+    by_name: dict[str, float] = {}
+    for start, end, name in spans:
+        by_name[name[:70]] = by_name.get(name[:70], 0.0) + (end - start)
+
+    def ended_before(t):  # the host op whose end is closest before the gap's start
+        best = None
+        for e in host:
+            if e.time_range.end <= t and (best is None or e.time_range.end > best.time_range.end):
+                best = e
+        return best.name if best is not None else "?"
+
+    top_gaps = [(round(g / 1e3, 3), ended_before(t)) for g, t in sorted(gaps, reverse=True)[:6]]
+    return {"wall_ms": wall / 1e3, "kernel_ms": kernel / 1e3, "busy_ms": busy / 1e3, "idle_ms": (wall - busy) / 1e3,
+            "top_gaps_ms": top_gaps,
+            "top_kernels_ms": sorted(((round(v / 1e3, 3), k) for k, v in by_name.items()), reverse=True)[:8]}
+
+
+rows = {f"{method}@{keep}": profiled(pruned, True), "encoder": profiled(encoder, False), f"ideal ({kept} rows)": profiled(ideal, False)}
+print(f"LLaVA-1.5-7B shape, batch {batch}, bf16, SDPA: one profiled forward each (after 3 warm-ups)")
+print("| forward | wall ms | kernel ms | GPU busy ms | GPU idle ms |\n|---|---:|---:|---:|---:|")
+for name, r in rows.items():
+    print(f"| {name} | {r['wall_ms']:.1f} | {r['kernel_ms']:.1f} | {r['busy_ms']:.1f} | {r['idle_ms']:.1f} |")
+for name, r in rows.items():
+    print(f"\n{name}: largest idle gaps (ms, host op before): {r['top_gaps_ms']}")
+    print(f"{name}: top kernels (ms): {r['top_kernels_ms']}")
+if "--json" in sys.argv:
+    with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
+        json.dump({"batch": batch, "method": method, "keep": keep, "rows": rows}, f, indent=1)
