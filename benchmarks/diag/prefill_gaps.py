@@ -6,8 +6,11 @@ kernel ms (summed), its idle ms inside the forward (wall - the union of kernel i
 largest idle gaps with the host op that ended each. If the pruned forward's kernel ms is about the
 encoder's plus the ideal's, its overhead is idle time (the GPU waiting for the host after a
 synchronisation); otherwise the top kernels tell what it adds.
-``PYTHONPATH=. python benchmarks/diag/prefill_gaps.py [--batch 8] [--method random] [--keep 0.11]
-[--json FILE]`` (about a minute on an H200)."""
+``--compile``: every forward with a static cache and the language model under
+``torch.compile(mode="reduce-overhead")``, as ``prune bench --compile`` runs it (CUDA only).
+``PYTHONPATH=. python benchmarks/diag/prefill_gaps.py [--model llava-1.5-7b] [--batch 8] [--method random]
+[--keep 0.11] [--compile] [--json FILE]`` (about a minute on an H200; ``--model tiny-llava`` runs on a
+CPU as a smoke test, with no kernel times)."""
 import json
 import sys
 
@@ -16,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import prune
 from prune.evaluation import models as M
+from prune.evaluation.bench import _CacheMaker, _compile_language_model, _reset_rope_deltas
 from prune.evaluation.tasks.shapes import random_scene, render_scene
 
 
@@ -24,16 +28,24 @@ def _arg(name, default):
 
 
 batch, method, keep = _arg("--batch", 8), _arg("--method", "random"), _arg("--keep", 0.11)
-spec = M.resolve_model("llava-1.5-7b")
-dev, dt = torch.device("cuda"), torch.bfloat16
+spec = M.resolve_model(_arg("--model", "llava-1.5-7b"))
+compiled = "--compile" in sys.argv
+dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
 model = M.build_model(spec, device=dev, dtype=dt, attn_implementation="sdpa", seed=0)
 images = [render_scene(random_scene(b), size=spec.image_size[::-1]) for b in range(batch)]
 inputs = M.make_inputs(model, M.build_image_processor(spec), images, prompt_tokens=64, seed=0, device=dev, dtype=dt,
                        spec=spec)
 
 
+caches = _CacheMaker(compiled, inputs, 1)
+if compiled:
+    _compile_language_model(model)
+
+
 def pruned():
-    return model(**inputs, use_cache=True, logits_to_keep=1)
+    _reset_rope_deltas(model)
+    return model(**inputs, use_cache=True, logits_to_keep=1, **caches.kwargs(model))
 
 
 def encoder():
@@ -50,7 +62,12 @@ mask = torch.ones(batch, kept, dtype=torch.long, device=dev)
 
 
 def ideal():
-    return model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
+    return model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1, **caches.kwargs(model))
+
+
+def sync():
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def profiled(fn, wrap: bool):
@@ -60,10 +77,11 @@ def profiled(fn, wrap: bool):
         with torch.no_grad():
             for _ in range(3):
                 fn()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            sync()
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+            with profile(activities=activities) as prof:
                 fn()
-                torch.cuda.synchronize()
+                sync()
     finally:
         if wrap:
             prune.unwrap(model)
@@ -97,7 +115,8 @@ def profiled(fn, wrap: bool):
 
 
 rows = {f"{method}@{keep}": profiled(pruned, True), "encoder": profiled(encoder, False), f"ideal ({kept} rows)": profiled(ideal, False)}
-print(f"LLaVA-1.5-7B shape, batch {batch}, bf16, SDPA: one profiled forward each (after 3 warm-ups)")
+mode = "LM reduce-overhead, static cache" if compiled else "eager"
+print(f"{spec.name} shape, batch {batch}, {str(dt)[6:]}, SDPA, {mode}: one profiled forward each (after 3 warm-ups)")
 print("| forward | wall ms | kernel ms | GPU busy ms | GPU idle ms |\n|---|---:|---:|---:|---:|")
 for name, r in rows.items():
     print(f"| {name} | {r['wall_ms']:.1f} | {r['kernel_ms']:.1f} | {r['busy_ms']:.1f} | {r['idle_ms']:.1f} |")
@@ -106,4 +125,4 @@ for name, r in rows.items():
     print(f"{name}: top kernels (ms): {r['top_kernels_ms']}")
 if "--json" in sys.argv:
     with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
-        json.dump({"batch": batch, "method": method, "keep": keep, "rows": rows}, f, indent=1)
+        json.dump({"model": spec.name, "batch": batch, "method": method, "keep": keep, "compile": compiled, "rows": rows}, f, indent=1)
