@@ -12,7 +12,7 @@ import functools
 import inspect
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -243,7 +243,7 @@ class Adapter:
             out = original(*args, **kwargs)
         finally:
             state._collecting = None
-        signals = {k: torch.cat(v, dim=-1) if len(v) > 1 else v[0] for k, v in collected.items()}
+        signals = joined_signals(collected)
         state._media[modality] = (shape_arguments, signals)
         # generate(use_cache=False) passes these same encoder outputs to every step's prefill
         state._encoded[modality] = (out, state._media[modality])
@@ -259,8 +259,7 @@ class Adapter:
         collected = self.state._collecting
         if collected is None:
             return
-        signals = {k: torch.cat(v, dim=-1) if len(v) > 1 else v[0] for k, v in collected.items()}
-        self._select_early(modality, (shape_arguments, signals), provisional=True)
+        self._select_early(modality, (shape_arguments, joined_signals(collected)), provisional=True)
 
     def _select_early(self, modality: str, media: tuple | None = None, provisional: bool = False) -> None:
         """Run the selection of ``modality`` for the current prefill now, if its prompt and media are
@@ -274,7 +273,7 @@ class Adapter:
         call = state._call
         media = state._media.get(modality) if media is None else media
         if (not self.early_selection or self.decoder_cut is not None or not call or media is None
-                or call.get(f"host:{modality}") is None or getattr(self.method, "needs_features", False)):
+                or call.get(f"host:{modality}") is None or self.method.needs_features):
             return
         basis = call.get("input_ids")
         basis = call.get("inputs_embeds") if basis is None else basis
@@ -282,11 +281,11 @@ class Adapter:
             return
         early = state._scratch.setdefault("early_selection", {})
         done = early.get(modality)
-        if done is not None and done[0] is call:
-            if done[1] is media:
+        if done is not None and done.call is call:
+            if done.media is media:
                 return
-            if done[4] and not provisional:  # made at the encoder-stage cut on this call's statistics
-                early[modality] = (call, media, done[2], done[3], False)
+            if done.provisional and not provisional:  # made at the encoder-stage cut on this call's statistics
+                early[modality] = done._replace(media=media, provisional=False)
                 return
         batch, length = basis.shape[:2]
         stand_in = torch.empty(batch, length, 0, device=basis.device)  # only its shape and device are read
@@ -298,7 +297,7 @@ class Adapter:
             early.pop(modality, None)
             return
         if out is stand_in:
-            early[modality] = (call, media, keep_mask, records, provisional)
+            early[modality] = _EarlySelection(call, media, keep_mask, records, provisional)
 
     def _tap_callback(self, requests: list[SignalRequest]):
         return functools.partial(self._collect, requests)  # a partial, not a closure: copies and pickles follow
@@ -494,10 +493,10 @@ class Adapter:
             for modality in self.feature_functions:
                 if modality in media:
                     done = early.get(modality)
-                    if (done is not None and done[0] is call and done[1] is media[modality]
-                            and done[2].shape == keep_mask.shape and done[2].device == keep_mask.device):
-                        keep_mask &= done[2]  # selected while the encoder ran (see _select_early)
-                        records.extend(done[3])
+                    if (done is not None and done.call is call and done.media is media[modality]
+                            and done.keep_mask.shape == keep_mask.shape and done.keep_mask.device == keep_mask.device):
+                        keep_mask &= done.keep_mask  # selected while the encoder ran (see _select_early)
+                        records.extend(done.records)
                         continue
                     fn_args, signals = media[modality]
                     embeds = self._select(modality, call, fn_args, signals, embeds, keep_mask, records)
@@ -760,6 +759,21 @@ def rank_views(method: Method, layouts: list[ImageLayout], ranked: list[tuple[in
         features=features,
     )
     return method.select_batch(batch)
+
+
+class _EarlySelection(NamedTuple):
+    """One modality's selection made before the language model's call (:meth:`Adapter._select_early`)."""
+
+    call: dict[str, Any]  # the prefill's call record it was made for
+    media: tuple  # the encoder call's (shape arguments, signals) it was made from
+    keep_mask: torch.Tensor  # (B, L) bool: False at the dropped placeholders
+    records: list[ImageRecord]
+    provisional: bool  # made at the encoder-stage cut, before the feature function returned
+
+
+def joined_signals(collected: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """An encoder call's collected statistics, each key's chunks joined on the last dimension."""
+    return {k: torch.cat(v, dim=-1) if len(v) > 1 else v[0] for k, v in collected.items()}
 
 
 @dataclass

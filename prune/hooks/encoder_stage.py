@@ -39,7 +39,14 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from ..methods import Method, Selection, View
 from ..methods.base import BatchSelection, ViewBatch, to_device
 from .attention_tap import _ConfigView, _inner_implementation
-from .base import InstanceOverride, bind_arguments, host_shape_arguments, plan_views, rank_views
+from .base import (
+    InstanceOverride,
+    bind_arguments,
+    host_shape_arguments,
+    joined_signals,
+    plan_views,
+    rank_views,
+)
 
 KEEP_KEY = "keep@encoder"
 SCORE_KEY = "score@encoder"
@@ -166,8 +173,7 @@ class EncoderStage:
         (:func:`rank_views`, the method's ``select_batch``) on the statistics collected so far in
         this encoder call. Nothing is read back from the device."""
         collected = self.state._collecting
-        signals = {k: (torch.cat(v, dim=-1) if len(v) > 1 else v[0]).detach().float()
-                   for k, v in collected.items() if k not in (KEEP_KEY, SCORE_KEY)}
+        signals = {k: v.detach().float() for k, v in joined_signals(collected).items() if k not in (KEEP_KEY, SCORE_KEY)}
         layouts = self.adapter.layouts(ctx["modality"], ctx["args"], signals)
         views, ranked = [], []  # views: (valid (n,) host, its row among the ranked or None, host count)
         for i, lay in enumerate(layouts):
