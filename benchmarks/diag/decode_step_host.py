@@ -6,11 +6,11 @@ masks), 20 rounds after 2 warm-up rounds; min, median and spread per configurati
 every step is host time, so the difference is prune's per-step cost.
 ``PYTHONPATH=. python benchmarks/diag/decode_step_host.py [--json FILE]`` (about a minute)."""
 import json
-import statistics
 import sys
 import time
 
 import torch
+from _host_timing import round_robin, summarize
 
 import prune
 from tests.conftest import Case
@@ -41,22 +41,13 @@ def wrapped_us() -> float:
 
 
 rounds, warmup = 20, 2
-times: dict[str, list[float]] = {"unwrapped": [], "random@0.3": []}
-for r in range(warmup + rounds):
-    for name, fn in (("unwrapped", per_step_us), ("random@0.3", wrapped_us)):
-        value = fn()
-        if r >= warmup:
-            times[name].append(value)
-rows = {}
+rows = summarize(round_robin({"unwrapped": per_step_us, "random@0.3": wrapped_us}, rounds, warmup), "unwrapped")
 print(f"decode step, tiny LLaVA, static cache, {rounds} rounds round-robin after {warmup} warm-up")
 print("| config | min us | median us | spread |\n|---|---:|---:|---:|")
-for name, values in times.items():
-    low, mid = min(values), statistics.median(values)
-    rows[name] = {"min_us": low, "median_us": mid, "spread": (max(values) - low) / low}
-    print(f"| {name} | {low:.0f} | {mid:.0f} | {100 * rows[name]['spread']:.0f} % |")
-extra_min = rows["random@0.3"]["min_us"] - rows["unwrapped"]["min_us"]
-extra_med = rows["random@0.3"]["median_us"] - rows["unwrapped"]["median_us"]
-print(f"prune per decode step: +{extra_min:.0f} us (min) / +{extra_med:.0f} us (median)")
+for name, row in rows.items():
+    print(f"| {name} | {row['min_us']:.0f} | {row['median_us']:.0f} | {100 * row['spread']:.0f} % |")
+extra = rows["random@0.3"]
+print(f"prune per decode step: +{extra['extra_min_us']:.0f} us (min) / +{extra['extra_median_us']:.0f} us (median)")
 if "--json" in sys.argv:
     with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
         json.dump({"rows": rows, "rounds": rounds, "warmup": warmup}, f, indent=1)

@@ -9,11 +9,11 @@ each method at keep 0.3, each timing the min of 5 forwards; 20 rounds after 2 wa
 and spread per configuration, and prune's extra (wrapped - unwrapped, of the mins and of the medians). ``PYTHONPATH=. python benchmarks/diag/prefill_host.py
 [--methods random,pool,cls,hiprune] [--json FILE]`` (about half a minute)."""
 import json
-import statistics
 import sys
 import time
 
 import torch
+from _host_timing import round_robin, summarize
 
 import prune
 from tests.conftest import Case
@@ -46,28 +46,14 @@ def wrapped_us(method: str) -> float:
 
 
 rounds, warmup = 20, 2
-times: dict[str, list[float]] = {name: [] for name in ["unwrapped", *methods]}
-for r in range(warmup + rounds):
-    base = forward_us()
-    if r >= warmup:
-        times["unwrapped"].append(base)
-    for method in methods:
-        value = wrapped_us(method)
-        if r >= warmup:
-            times[method].append(value)
-rows = {}
+configs = {"unwrapped": forward_us} | {m: (lambda m=m: wrapped_us(m)) for m in methods}
+rows = summarize(round_robin(configs, rounds, warmup), "unwrapped")
 print(f"prefill forward, tiny LLaVA, batch 1, {rounds} rounds round-robin after {warmup} warm-up")
 print("| config | min us | median us | spread | prune's extra: min / median us |\n|---|---:|---:|---:|---:|")
-for name, values in times.items():
-    low, mid = min(values), statistics.median(values)
-    rows[name] = {"min_us": low, "median_us": mid, "spread": (max(values) - low) / low}
-    extra = ""
-    if name != "unwrapped":
-        base = rows["unwrapped"]
-        rows[name].update(extra_min_us=low - base["min_us"], extra_median_us=mid - base["median_us"])
-        extra = f"+{low - base['min_us']:.0f} / +{mid - base['median_us']:.0f}"
+for name, row in rows.items():
+    extra = "" if name == "unwrapped" else f"+{row['extra_min_us']:.0f} / +{row['extra_median_us']:.0f}"
     label = name if name == "unwrapped" else f"{name} @ 0.3"
-    print(f"| {label} | {low:.0f} | {mid:.0f} | {100 * rows[name]['spread']:.0f} % | {extra} |")
+    print(f"| {label} | {row['min_us']:.0f} | {row['median_us']:.0f} | {100 * row['spread']:.0f} % | {extra} |")
 if "--json" in sys.argv:
     with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
         json.dump({"rows": rows, "rounds": rounds, "warmup": warmup, "torch": torch.__version__}, f, indent=1)
