@@ -8,10 +8,14 @@ encoder's plus the ideal's, its overhead is idle time (the GPU waiting for the h
 synchronisation); otherwise the top kernels tell what it adds.
 ``--compile``: every forward with a static cache and the language model under
 ``torch.compile(mode="reduce-overhead")``, as ``prune bench --compile`` runs it (CUDA only).
+``--host``: also the Python functions that take the host's time in the pruned and the unpruned forward
+(cProfile, own time, summed over 5 forwards): where a pruned row's extra host time goes.
 ``PYTHONPATH=. python benchmarks/diag/prefill_gaps.py [--model llava-1.5-7b] [--batch 8] [--method random]
-[--keep 0.11] [--compile] [--json FILE]`` (about a minute on an H200; ``--model tiny-llava`` runs on a
+[--keep 0.11] [--compile] [--host] [--json FILE]`` (about a minute on an H200; ``--model tiny-llava`` runs on a
 CPU as a smoke test, with no kernel times)."""
+import cProfile
 import json
+import pstats
 import sys
 
 import torch
@@ -43,7 +47,7 @@ if compiled:
     _compile_language_model(model)
 
 
-def pruned():
+def pruned():  # wrapped or not (the unpruned forward)
     _reset_rope_deltas(model)
     return model(**inputs, use_cache=True, logits_to_keep=1, **caches.kwargs(model))
 
@@ -114,6 +118,29 @@ def profiled(fn, wrap: bool):
             "top_kernels_ms": sorted(((round(v / 1e3, 3), k) for k, v in by_name.items()), reverse=True)[:8]}
 
 
+def host_functions(fn, wrap: bool, top: int = 15) -> list[tuple[float, int, str]]:
+    """(own ms per forward, calls per forward, function) of the ``top`` functions by own host time."""
+    if wrap:
+        prune.wrap(model, method, keep=keep)
+    try:
+        with torch.no_grad():
+            for _ in range(3):
+                fn()
+            sync()
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(5):
+                fn()
+            sync()
+            profiler.disable()
+    finally:
+        if wrap:
+            prune.unwrap(model)
+    stats = pstats.Stats(profiler).stats
+    ranked = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    return [(round(v[2] * 1e3 / 5, 3), v[1] // 5, f"{k[0].split('site-packages/')[-1]}:{k[1]}:{k[2]}") for k, v in ranked]
+
+
 rows = {f"{method}@{keep}": profiled(pruned, True), "encoder": profiled(encoder, False), f"ideal ({kept} rows)": profiled(ideal, False)}
 mode = "LM reduce-overhead, static cache" if compiled else "eager"
 print(f"{spec.name} shape, batch {batch}, {str(dt)[6:]}, SDPA, {mode}: one profiled forward each (after 3 warm-ups)")
@@ -123,6 +150,14 @@ for name, r in rows.items():
 for name, r in rows.items():
     print(f"\n{name}: largest idle gaps (ms, host op before): {r['top_gaps_ms']}")
     print(f"{name}: top kernels (ms): {r['top_kernels_ms']}")
+host = {}
+if "--host" in sys.argv:
+    host = {f"{method}@{keep}": host_functions(pruned, True), "unpruned": host_functions(pruned, False)}  # the same call, unwrapped
+    for name, functions in host.items():
+        print(f"\n{name}: host functions by own time (ms per forward, calls per forward, function)")
+        for own, calls, where in functions:
+            print(f"  {own:8.3f} {calls:6d}  {where}")
 if "--json" in sys.argv:
     with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
-        json.dump({"model": spec.name, "batch": batch, "method": method, "keep": keep, "compile": compiled, "rows": rows}, f, indent=1)
+        json.dump({"model": spec.name, "batch": batch, "method": method, "keep": keep, "compile": compiled, "rows": rows,
+                   "host_functions": host}, f, indent=1)
