@@ -1,0 +1,138 @@
+"""Diagnostic (GPU): is an eager pruned prefill's overhead over its "ideal" prune's, or the floor of any
+post-encoder pruning of this model? LLaVA-1.5-7B shape, batch 8 (``--batch``), bf16, SDPA, random @ 0.11
+(``--method``, ``--keep``). Measured round-robin (CUDA events, min and median of ``--rounds``), one
+model object:
+
+- ``unpruned``: the unwrapped model's prefill;
+- ``pruned``: the model wrapped with the method (wrapped and unwrapped outside the timed region);
+- ``bare cut``: the unwrapped model with one forward pre-hook on its language model that gathers the
+  rows the pruned run kept (an index computed once, on the device) and hands the language model
+  those embeddings with a mask of ones: the least any pruning after the encoder can add, since the
+  model's own code (embedding, placeholder check, masked scatter) runs as in the pruned row;
+- ``encoder``: ``get_image_features`` alone; ``lm, real kept rows``: the language model on the
+  embeddings the bare cut handed it; ``lm, random rows``: on random embeddings of that length (what
+  ``prune bench``'s ideal times); ``ideal`` rows: encoder + each.
+
+pruned ~ bare cut: the overhead is the model's own post-encoder work, not prune's. lm real != lm
+random: the ideal's random embeddings run at another speed than real ones.
+``PYTHONPATH=. python benchmarks/diag/prefill_floor.py [--batch 8] [--method random] [--keep 0.11]
+[--rounds 15] [--json FILE]`` (about a minute on an H200; ``--model tiny-llava`` runs on a CPU)."""
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+import prune
+from prune.evaluation import models as M
+from prune.evaluation.tasks.shapes import random_scene, render_scene
+
+
+def _arg(name, default):
+    return type(default)(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
+
+
+batch, method, keep, rounds = _arg("--batch", 8), _arg("--method", "random"), _arg("--keep", 0.11), _arg("--rounds", 15)
+spec = M.resolve_model(_arg("--model", "llava-1.5-7b"))
+dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+model = M.build_model(spec, device=dev, dtype=dt, attn_implementation="sdpa", seed=0)
+images = [render_scene(random_scene(b), size=spec.image_size[::-1]) for b in range(batch)]
+inputs = M.make_inputs(model, M.build_image_processor(spec), images, prompt_tokens=64, seed=0, device=dev, dtype=dt,
+                       spec=spec)
+lm = model.model.language_model
+
+with torch.no_grad():
+    prune.wrap(model, method, keep=keep)
+    model(**inputs, use_cache=True, logits_to_keep=1)
+    keep_mask = model.prune_state.last.keep_mask.to(dev)  # (B, L): every row keeps the same count here
+    prune.unwrap(model)
+kept = int(keep_mask.sum(1).max())
+if not bool((keep_mask.sum(1) == kept).all()):
+    sys.exit("the rows keep different counts: this diagnostic needs equal ones")
+index = torch.nonzero(keep_mask)[:, 1].reshape(batch, kept)  # (B, kept) ascending
+captured = {}
+
+
+def bare_cut(module, args, kwargs):
+    embeds = kwargs["inputs_embeds"]
+    gathered = embeds.gather(1, index[..., None].expand(-1, -1, embeds.shape[-1]))
+    captured.setdefault("embeds", gathered.detach().clone())
+    mask = torch.ones(batch, kept, dtype=torch.long, device=dev)
+    return args, dict(kwargs, inputs_embeds=gathered, attention_mask=mask, position_ids=None)
+
+
+def forward():
+    return model(**inputs, use_cache=True, logits_to_keep=1)
+
+
+hook = lm.register_forward_pre_hook(bare_cut, with_kwargs=True)
+with torch.no_grad():
+    forward()
+hook.remove()
+real = captured["embeds"]
+rand = torch.randn(real.shape, generator=torch.Generator(device=dev).manual_seed(0), device=dev, dtype=dt) * 0.02
+ones = torch.ones(batch, kept, dtype=torch.long, device=dev)
+
+
+def timed(fn) -> float:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def pruned():
+    prune.wrap(model, method, keep=keep)
+    try:
+        return timed(forward)
+    finally:
+        prune.unwrap(model)
+
+
+def bare():
+    h = lm.register_forward_pre_hook(bare_cut, with_kwargs=True)
+    try:
+        return timed(forward)
+    finally:
+        h.remove()
+
+
+configs = {
+    "unpruned": lambda: timed(forward),
+    f"pruned ({method}@{keep})": pruned,
+    "bare cut": bare,
+    "encoder": lambda: timed(lambda: model.model.get_image_features(pixel_values=inputs["pixel_values"])),
+    "lm, real kept rows": lambda: timed(lambda: model(inputs_embeds=real, attention_mask=ones, use_cache=True,
+                                                      logits_to_keep=1)),
+    "lm, random rows": lambda: timed(lambda: model(inputs_embeds=rand, attention_mask=ones, use_cache=True,
+                                                   logits_to_keep=1)),
+}
+times = {name: [] for name in configs}
+with torch.no_grad():
+    for r in range(rounds + 2):
+        for name, fn in configs.items():
+            value = fn()
+            if r >= 2:
+                times[name].append(value)
+rows = {name: {"min_ms": min(v), "median_ms": statistics.median(v)} for name, v in times.items()}
+enc = rows["encoder"]
+for lm_name in ("lm, real kept rows", "lm, random rows"):
+    rows[f"ideal = encoder + {lm_name}"] = {k: enc[k] + rows[lm_name][k] for k in ("min_ms", "median_ms")}
+print(f"{spec.name} shape, batch {batch}, {str(dt)[6:]}, SDPA, eager, {kept} rows kept, min / median of {rounds} "
+      f"rounds (round-robin)")
+print("| row | min ms | median ms |\n|---|---:|---:|")
+for name, r in rows.items():
+    print(f"| {name} | {r['min_ms']:.2f} | {r['median_ms']:.2f} |")
+if "--json" in sys.argv:
+    with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
+        json.dump({"model": spec.name, "batch": batch, "method": method, "keep": keep, "kept": kept, "rounds": rounds,
+                   "rows": rows}, f, indent=1)
