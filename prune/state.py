@@ -163,11 +163,12 @@ class PruneState:
         self._local = _CallLocal()
         self._plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> Plan
         self._contexts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> in-LLM Context
+        self._selection_plans: dict = {}  # call structure -> the selection's host plan (hooks/base.py)
 
     # copies and pickles carry the configuration and the last record, not calls in flight
     def __getstate__(self) -> dict[str, Any]:
         out = dict(self.__dict__)
-        for name in ("_local", "_plans", "_contexts"):
+        for name in ("_local", "_plans", "_contexts", "_selection_plans"):
             out.pop(name, None)
         return out
 

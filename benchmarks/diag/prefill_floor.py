@@ -1,10 +1,10 @@
 """Diagnostic (GPU): is an eager pruned prefill's overhead over its "ideal" prune's, or the floor of any
 post-encoder pruning of this model? LLaVA-1.5-7B shape, batch 8 (``--batch``), bf16, SDPA, random @ 0.11
-(``--method``, ``--keep``). Measured round-robin (CUDA events, min and median of ``--rounds``), one
+(``--methods`` a comma list, ``--keep``). Measured round-robin (CUDA events, min and median of ``--rounds``), one
 model object:
 
 - ``unpruned``: the unwrapped model's prefill;
-- ``pruned``: the model wrapped with the method (wrapped and unwrapped outside the timed region);
+- ``pruned``: the model wrapped with the method (wrapped, called once and unwrapped outside the timed region);
 - ``bare cut``: the unwrapped model with one forward pre-hook on its language model that gathers the
   rows the pruned run kept (an index computed once, on the device) and hands the language model
   those embeddings with a mask of ones: the least any pruning after the encoder can add, since the
@@ -15,26 +15,24 @@ model object:
 
 pruned ~ bare cut: the overhead is the model's own post-encoder work, not prune's. lm real != lm
 random: the ideal's random embeddings run at another speed than real ones.
-``PYTHONPATH=. python benchmarks/diag/prefill_floor.py [--batch 8] [--method random] [--keep 0.11]
+``PYTHONPATH=. python benchmarks/diag/prefill_floor.py [--batch 8] [--methods random,hiprune] [--keep 0.11]
 [--rounds 15] [--json FILE]`` (about a minute on an H200; ``--model tiny-llava`` runs on a CPU)."""
+import functools
 import json
 import statistics
 import sys
 import time
 
 import torch
+from _args import arg, keep_arg
 
 import prune
 from prune.evaluation import models as M
 from prune.evaluation.tasks.shapes import random_scene, render_scene
 
-
-def _arg(name, default):
-    return type(default)(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
-
-
-batch, method, keep, rounds = _arg("--batch", 8), _arg("--method", "random"), _arg("--keep", 0.11), _arg("--rounds", 15)
-spec = M.resolve_model(_arg("--model", "llava-1.5-7b"))
+batch, keep, rounds = arg("--batch", 8), keep_arg(0.11), arg("--rounds", 15)
+methods = arg("--methods", "random").split(",")
+spec = M.resolve_model(arg("--model", "llava-1.5-7b"))
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
 model = M.build_model(spec, device=dev, dtype=dt, attn_implementation="sdpa", seed=0)
@@ -43,31 +41,41 @@ inputs = M.make_inputs(model, M.build_image_processor(spec), images, prompt_toke
                        spec=spec)
 lm = model.model.language_model
 
-with torch.no_grad():
-    prune.wrap(model, method, keep=keep)
-    model(**inputs, use_cache=True, logits_to_keep=1)
-    keep_mask = model.prune_state.last.keep_mask.to(dev)  # (B, L): every row keeps the same count here
-    prune.unwrap(model)
-kept = int(keep_mask.sum(1).max())
-if not bool((keep_mask.sum(1) == kept).all()):
-    sys.exit("the rows keep different counts: this diagnostic needs equal ones")
-index = torch.nonzero(keep_mask)[:, 1].reshape(batch, kept)  # (B, kept) ascending
+def kept_index(name):
+    """(B, kept) ascending: the rows the method keeps (every row the same count here)."""
+    with torch.no_grad():
+        prune.wrap(model, name, keep=keep)
+        model(**inputs, use_cache=True, logits_to_keep=1)
+        keep_mask = model.prune_state.last.keep_mask.to(dev)
+        prune.unwrap(model)
+    counts = keep_mask.sum(1)
+    if not bool((counts == counts[0]).all()):
+        sys.exit("the rows keep different counts: this diagnostic needs equal ones")
+    return torch.nonzero(keep_mask)[:, 1].reshape(batch, int(counts[0]))
+
+
+indices = {name: kept_index(name) for name in methods}
+kept = next(iter(indices.values())).shape[1]
+if any(i.shape[1] != kept for i in indices.values()):
+    sys.exit("the methods keep different counts")
 captured = {}
 
 
-def bare_cut(module, args, kwargs):
-    embeds = kwargs["inputs_embeds"]
-    gathered = embeds.gather(1, index[..., None].expand(-1, -1, embeds.shape[-1]))
-    captured.setdefault("embeds", gathered.detach().clone())
-    mask = torch.ones(batch, kept, dtype=torch.long, device=dev)
-    return args, dict(kwargs, inputs_embeds=gathered, attention_mask=mask, position_ids=None)
+def bare_cut_of(index):
+    def bare_cut(module, args, kwargs):
+        embeds = kwargs["inputs_embeds"]
+        gathered = embeds.gather(1, index[..., None].expand(-1, -1, embeds.shape[-1]))
+        captured.setdefault("embeds", gathered.detach().clone())
+        mask = torch.ones(batch, kept, dtype=torch.long, device=dev)
+        return args, dict(kwargs, inputs_embeds=gathered, attention_mask=mask, position_ids=None)
+    return bare_cut
 
 
 def forward():
     return model(**inputs, use_cache=True, logits_to_keep=1)
 
 
-hook = lm.register_forward_pre_hook(bare_cut, with_kwargs=True)
+hook = lm.register_forward_pre_hook(bare_cut_of(indices[methods[0]]), with_kwargs=True)
 with torch.no_grad():
     forward()
 hook.remove()
@@ -90,26 +98,28 @@ def timed(fn) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
-def pruned():
-    prune.wrap(model, method, keep=keep)
+def pruned(name):
+    prune.wrap(model, name, keep=keep)
     try:
+        forward()  # the wrap's plans made untimed: the steady state (see prune bench)
         return timed(forward)
     finally:
         prune.unwrap(model)
 
 
-def bare():
-    h = lm.register_forward_pre_hook(bare_cut, with_kwargs=True)
+def bare(name):
+    h = lm.register_forward_pre_hook(bare_cut_of(indices[name]), with_kwargs=True)
     try:
         return timed(forward)
     finally:
         h.remove()
 
 
-configs = {
-    "unpruned": lambda: timed(forward),
-    f"pruned ({method}@{keep})": pruned,
-    "bare cut": bare,
+configs = {"unpruned": lambda: timed(forward)}
+for name in methods:
+    configs[f"pruned ({name}@{keep})"] = functools.partial(pruned, name)
+    configs[f"bare cut ({name}'s rows)"] = functools.partial(bare, name)
+configs |= {
     "encoder": lambda: timed(lambda: model.model.get_image_features(pixel_values=inputs["pixel_values"])),
     "lm, real kept rows": lambda: timed(lambda: model(inputs_embeds=real, attention_mask=ones, use_cache=True,
                                                       logits_to_keep=1)),
@@ -134,5 +144,5 @@ for name, r in rows.items():
     print(f"| {name} | {r['min_ms']:.2f} | {r['median_ms']:.2f} |")
 if "--json" in sys.argv:
     with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
-        json.dump({"model": spec.name, "batch": batch, "method": method, "keep": keep, "kept": kept, "rounds": rounds,
+        json.dump({"model": spec.name, "batch": batch, "methods": methods, "keep": keep, "kept": kept, "rounds": rounds,
                    "rows": rows}, f, indent=1)

@@ -19,6 +19,7 @@ import pstats
 import sys
 
 import torch
+from _args import arg, keep_arg
 from torch.profiler import ProfilerActivity, profile
 
 import prune
@@ -26,13 +27,8 @@ from prune.evaluation import models as M
 from prune.evaluation.bench import _CacheMaker, _compile_language_model, _reset_rope_deltas
 from prune.evaluation.tasks.shapes import random_scene, render_scene
 
-
-def _arg(name, default):
-    return type(default)(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
-
-
-batch, method, keep = _arg("--batch", 8), _arg("--method", "random"), _arg("--keep", 0.11)
-spec = M.resolve_model(_arg("--model", "llava-1.5-7b"))
+batch, method, keep = arg("--batch", 8), arg("--method", "random"), keep_arg(0.11)
+spec = M.resolve_model(arg("--model", "llava-1.5-7b"))
 compiled = "--compile" in sys.argv
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 dt = torch.bfloat16 if dev.type == "cuda" else torch.float32

@@ -22,7 +22,7 @@ from .._compat import cache_length, cache_parameter, find_cache, is_static_cache
 from ..kernels import attention_stats
 from ..kernels.attention_stats import segment_bounds
 from ..methods import EncoderInfo, Method, SignalRequest
-from ..methods.base import ViewBatch, _pad_rows, to_device
+from ..methods.base import BatchSelection, ViewBatch, _pad_rows, to_device
 from ..state import ImageRecord, PruneRecord, PruneState
 from . import vision_attention
 from .attention_tap import install_tap
@@ -631,7 +631,8 @@ class Adapter:
                 return self._select(modality, c, fn_args, signals, e, k, r)
 
             return self._select_expanded(expanded.copies, select_first, call, embeds, keep_mask, records)
-        rows, cols = self._host_placeholder_mask(modality, call).nonzero(as_tuple=True)  # scatter order
+        host_mask = self._host_placeholder_mask(modality, call)
+        rows, cols = host_mask.nonzero(as_tuple=True)  # scatter order
         expected = sum(lay.num_tokens for lay in layouts)
         if rows.numel() == 0:
             return embeds  # the encoder ran for another call (e.g. get_image_features called directly)
@@ -644,9 +645,66 @@ class Adapter:
 
                 return self._select_expanded(copies, select, call, embeds, keep_mask, records)
             raise RuntimeError(f"found {rows.numel()} {modality} placeholder tokens but the inputs give {expected}")
-        config = self.state.config
         device = embeds.device
-        # ---- plan on the host: budgets, and which views need ranking --------------------------
+        plan = self._call_plan(modality, layouts, host_mask, rows, cols, device)
+        # ---- rank every view of the call at once, on the device ----------------------------------
+        sel = features = None
+        counts = list(plan.base_counts)
+        if plan.ranked and self.method.needs_features:  # (V, P, D) the views' embeddings, zeros elsewhere
+            features = _view_features(embeds, plan.at_rows, plan.at_cols, plan.src, len(plan.ranked) * plan.width)
+            features = features.view(len(plan.ranked), plan.width, embeds.shape[-1])
+        if plan.ranked:
+            sel = plan.host_selection or rank_views(self.method, layouts, plan.ranked, plan.valid, device, features)
+            for (i, _, _), count in zip(plan.ranked, sel.counts or [None] * len(plan.ranked)):
+                if counts[i] is not None:
+                    counts[i] = None if count is None else counts[i] + count
+        # ---- scatter the answer into the keep-mask ---------------------------------------------
+        kept, score = plan.kept, plan.score
+        if sel is not None:
+            kept = torch.where(plan.ranked_token, sel.keep.flatten()[plan.src_clamped], kept)
+            if sel.score is not None:
+                score = torch.where(plan.ranked_token, sel.score.flatten().float()[plan.src_clamped], score)
+            if sel.assign is not None:
+                embeds = _merge_batch(embeds, plan.at_rows, plan.at_cols, plan.src, sel.assign, features)
+        keep_mask[plan.at_rows, plan.at_cols] = kept
+        for p, part, positions, count in zip(plan.plans, plan.parts, plan.positions, counts):
+            merged = None
+            if self.method.needs_features:
+                if count is None:
+                    where = kept[part].nonzero().view(-1)
+                else:  # the kept rows in token order, sized from the host count
+                    where = torch.nonzero_static(kept[part], size=count).view(-1)
+                merged = embeds[p.sample, positions[where]].detach()
+            records.append(
+                ImageRecord(
+                    sample=p.sample,
+                    positions=positions,
+                    kept=kept[part],
+                    scores={"score": score[part]},
+                    budget=p.budget,
+                    grids=list(p.layout.grids),
+                    modality=modality,
+                    merged=merged,
+                    token_view=p.token_view,
+                    token_patch=p.token_patch,
+                    view_budgets=list(p.shares),
+                    kept_count=count,
+                )
+            )
+        return embeds
+
+    def _call_plan(self, modality: str, layouts: list[ImageLayout], host_mask: torch.Tensor, rows: torch.Tensor,
+                   cols: torch.Tensor, device: torch.device) -> _CallPlan:
+        """The host's plan of one selection call (budgets, which views need ranking, where every token
+        sits, those indices on the device), kept per call structure: a call of the same layouts and
+        the same placeholder positions (every call of a batch of equal images and prompts, every
+        rerun) reuses it and copies nothing. The plan depends on shapes only, never on the signals."""
+        key = _plan_key(modality, layouts, host_mask, device)
+        plans_cache = self.state._selection_plans
+        found = plans_cache.get(key)
+        if found is not None:
+            return found
+        config = self.state.config
         plans: list[_Planned] = []
         ranked: list[tuple[int, int, torch.Tensor, int]] = []  # (plan, view, its tokens, budget)
         start = 0
@@ -667,8 +725,6 @@ class Adapter:
                     ranked.append((i, v, here, shares[v]))
             plans.append(plan)
             start += n
-        # ---- rank every view of the call at once, on the device ----------------------------------
-        sel = features = None
         grids = [layouts[i].grids[v] for i, v, _, _ in ranked]
         width = max((h * w for h, w in grids), default=0)
         valid = torch.zeros(len(ranked), width, dtype=torch.bool)
@@ -679,53 +735,25 @@ class Adapter:
         # where every token sits, and its row of the flattened (V, P) answer: copied once, non-blocking
         index = torch.cat([torch.stack([torch.full_like(p.positions, p.sample), p.positions, p.src]) for p in plans], 1)
         at_rows, at_cols, src = to_device(index, device)
-        ranked_token = src >= 0
-        if ranked and self.method.needs_features:  # (V, P, D) the views' embeddings, zeros elsewhere
-            features = _view_features(embeds, at_rows, at_cols, src, len(ranked) * width)
-            features = features.view(len(ranked), width, embeds.shape[-1])
-        if ranked:
-            sel = rank_views(self.method, layouts, [(i, v, b) for i, v, _, b in ranked], valid, device, features)
-            for (i, _, _, _), count in zip(ranked, sel.counts or [None] * len(ranked)):
-                if plans[i].kept_count is not None:
-                    plans[i].kept_count = None if count is None else plans[i].kept_count + count
-        # ---- scatter the answer into the keep-mask ---------------------------------------------
-        kept = torch.ones(src.shape, dtype=torch.bool, device=device)
-        score = torch.full(src.shape, float("nan"), device=device)
-        if sel is not None:
-            kept = torch.where(ranked_token, sel.keep.flatten()[src.clamp(min=0)], kept)
-            if sel.score is not None:
-                score = torch.where(ranked_token, sel.score.flatten().float()[src.clamp(min=0)], score)
-            if sel.assign is not None:
-                embeds = _merge_batch(embeds, at_rows, at_cols, src, sel.assign, features)
-        keep_mask[at_rows, at_cols] = kept
-        start = 0
+        bounds = [0]
         for p in plans:
-            part = slice(start, start + p.positions.numel())
-            start = part.stop
-            merged = None
-            if self.method.needs_features:
-                if p.kept_count is None:
-                    where = kept[part].nonzero().view(-1)
-                else:  # the kept rows in token order, sized from the host count
-                    where = torch.nonzero_static(kept[part], size=p.kept_count).view(-1)
-                merged = embeds[p.sample, at_cols[part][where]].detach()
-            records.append(
-                ImageRecord(
-                    sample=p.sample,
-                    positions=at_cols[part],
-                    kept=kept[part],
-                    scores={"score": score[part]},
-                    budget=p.budget,
-                    grids=list(p.layout.grids),
-                    modality=modality,
-                    merged=merged,
-                    token_view=p.token_view,
-                    token_patch=p.token_patch,
-                    view_budgets=list(p.shares),
-                    kept_count=p.kept_count,
-                )
-            )
-        return embeds
+            bounds.append(bounds[-1] + p.positions.numel())
+        parts = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+        ranked_views = [(i, v, b) for i, v, _, b in ranked]
+        host_selection = None
+        if ranked and self.method.host_select and not self.method.needs_features:  # shapes and options only
+            host_selection = rank_views(self.method, layouts, ranked_views, valid, device)
+        found = _CallPlan(
+            plans=plans, ranked=ranked_views, valid=valid, width=width, at_rows=at_rows, at_cols=at_cols, src=src,
+            src_clamped=src.clamp(min=0), ranked_token=src >= 0, parts=parts,
+            positions=[at_cols[part] for part in parts], base_counts=[p.kept_count for p in plans],
+            kept=torch.ones(src.shape, dtype=torch.bool, device=device),
+            score=torch.full(src.shape, float("nan"), device=device), host_selection=host_selection,
+        )
+        if len(plans_cache) >= _PLANS_KEPT:  # a stream of ever-new shapes: start over rather than grow
+            self.state._selection_plans = plans_cache = {}
+        plans_cache[key] = found
+        return found
 
 
 def plan_views(method: Method, config, lay: ImageLayout) -> tuple[torch.Tensor, torch.Tensor, list[int], int, list[int]]:
@@ -789,6 +817,41 @@ class _Planned:
     shares: list[int]
     src: torch.Tensor  # (n,) host: each token's row of the flattened (V, P) answer, -1: kept as is
     kept_count: int | None  # host: tokens it keeps (None: the method's count is data-dependent)
+
+
+#: call structures whose selection plans a wrapped model keeps (see :meth:`Adapter._call_plan`)
+_PLANS_KEPT = 16
+
+
+@dataclass(frozen=True)
+class _CallPlan:
+    """A selection call's plan (:meth:`Adapter._call_plan`): read-only, shared by every call of its
+    structure (device tensors included: nothing writes them)."""
+
+    plans: list[_Planned]
+    ranked: list[tuple[int, int, int]]  # (plan, view, budget) of every view that needs ranking
+    valid: torch.Tensor  # (V, P) host bool: each ranked view's valid patches
+    width: int  # P
+    at_rows: torch.Tensor  # (n,) device: every placeholder token's sample ...
+    at_cols: torch.Tensor  # ... and sequence position ...
+    src: torch.Tensor  # ... and its row of the flattened (V, P) answer (-1: kept as is)
+    src_clamped: torch.Tensor
+    ranked_token: torch.Tensor  # src >= 0
+    parts: list[slice]  # each plan's tokens among the n
+    positions: list[torch.Tensor]  # at_cols of each plan
+    base_counts: list[int]  # tokens each plan keeps without ranking
+    kept: torch.Tensor  # (n,) device True: the tokens nothing ranks
+    score: torch.Tensor  # (n,) device nan
+    host_selection: BatchSelection | None  # a host_select method's answer (shapes and options only)
+
+
+def _plan_key(modality: str, layouts: list[ImageLayout], host_mask: torch.Tensor, device: torch.device) -> tuple:
+    """What a selection plan depends on: the placeholders' positions and every layout's structure."""
+    parts: list[Any] = [modality, str(device), tuple(host_mask.shape), host_mask.numpy().tobytes()]
+    for lay in layouts:
+        parts.append((tuple(lay.grids), lay.split, lay.token_view.cpu().numpy().tobytes(),
+                      lay.token_patch.cpu().numpy().tobytes()))
+    return tuple(parts)
 
 
 def _view_features(embeds, at_rows, at_cols, src, rows: int) -> torch.Tensor:
