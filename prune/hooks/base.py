@@ -741,7 +741,8 @@ class Adapter:
         parts = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
         ranked_views = [(i, v, b) for i, v, _, b in ranked]
         host_selection = None
-        if ranked and self.method.host_select and not self.method.needs_features:  # shapes and options only
+        if (ranked and self.method.host_select and not self.method.needs_features
+                and not getattr(self.method, "signal_keys", ())):  # its answer depends on shapes and options only
             host_selection = rank_views(self.method, layouts, ranked_views, valid, device)
         found = _CallPlan(
             plans=plans, ranked=ranked_views, valid=valid, width=width, at_rows=at_rows, at_cols=at_cols, src=src,
