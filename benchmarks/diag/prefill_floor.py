@@ -24,21 +24,13 @@ import sys
 import time
 
 import torch
-from _args import arg, keep_arg
+from _common import arg, image_batch, keep_arg
 
 import prune
-from prune.evaluation import models as M
-from prune.evaluation.tasks.shapes import random_scene, render_scene
 
 batch, keep, rounds = arg("--batch", 8), keep_arg(0.11), arg("--rounds", 15)
 methods = arg("--methods", "random").split(",")
-spec = M.resolve_model(arg("--model", "llava-1.5-7b"))
-dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
-model = M.build_model(spec, device=dev, dtype=dt, attn_implementation="sdpa", seed=0)
-images = [render_scene(random_scene(b), size=spec.image_size[::-1]) for b in range(batch)]
-inputs = M.make_inputs(model, M.build_image_processor(spec), images, prompt_tokens=64, seed=0, device=dev, dtype=dt,
-                       spec=spec)
+spec, dev, dt, model, inputs = image_batch(arg("--model", "llava-1.5-7b"), batch)
 lm = model.model.language_model
 
 def kept_index(name):

@@ -13,29 +13,22 @@ synchronisation); otherwise the top kernels tell what it adds.
 ``PYTHONPATH=. python benchmarks/diag/prefill_gaps.py [--model llava-1.5-7b] [--batch 8] [--method random]
 [--keep 0.11] [--compile] [--host] [--json FILE]`` (about a minute on an H200; ``--model tiny-llava`` runs on a
 CPU as a smoke test, with no kernel times)."""
+import contextlib
 import cProfile
 import json
 import pstats
 import sys
 
 import torch
-from _args import arg, keep_arg
+from _common import arg, image_batch, keep_arg
 from torch.profiler import ProfilerActivity, profile
 
 import prune
-from prune.evaluation import models as M
 from prune.evaluation.bench import _CacheMaker, _compile_language_model, _reset_rope_deltas
-from prune.evaluation.tasks.shapes import random_scene, render_scene
 
 batch, method, keep = arg("--batch", 8), arg("--method", "random"), keep_arg(0.11)
-spec = M.resolve_model(arg("--model", "llava-1.5-7b"))
 compiled = "--compile" in sys.argv
-dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
-model = M.build_model(spec, device=dev, dtype=dt, attn_implementation="sdpa", seed=0)
-images = [render_scene(random_scene(b), size=spec.image_size[::-1]) for b in range(batch)]
-inputs = M.make_inputs(model, M.build_image_processor(spec), images, prompt_tokens=64, seed=0, device=dev, dtype=dt,
-                       spec=spec)
+spec, dev, dt, model, inputs = image_batch(arg("--model", "llava-1.5-7b"), batch)
 
 
 caches = _CacheMaker(compiled, inputs, 1)
@@ -70,7 +63,9 @@ def sync():
         torch.cuda.synchronize()
 
 
-def profiled(fn, wrap: bool):
+@contextlib.contextmanager
+def warmed(fn, wrap: bool):
+    """``fn`` run 3 times (the model wrapped first if ``wrap``, unwrapped after), synchronised."""
     if wrap:
         prune.wrap(model, method, keep=keep)
     try:
@@ -78,13 +73,18 @@ def profiled(fn, wrap: bool):
             for _ in range(3):
                 fn()
             sync()
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-            with profile(activities=activities) as prof:
-                fn()
-                sync()
+            yield
     finally:
         if wrap:
             prune.unwrap(model)
+
+
+def profiled(fn, wrap: bool):
+    with warmed(fn, wrap):
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            fn()
+            sync()
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > 0]
     host = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
     spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events)
@@ -116,22 +116,13 @@ def profiled(fn, wrap: bool):
 
 def host_functions(fn, wrap: bool, top: int = 15) -> list[tuple[float, int, str]]:
     """(own ms per forward, calls per forward, function) of the ``top`` functions by own host time."""
-    if wrap:
-        prune.wrap(model, method, keep=keep)
-    try:
-        with torch.no_grad():
-            for _ in range(3):
-                fn()
-            sync()
-            profiler = cProfile.Profile()
-            profiler.enable()
-            for _ in range(5):
-                fn()
-            sync()
-            profiler.disable()
-    finally:
-        if wrap:
-            prune.unwrap(model)
+    with warmed(fn, wrap):
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(5):
+            fn()
+        sync()
+        profiler.disable()
     stats = pstats.Stats(profiler).stats
     ranked = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
     return [(round(v[2] * 1e3 / 5, 3), v[1] // 5, f"{k[0].split('site-packages/')[-1]}:{k[1]}:{k[2]}") for k, v in ranked]
