@@ -21,7 +21,9 @@ class ImageRecord:
     kept: (n,) bool; scores: name -> (n,) fp32 score per token (NaN where a token was never a candidate,
     e.g. LLaVA-NeXT's image_newline); budget: tokens the method was asked to keep (newlines excluded);
     grids: (h, w) patches of each view (base image, crops); merged: the LLM-input rows of the kept
-    tokens when the method merges tokens (pool), in token order.
+    tokens when the method merges tokens (pool), in token order. Read-only: the records of later calls
+    of the same shapes share tensors (positions, token views and patches, the all-kept mask of a call
+    that ranked nothing) with the selection plan the wrapped model keeps for those shapes.
     """
 
     sample: int
