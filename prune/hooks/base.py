@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import itertools
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -735,17 +736,14 @@ class Adapter:
         # where every token sits, and its row of the flattened (V, P) answer: copied once, non-blocking
         index = torch.cat([torch.stack([torch.full_like(p.positions, p.sample), p.positions, p.src]) for p in plans], 1)
         at_rows, at_cols, src = to_device(index, device)
-        bounds = [0]
-        for p in plans:
-            bounds.append(bounds[-1] + p.positions.numel())
+        bounds = [0, *itertools.accumulate(p.positions.numel() for p in plans)]
         parts = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
         ranked_views = [(i, v, b) for i, v, _, b in ranked]
         host_selection = None
-        if (ranked and self.method.host_select and not self.method.needs_features
-                and not getattr(self.method, "signal_keys", ())):  # its answer depends on shapes and options only
+        if ranked and self.method.host_select and not self.method.needs_features:  # shapes and options only
             host_selection = rank_views(self.method, layouts, ranked_views, valid, device)
         found = _CallPlan(
-            plans=plans, ranked=ranked_views, valid=valid, width=width, at_rows=at_rows, at_cols=at_cols, src=src,
+            plans=plans, ranked=ranked_views, valid=valid, at_rows=at_rows, at_cols=at_cols, src=src,
             src_clamped=src.clamp(min=0), ranked_token=src >= 0, parts=parts,
             positions=[at_cols[part] for part in parts], base_counts=[p.kept_count for p in plans],
             kept=torch.ones(src.shape, dtype=torch.bool, device=device),
@@ -832,18 +830,22 @@ class _CallPlan:
     plans: list[_Planned]
     ranked: list[tuple[int, int, int]]  # (plan, view, budget) of every view that needs ranking
     valid: torch.Tensor  # (V, P) host bool: each ranked view's valid patches
-    width: int  # P
     at_rows: torch.Tensor  # (n,) device: every placeholder token's sample ...
     at_cols: torch.Tensor  # ... and sequence position ...
     src: torch.Tensor  # ... and its row of the flattened (V, P) answer (-1: kept as is)
-    src_clamped: torch.Tensor
-    ranked_token: torch.Tensor  # src >= 0
+    src_clamped: torch.Tensor  # src.clamp(min=0) and src >= 0, made once on the device rather than per call
+    ranked_token: torch.Tensor
     parts: list[slice]  # each plan's tokens among the n
     positions: list[torch.Tensor]  # at_cols of each plan
     base_counts: list[int]  # tokens each plan keeps without ranking
     kept: torch.Tensor  # (n,) device True: the tokens nothing ranks
     score: torch.Tensor  # (n,) device nan
     host_selection: BatchSelection | None  # a host_select method's answer (shapes and options only)
+
+    @property
+    def width(self) -> int:
+        """P: the widest ranked view."""
+        return self.valid.shape[1]
 
 
 def _plan_key(modality: str, layouts: list[ImageLayout], host_mask: torch.Tensor, device: torch.device) -> tuple:

@@ -108,6 +108,9 @@ class EncoderStageSelection:
 
     #: the encoder call's signals the language-model side hands to :meth:`select_batch` too
     signal_keys = (KEEP_KEY, SCORE_KEY)
+    #: the answer is read off those signals, whatever the method's own ``host_select`` says: never kept
+    #: with the host plan of a call (``Adapter._call_plan``)
+    host_select = False
 
     def select(self, view: View) -> Selection:
         keep = torch.nonzero((view.signals[KEEP_KEY] > 0.5) & view.valid, as_tuple=True)[0]
