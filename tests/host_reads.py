@@ -144,3 +144,25 @@ def watch(monkeypatch, model_inputs: dict) -> HostReads:
     mode.mark(list(model_inputs.values()))
     with mode:
         yield mode
+
+
+@contextlib.contextmanager
+def watch_forward(monkeypatch, model_inputs: dict) -> HostReads:
+    """:func:`watch`, whose window the test opens over a whole forward (``with mode.window():``),
+    the model's own code included, except prune's two host copies made before the encoder is queued
+    (the prompt in the multimodal forward's pre-hook, the shape arguments of the feature function)."""
+    from prune.hooks import base
+
+    with watch(monkeypatch, model_inputs) as mode:
+        def outside(fn):
+            @functools.wraps(fn)
+            def inner(*args, **kwargs):
+                with mode.window(False):
+                    return fn(*args, **kwargs)
+
+            return inner
+
+        monkeypatch.setattr(base.Adapter, "_on_multimodal_call", outside(base.Adapter._on_multimodal_call))
+        monkeypatch.setattr(base, "host_shape_arguments", outside(base.host_shape_arguments))
+        yield mode
+

@@ -126,3 +126,36 @@ def test_cuda_encoder_stage_has_no_sync_in_prune(monkeypatch, family, method):
         for module in adapter_for(model).vision_attention_modules():
             window.hook_module(module)
     _armed_prefill_and_generate(monkeypatch, window, model, inputs, method)
+
+
+@cuda
+@pytest.mark.parametrize("method", ["random", "cls", "hiprune"])
+def test_cuda_whole_prefill_has_no_sync_after_the_prompt_read(monkeypatch, method):
+    """The whole prefill forward of a wrapped LLaVA (SDPA, prompts that keep equal counts), the
+    model's own code included (encoder, placeholder check, masked scatter, language model), once
+    prune has read the prompt in the multimodal forward's pre-hook: the GPU twin of
+    tests/test_post_encoder.py."""
+    from tests.test_post_encoder import _llava
+
+    window = _Window()
+    before = base.Adapter._on_multimodal_call
+
+    def arm_after(self, *args, **kwargs):
+        out = before(self, *args, **kwargs)
+        if window.armed:
+            torch.cuda.set_sync_debug_mode("error")
+        return out
+
+    monkeypatch.setattr(base.Adapter, "_on_multimodal_call", arm_after)
+    model, inputs = _llava()
+    model, inputs = model.cuda(), {k: v.cuda() for k, v in inputs.items()}
+    prune.wrap(model, method, keep=0.3)
+    with torch.no_grad():
+        model(**inputs, use_cache=True)  # warm-up
+        window.armed = True
+        try:
+            model(**inputs, use_cache=True)
+        finally:
+            window.armed = False
+            torch.cuda.set_sync_debug_mode("default")
+    assert model.prune_state.last.vision_tokens_after < model.prune_state.last.vision_tokens_before

@@ -217,6 +217,8 @@ class Adapter:
         mm = self.multimodal_module()
         for modality, name in self.feature_functions.items():
             state._removers.append(self._wrap_feature_function(mm, modality, name))
+        if callable(getattr(mm, "get_placeholder_mask", None)):
+            state._removers.append(_PlaceholderMask(self, mm).install())
         if callable(getattr(self.model, "generate", None)):
             state._removers.append(_GenerateTurn(self, self.model).install())
         h1 = mm.register_forward_pre_hook(self._on_multimodal_call, with_kwargs=True)
@@ -250,6 +252,34 @@ class Adapter:
         state._encoded[modality] = (out, state._media[modality])
         self._select_early(modality)  # a forward's own encoder call: its prompt is known already
         return out
+
+    def _placeholder_masks(self, original, args, kwargs):
+        """The multimodal module's ``get_placeholder_mask``: transformers' own code and check, run on
+        the host copy of this call's prompt (read before the encoder was queued, see
+        :meth:`_prompt_on_host`), its masks copied to the device from pinned memory. The model's own
+        call counts the placeholders on the device and formats that count into its error message
+        before checking it: two reads that wait for the vision encoder to finish, after which the GPU
+        idles while the host queues the rest of the prefill. Its arguments are read by position (the
+        prompt's ids, then the embeddings whose device and width it uses); the embeddings go in as a
+        stand-in of their shape, the features as they are (the check reads their sizes). Any other
+        call (no host copy, another prompt, inside ``torch.compile``) runs the model's own."""
+        call = self.state._call
+        host_ids = call.get("host:ids") if call else None
+        fn = getattr(original, "__func__", None)
+        if host_ids is None or fn is None or torch.compiler.is_compiling():
+            return original(*args, **kwargs)
+        names = _parameter_names(fn)[1:3]  # after self: the ids, the embeddings
+        bound = bind_arguments(original, args, kwargs)
+        ids, embeds = (bound.get(name) for name in names) if len(names) == 2 else (None, None)
+        if ids is None or ids is not call.get("input_ids") or not isinstance(embeds, torch.Tensor):
+            return original(*args, **kwargs)
+        on_host = dict(bound)
+        on_host[names[0]] = host_ids
+        on_host[names[1]] = torch.empty((), dtype=embeds.dtype).expand(embeds.shape)  # shape only
+        masks = original(**on_host)  # raises transformers' own error when the features do not fit
+        if isinstance(masks, torch.Tensor):
+            return _mask_on(masks, embeds.device)
+        return type(masks)(None if m is None else _mask_on(m, embeds.device) for m in masks)
 
     def _select_at_encoder_cut(self, modality: str, shape_arguments: dict[str, Any]) -> None:
         """Encoder-stage pruning: every statistic the selection reads is collected once the cut layer
@@ -924,6 +954,27 @@ class _FeatureFunction(InstanceOverride):
 
     def __call__(self, *args, **kwargs):
         return self.adapter._run_feature_function(self._original, self.modality, args, kwargs)
+
+
+class _PlaceholderMask(InstanceOverride):
+    """``get_placeholder_mask`` of a wrapped model's multimodal module (see :meth:`Adapter._placeholder_masks`)."""
+
+    def __init__(self, adapter: Adapter, module: nn.Module) -> None:
+        super().__init__(module, "get_placeholder_mask")
+        self.adapter = adapter
+
+    def __call__(self, *args, **kwargs):
+        return self.adapter._placeholder_masks(self._original, args, kwargs)
+
+
+def _mask_on(mask: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host mask on ``device`` without a synchronisation; broadcast dimensions (stride 0, as in a
+    mask expanded over the embedding width) are copied once and expanded again there."""
+    compact = mask
+    for dim, (size, stride) in enumerate(zip(mask.shape, mask.stride())):
+        if stride == 0 and size > 1:
+            compact = compact.narrow(dim, 0, 1)
+    return to_device(compact.contiguous(), device).expand(mask.shape)
 
 
 class _GenerateTurn(InstanceOverride):

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .._compat import call_with_cache
+from .._compat import call_with_cache, find_cache
 from ..state import Plan
 
 
@@ -125,7 +125,13 @@ def cut_prefill(
     new_positions = packing.positions(logical)
     out = dict(kwargs)
     out["inputs_embeds"] = packing.sequence(embeds)
-    out["attention_mask"] = new_mask
+    # Every row as long as the longest (host counts): no padding, so no mask, as in a prompt given
+    # none (the model's own check of a mask, all ones? then SDPA's causal path, reads the device).
+    # Only beside a cache (given, or made by the language model for ``use_cache=True``): without one,
+    # transformers reads positions that skip (the dropped tokens) as packed sequences when no mask is given.
+    uniform = counts is not None and len(set(counts)) <= 1
+    cached = find_cache(kwargs) is not None or kwargs.get("use_cache") is True
+    out["attention_mask"] = None if uniform and cached else new_mask
     out["position_ids"] = new_positions
     if "cache_position" in out and out["cache_position"] is not None:  # transformers < 5.x kept it
         out["cache_position"] = torch.arange(packing.kept_len, device=device)

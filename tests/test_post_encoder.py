@@ -1,0 +1,160 @@
+"""Between the vision encoder and the language model, a wrapped model's prefill reads nothing back
+from the device, the model's own code included: transformers' placeholder check runs on prune's host
+copy of the prompt (``Adapter._placeholder_masks``), and a cut whose rows are all as long as the
+longest hands the language model no mask (``cutter.cut_prefill``), so its all-ones check does not run.
+Checked on the CPU with the detector of ``tests/host_reads.py``; on a GPU both were synchronisations
+that made the host wait for the encoder to finish before it queued the rest of the prefill."""
+
+import pytest
+import torch
+
+import prune
+from prune._tiny import build_prompts, image_token_counts, internvl_inputs, tiny_internvl, tiny_llava
+from prune.hooks import base
+from tests.host_reads import watch_forward
+
+
+def _llava(batch=3, seed=0):
+    """Prompts of one image each and equal text: every row keeps the same count (a uniform cut).
+    SDPA: its mask builder is the one that checks a mask for all ones."""
+    model = tiny_llava(attn_implementation="sdpa")
+    pv = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    counts = image_token_counts(model, pv, None)
+    ids, mask = build_prompts([[c] for c in counts], [7] * batch, seed=seed)
+    return model, {"input_ids": ids, "attention_mask": mask, "pixel_values": pv}
+
+
+def _internvl():
+    return tiny_internvl(attn_implementation="sdpa"), internvl_inputs([[1], [1]], [6, 6], seed=2)
+
+
+CASES = [(_llava, "random"), (_llava, "hiprune"), (_llava, "cls"), (_internvl, "hiprune")]
+
+
+@pytest.mark.parametrize("build,method", CASES, ids=[f"{b.__name__[1:]}-{m}" for b, m in CASES])
+def test_whole_prefill_reads_nothing_after_the_prompt(monkeypatch, build, method):
+    model, inputs = build()
+    with watch_forward(monkeypatch, inputs) as mode:
+        prune.wrap(model, method, keep=0.3)
+        with torch.no_grad(), mode.window():
+            model(**inputs, use_cache=True)
+    last = model.prune_state.last
+    assert last.vision_tokens_after < last.vision_tokens_before
+    assert mode.reads == [], "\n".join(mode.reads[:3])
+
+
+def test_the_whole_forward_window_sees_the_models_own_check(monkeypatch):
+    """Without prune's host version, transformers' placeholder check is a read: the test above can fail."""
+    monkeypatch.setattr(base.Adapter, "_placeholder_masks",
+                        lambda self, original, args, kwargs: original(*args, **kwargs))
+    model, inputs = _llava()
+    with watch_forward(monkeypatch, inputs) as mode:
+        prune.wrap(model, "random", keep=0.3)
+        with torch.no_grad(), mode.window():
+            model(**inputs, use_cache=True)
+    assert any("torch_compilable_check" in read for read in mode.reads)
+
+
+def test_placeholder_masks_are_the_models_own_computed_on_the_host(monkeypatch):
+    """The model's ``get_placeholder_mask`` is called with the host copy of the ids (not the device
+    ones), and returns what it returns on the device ids; logits equal those of the model's own path."""
+    model, inputs = _llava()
+    cls = type(model.model)
+    seen = []
+    own = cls.get_placeholder_mask
+
+    def spy(self, input_ids, inputs_embeds, *args, **kwargs):  # the parameters read by position
+        seen.append(input_ids)
+        return own(self, input_ids, inputs_embeds, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "get_placeholder_mask", spy)
+    prune.wrap(model, "random", keep=0.3, seed=0)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert len(seen) == 1 and seen[0] is not inputs["input_ids"] and torch.equal(seen[0], inputs["input_ids"])
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    features = torch.zeros(int((inputs["input_ids"] == model.config.image_token_id).sum()), embeds.shape[-1])
+    theirs = own(model.model, inputs["input_ids"], embeds, features)
+    model.prune_state._call = {"input_ids": inputs["input_ids"], "host:ids": inputs["input_ids"].clone()}
+    ours = model.model.get_placeholder_mask(inputs["input_ids"], inputs_embeds=embeds, image_features=features)
+    model.prune_state._call = {}
+    assert ours.shape == theirs.shape and torch.equal(ours, theirs)
+    monkeypatch.setattr(base.Adapter, "_placeholder_masks",
+                        lambda self, original, args, kwargs: original(*args, **kwargs))
+    prune.unwrap(model)
+    prune.wrap(model, "random", keep=0.3, seed=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, logits, rtol=0, atol=0)
+
+
+def test_placeholder_check_on_the_host_still_refuses_features_that_do_not_fit():
+    model, inputs = _llava()
+    prune.wrap(model, "random", keep=0.3)
+    ids = inputs["input_ids"]
+    embeds = model.get_input_embeddings()(ids)
+    too_few = torch.zeros(int((ids == model.config.image_token_id).sum()) - 1, embeds.shape[-1])
+    model.prune_state._call = {"input_ids": ids, "host:ids": ids.clone()}
+    with pytest.raises(ValueError, match="do not match"):
+        model.model.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=too_few)
+
+
+def test_other_calls_run_the_models_own_placeholder_mask(monkeypatch):
+    """Ids that are not this call's prompt (a direct call, no host copy) take the model's own path."""
+    model, inputs = _llava()
+    cls = type(model.model)
+    seen = []
+    own = cls.get_placeholder_mask
+    monkeypatch.setattr(cls, "get_placeholder_mask",
+                        lambda self, input_ids, *a, **k: seen.append(input_ids) or own(self, input_ids, *a, **k))
+    prune.wrap(model, "random", keep=0.3)
+    ids = inputs["input_ids"]
+    embeds = model.get_input_embeddings()(ids)
+    features = torch.zeros(int((ids == model.config.image_token_id).sum()), embeds.shape[-1])
+    model.model.get_placeholder_mask(ids, embeds, features)  # no call record
+    model.prune_state._call = {"input_ids": ids.clone(), "host:ids": ids.clone()}  # another prompt's
+    model.model.get_placeholder_mask(ids, embeds, features)
+    assert len(seen) == 2 and all(s is ids for s in seen)
+
+
+def _language_model_kwargs(model, inputs, **call):
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured.update(kwargs)
+
+    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)  # after prune's
+    try:
+        with torch.no_grad():
+            out = model(**inputs, **call)
+    finally:
+        handle.remove()
+    return captured, out
+
+
+def test_a_uniform_cut_beside_a_cache_passes_no_mask_and_changes_nothing():
+    model, inputs = _llava()
+    prune.wrap(model, "hiprune", keep=0.3)
+    kwargs, out = _language_model_kwargs(model, inputs, use_cache=True)
+    assert kwargs["attention_mask"] is None
+    embeds = kwargs["inputs_embeds"]
+    ones = torch.ones(embeds.shape[:2], dtype=torch.long)
+    prune.unwrap(model)
+    with torch.no_grad():
+        ref = model.model.language_model(inputs_embeds=embeds, attention_mask=ones,
+                                         position_ids=kwargs["position_ids"])
+    torch.testing.assert_close(model.lm_head(ref.last_hidden_state), out.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_without_a_cache_or_with_ragged_rows_the_cut_keeps_its_mask():
+    """No cache: transformers reads skipping positions without a mask as packed sequences; ragged
+    rows: the mask holds the padding."""
+    model, inputs = _llava()
+    prune.wrap(model, "hiprune", keep=0.3)
+    kwargs, no_cache = _language_model_kwargs(model, inputs, use_cache=False)
+    assert isinstance(kwargs["attention_mask"], torch.Tensor)
+    _, cached = _language_model_kwargs(model, inputs, use_cache=True)
+    torch.testing.assert_close(no_cache.logits, cached.logits, rtol=1e-5, atol=1e-5)
+    ids, mask = build_prompts([[c] for c in image_token_counts(model, inputs["pixel_values"][:2], None)], [5, 9])
+    ragged = {"input_ids": ids, "attention_mask": mask, "pixel_values": inputs["pixel_values"][:2]}
+    kwargs, _ = _language_model_kwargs(model, ragged, use_cache=True)
+    assert isinstance(kwargs["attention_mask"], torch.Tensor) and not bool(kwargs["attention_mask"].all())
