@@ -89,6 +89,10 @@ class HostReads(TorchFunctionMode):
                 self.mark(args[0])  # written in place with device data
         return out
 
+    def reads_in(self, path: str) -> list[str]:
+        """The reads made by code in files whose path holds ``path`` (the innermost frame)."""
+        return [r for r in self.reads if path in r.rsplit('File "', 1)[-1].split('"', 1)[0].replace("\\", "/")]
+
     @staticmethod
     def _to_host(args, kwargs) -> bool:
         # On a CPU the model's device is "cpu" too: a torch.device object (``x.to(embeds.device)``)

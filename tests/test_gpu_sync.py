@@ -129,13 +129,15 @@ def test_cuda_encoder_stage_has_no_sync_in_prune(monkeypatch, family, method):
 
 
 @cuda
-@pytest.mark.parametrize("method", ["random", "cls", "hiprune"])
+@pytest.mark.parametrize("method", ["random", "cls", "hiprune", "fastv", "pdrop", "transprune"])
 def test_cuda_whole_prefill_has_no_sync_after_the_prompt_read(monkeypatch, method):
     """The whole prefill forward of a wrapped LLaVA (SDPA, prompts that keep equal counts), the
-    model's own code included (encoder, placeholder check, masked scatter, language model), once
-    prune has read the prompt in the multimodal forward's pre-hook: the GPU twin of
-    tests/test_post_encoder.py."""
-    from tests.test_post_encoder import _llava
+    model's own code included (encoder, placeholder check, masked scatter, language model, an in-LLM
+    method's cuts inside it), once prune has read the prompt in the multimodal forward's pre-hook:
+    the GPU twin of tests/test_post_encoder.py."""
+    from tests.test_post_encoder import _deep_llava
+
+    in_llm = getattr(get_method(method), "in_llm", False)
 
     window = _Window()
     before = base.Adapter._on_multimodal_call
@@ -147,9 +149,9 @@ def test_cuda_whole_prefill_has_no_sync_after_the_prompt_read(monkeypatch, metho
         return out
 
     monkeypatch.setattr(base.Adapter, "_on_multimodal_call", arm_after)
-    model, inputs = _llava()
+    model, inputs = _deep_llava()
     model, inputs = model.cuda(), {k: v.cuda() for k, v in inputs.items()}
-    prune.wrap(model, method, keep=0.3)
+    prune.wrap(model, method, keep=0.5 if in_llm else 0.3)
     with torch.no_grad():
         model(**inputs, use_cache=True)  # warm-up
         window.armed = True
@@ -158,4 +160,8 @@ def test_cuda_whole_prefill_has_no_sync_after_the_prompt_read(monkeypatch, metho
         finally:
             window.armed = False
             torch.cuda.set_sync_debug_mode("default")
-    assert model.prune_state.last.vision_tokens_after < model.prune_state.last.vision_tokens_before
+    last = model.prune_state.last
+    if in_llm:
+        assert int(last.layer_masks[-1][1].sum()) < last.layer_masks[-1][1].numel()
+    else:
+        assert last.vision_tokens_after < last.vision_tokens_before

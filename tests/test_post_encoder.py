@@ -14,14 +14,18 @@ from prune.hooks import base
 from tests.host_reads import watch_forward
 
 
-def _llava(batch=3, seed=0):
-    """Prompts of one image each and equal text: every row keeps the same count (a uniform cut).
-    SDPA: its mask builder is the one that checks a mask for all ones."""
-    model = tiny_llava(attn_implementation="sdpa")
+def _llava(batch=3, seed=0, text_layers=2, text_lens=None, pad_left=True):
+    """Prompts of one image each and equal text (``text_lens``: else): every row keeps the same count
+    (a uniform cut). SDPA: its mask builder is the one that checks a mask for all ones."""
+    model = tiny_llava(attn_implementation="sdpa", text_layers=text_layers)
     pv = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
     counts = image_token_counts(model, pv, None)
-    ids, mask = build_prompts([[c] for c in counts], [7] * batch, seed=seed)
+    ids, mask = build_prompts([[c] for c in counts], text_lens or [7] * batch, seed=seed, pad_left=pad_left)
     return model, {"input_ids": ids, "attention_mask": mask, "pixel_values": pv}
+
+
+def _deep_llava(**kwargs):
+    return _llava(text_layers=8, **kwargs)  # room for the in-LLM methods' cut layers
 
 
 def _internvl():
@@ -29,17 +33,21 @@ def _internvl():
 
 
 CASES = [(_llava, "random"), (_llava, "hiprune"), (_llava, "cls"), (_internvl, "hiprune")]
+CASES += [(_deep_llava, m) for m in ("fastv", "pdrop", "transprune")]  # in-LLM: the cut inside the decoder
 
 
 @pytest.mark.parametrize("build,method", CASES, ids=[f"{b.__name__[1:]}-{m}" for b, m in CASES])
 def test_whole_prefill_reads_nothing_after_the_prompt(monkeypatch, build, method):
     model, inputs = build()
     with watch_forward(monkeypatch, inputs) as mode:
-        prune.wrap(model, method, keep=0.3)
+        prune.wrap(model, method, keep=0.5 if build is _deep_llava else 0.3)
         with torch.no_grad(), mode.window():
             model(**inputs, use_cache=True)
     last = model.prune_state.last
-    assert last.vision_tokens_after < last.vision_tokens_before
+    if build is _deep_llava:
+        assert int(last.layer_masks[-1][1].sum()) < last.layer_masks[-1][1].numel()
+    else:
+        assert last.vision_tokens_after < last.vision_tokens_before
     assert mode.reads == [], "\n".join(mode.reads[:3])
 
 
@@ -158,3 +166,27 @@ def test_without_a_cache_or_with_ragged_rows_the_cut_keeps_its_mask():
     ragged = {"input_ids": ids, "attention_mask": mask, "pixel_values": inputs["pixel_values"][:2]}
     kwargs, _ = _language_model_kwargs(model, ragged, use_cache=True)
     assert isinstance(kwargs["attention_mask"], torch.Tensor) and not bool(kwargs["attention_mask"].all())
+
+
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "transprune"])
+@pytest.mark.parametrize("text_lens,pad_left", [(None, True), ([4, 12, 7], True), ([4, 12, 7], False)],
+                         ids=["equal", "left-padded", "right-padded"])
+def test_in_llm_sizes_counted_on_the_host_equal_the_device_read(monkeypatch, method, text_lens, pad_left):
+    """An in-LLM method's prompt sizes (vision counts, instruction rows, right alignment) counted on
+    the host copy of the prompt give the cut, the kept layers and the logits of the device read."""
+    model, inputs = _deep_llava(text_lens=text_lens, pad_left=pad_left)
+    prune.wrap(model, method, keep=0.5)
+    with torch.no_grad():
+        logits = model(**inputs, use_cache=True).logits
+        layers = model.prune_state.last.layer_masks
+        tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    monkeypatch.setattr(base.Adapter, "_host_mask_values", staticmethod(lambda *args: None))  # the device read
+    with torch.no_grad():
+        ref_logits = model(**inputs, use_cache=True).logits
+        ref_layers = model.prune_state.last.layer_masks
+        ref_tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert [li for li, _ in layers] == [li for li, _ in ref_layers]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(layers, ref_layers))
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(tokens, ref_tokens)
+

@@ -29,6 +29,7 @@ from . import vision_attention
 from .attention_tap import install_tap
 from .cutter import (
     Packing,
+    cached_call,
     cut_prefill,
     map_decode,
     map_decode_static,
@@ -203,7 +204,7 @@ class Adapter:
             h1 = mm.register_forward_pre_hook(self._on_multimodal_call, with_kwargs=True)
             h2 = lm.register_forward_pre_hook(self._on_language_model_call, with_kwargs=True)
             h3 = lm.register_forward_hook(self._after_language_model)
-            state._removers.extend([h1.remove, h2.remove, h3.remove])
+            state._removers.extend([h1.remove, h2.remove, h3.remove, *self._host_placeholder_check(mm)])
             return
         by_layer: dict[int, list[SignalRequest]] = {}
         for req in requests:
@@ -217,8 +218,7 @@ class Adapter:
         mm = self.multimodal_module()
         for modality, name in self.feature_functions.items():
             state._removers.append(self._wrap_feature_function(mm, modality, name))
-        if callable(getattr(mm, "get_placeholder_mask", None)):
-            state._removers.append(_PlaceholderMask(self, mm).install())
+        state._removers.extend(self._host_placeholder_check(mm))
         if callable(getattr(self.model, "generate", None)):
             state._removers.append(_GenerateTurn(self, self.model).install())
         h1 = mm.register_forward_pre_hook(self._on_multimodal_call, with_kwargs=True)
@@ -252,6 +252,13 @@ class Adapter:
         state._encoded[modality] = (out, state._media[modality])
         self._select_early(modality)  # a forward's own encoder call: its prompt is known already
         return out
+
+    def _host_placeholder_check(self, mm: nn.Module) -> list:
+        """Install :meth:`_placeholder_masks` where the multimodal module has ``get_placeholder_mask``;
+        the removers."""
+        if not callable(getattr(mm, "get_placeholder_mask", None)):
+            return []
+        return [_PlaceholderMask(self, mm).install()]
 
     def _placeholder_masks(self, original, args, kwargs):
         """The multimodal module's ``get_placeholder_mask``: transformers' own code and check, run on
@@ -366,8 +373,7 @@ class Adapter:
                 self._refuse_new_media()
             return None
         self.state._call = {"input_ids": kwargs.get("input_ids"), "inputs_embeds": kwargs.get("inputs_embeds")}
-        if self.decoder_cut is None:
-            self.state._call.update(self._prompt_on_host(kwargs))
+        self.state._call.update(self._prompt_on_host(kwargs))
         for modality, output in (kwargs.get("mm_encoder_outputs") or {}).items():
             cached = self.state._encoded.get(modality)
             if modality not in self.state._media and cached is not None and cached[0] is output:
@@ -386,7 +392,8 @@ class Adapter:
     def _prompt_on_host(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Host copies of what the selection needs from the prompt: each modality's (B, L) placeholder
         mask (``host:<modality>``), the ids (``host:ids``), each row's real (non-padding) token count
-        (``host:real``) and the 2-D mask it was read from (``host:mask``). One device read, made where
+        (``host:real``), the 2-D mask it was read from (``host:mask``) and its values
+        (``host:mask_values``). One device read, made where
         the GPU queue is short: in the multimodal forward's pre-hook, before the encoder runs inside it,
         or (generate, which encodes the media first) by :class:`_GenerateTurn` before generating."""
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
@@ -595,11 +602,17 @@ class Adapter:
         vision = torch.zeros(batch, length, dtype=torch.bool, device=embeds.device)
         records = []
         found = 0
+        host = None  # (placeholders, padding mask) of the prompt on the host, when it was read
         if call:
             masks = [(modality, self._placeholder_mask(modality, call).to(embeds.device))
                      for modality in self.feature_functions]
-            # one read for every modality and prompt: how many placeholders each holds
-            counts = torch.stack([m.sum(1) for _, m in masks]).tolist() if masks else []
+            on_host = [call.get(f"host:{modality}") for modality in self.feature_functions]
+            padding = self._host_mask_values(call, kwargs, batch, length)
+            if masks and padding is not None and all(m is not None and m.shape == (batch, length) for m in on_host):
+                counts = [m.sum(1).tolist() for m in on_host]
+                host = (functools.reduce(torch.logical_or, on_host), padding)
+            else:  # one read for every modality and prompt: how many placeholders each holds
+                counts = torch.stack([m.sum(1) for _, m in masks]).tolist() if masks else []
             for (modality, placeholders), row_counts in zip(masks, counts):
                 vision |= placeholders
                 for b, n in enumerate(row_counts):
@@ -612,10 +625,24 @@ class Adapter:
         state.last = PruneRecord(
             keep_mask=keep_mask, images=records, positions=state.positions, padding=_padding(kwargs, keep_mask)
         )
-        if found:
-            cut.start_prefill(kwargs, cache, vision)
-        else:
+        if not found:
             cut.context = None
+            return None
+        cut.start_prefill(kwargs, cache, vision, host)
+        if host is not None and bool(host[1].all()) and cached_call(kwargs):
+            return (), dict(kwargs, attention_mask=None)  # all ones: as a prompt given none (see cut_prefill)
+        return None
+
+    @staticmethod
+    def _host_mask_values(call, kwargs, batch: int, length: int) -> torch.Tensor | None:
+        """(B, L) host copy of the language model's 2-D padding mask: ones when it is given none, the
+        prompt's host copy when it is the mask that was read; None otherwise (a mask made since)."""
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            return torch.ones(batch, length, dtype=torch.long)
+        ref = call.get("host:mask")
+        if isinstance(mask, torch.Tensor) and ref is not None and _same_tensor(mask, ref):
+            return call.get("host:mask_values")
         return None
 
     def _after_language_model(self, module, args, output):
@@ -997,7 +1024,7 @@ class _GenerateTurn(InstanceOverride):
             if ids.shape[-1] > logical:  # the whole history: generate feeds ids[:, physical:]
                 state._scratch["cached_prefix"] = (cache, logical - physical)
                 kwargs = self.adapter.later_turn_arguments(kwargs, physical, logical)
-        elif self.adapter.decoder_cut is None:
+        else:
             # generate encodes the media before the prefill forward: read the prompt now, while the GPU
             # queue is short, not after the encoder (the prefill's pre-hook finds this copy)
             embeds = kwargs.get("inputs_embeds")
@@ -1095,4 +1122,5 @@ def read_prompt(adapter: Adapter, ids, embeds, mask) -> dict[str, Any]:
             out[f"host:{m}"] = host[j].bool()
     if mask is not None:
         out["host:real"] = (host[-1] != 0).sum(1)
+        out["host:mask_values"] = host[-1]
     return out

@@ -61,6 +61,11 @@ class Packing:
         return out
 
 
+def cached_call(kwargs: dict[str, Any]) -> bool:
+    """The language model's call has a cache: given, or made by the model for ``use_cache=True``."""
+    return find_cache(kwargs) is not None or kwargs.get("use_cache") is True
+
+
 def two_d_mask(mask: Any, columns: int) -> torch.Tensor | None:
     """The (B, columns) 0/1 padding mask behind what transformers hands a language model: a 2-D mask
     as it is; a 4-D one (B, 1, Q, K) (what ``generate`` builds for a static cache) read off its last
@@ -130,8 +135,7 @@ def cut_prefill(
     # Only beside a cache (given, or made by the language model for ``use_cache=True``): without one,
     # transformers reads positions that skip (the dropped tokens) as packed sequences when no mask is given.
     uniform = counts is not None and len(set(counts)) <= 1
-    cached = find_cache(kwargs) is not None or kwargs.get("use_cache") is True
-    out["attention_mask"] = None if uniform and cached else new_mask
+    out["attention_mask"] = None if uniform and cached_call(kwargs) else new_mask
     out["position_ids"] = new_positions
     if "cache_position" in out and out["cache_position"] is not None:  # transformers < 5.x kept it
         out["cache_position"] = torch.arange(packing.kept_len, device=device)

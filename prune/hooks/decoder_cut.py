@@ -130,7 +130,10 @@ class DecoderCut:
             state._removers.extend(self._transition_hooks(layer))
 
     # ---- called by the adapter's language-model hook -----------------------------------------
-    def start_prefill(self, kwargs: dict[str, Any], cache, vision: torch.Tensor) -> None:
+    def start_prefill(self, kwargs: dict[str, Any], cache, vision: torch.Tensor,
+                      host: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """``host``: the (B, L) placeholder and padding masks of the prompt on the host, when the adapter
+        read it before the encoder: the sizes below are then counted there, with no device read."""
         embeds = kwargs["inputs_embeds"]
         batch, length = embeds.shape[:2]
         device = embeds.device
@@ -145,12 +148,10 @@ class DecoderCut:
             shift=torch.zeros(batch, dtype=torch.long, device=device),
         )
         vision = vision.to(device) & mask.bool()
-        # the one read of the prefill: each prompt's vision count, its instruction rows (real rows
-        # after its last vision row) and whether its last column is real; every later size follows
-        index = torch.arange(length, device=device)
-        last_vision = torch.where(vision, index, -1).amax(1, keepdim=True)
-        instruction = (mask.bool() & (index > last_vision)).sum(1)
-        budget, instruction, aligned = torch.stack([vision.sum(1), instruction, mask[:, -1].long()]).tolist()
+        # each prompt's vision count, its instruction rows (real rows after its last vision row) and
+        # whether its last column is real; every later size follows. Counted on the host copy of the
+        # prompt when there is one, else the one read of the prefill
+        budget, instruction, aligned = _prompt_sizes(*((host[0] & host[1].bool(), host[1]) if host else (vision, mask)))
         base.lengths, base.vision_counts = [length] * batch, list(budget)
         ctx = Context(vision=vision, budget=budget, stages=[base], cache=cache,
                       instruction_counts=instruction, right_aligned=[bool(a) for a in aligned])
@@ -517,3 +518,12 @@ def causal_like(given, hidden: torch.Tensor, mask2d: torch.Tensor, cache, config
     device = hidden.device
     causal = torch.arange(keys, device=device)[None, :] <= torch.arange(keys - queries, keys, device=device)[:, None]
     return mask_in_form(causal[None, None] & mask2d.bool()[:, None, None, :], form)
+
+
+def _prompt_sizes(vision: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    """[vision counts, instruction counts, last column real] of each prompt, as host lists."""
+    index = torch.arange(vision.shape[1], device=vision.device)
+    last_vision = torch.where(vision, index, -1).amax(1, keepdim=True)
+    instruction = (mask.bool() & (index > last_vision)).sum(1)
+    return torch.stack([vision.sum(1), instruction, mask[:, -1].long()]).tolist()
+
