@@ -190,3 +190,28 @@ def test_in_llm_sizes_counted_on_the_host_equal_the_device_read(monkeypatch, met
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(tokens, ref_tokens)
 
+
+@pytest.mark.parametrize("method", ["hiprune", "fastv"])
+def test_generate_takes_the_host_placeholder_check(monkeypatch, method):
+    """In ``generate`` (which encodes the media before its prefill forward) the check runs on the
+    host copy too: the model's ``get_placeholder_mask`` gets the stand-in of the embeddings (no data,
+    stride 0), and the tokens equal those of the model's own check."""
+    model, inputs = _deep_llava()
+    cls = type(model.model)
+    own, stand_ins = cls.get_placeholder_mask, []
+
+    def spy(self, input_ids, inputs_embeds, *args, **kwargs):
+        stand_ins.append(all(st == 0 for st in inputs_embeds.stride()))
+        return own(self, input_ids, inputs_embeds, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "get_placeholder_mask", spy)
+    prune.wrap(model, method, keep=0.5)
+    with torch.no_grad():
+        tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert stand_ins == [True]
+    monkeypatch.setattr(base.Adapter, "_placeholder_masks",
+                        lambda self, original, args, kwargs: original(*args, **kwargs))
+    with torch.no_grad():
+        assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), tokens)
+    assert stand_ins == [True, False]
+
