@@ -165,3 +165,26 @@ def test_cuda_whole_prefill_has_no_sync_after_the_prompt_read(monkeypatch, metho
         assert int(last.layer_masks[-1][1].sum()) < last.layer_masks[-1][1].numel()
     else:
         assert last.vision_tokens_after < last.vision_tokens_before
+
+
+@cuda
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "qwen2_vl"])
+def test_cuda_host_helpers_do_not_sync(monkeypatch, family):
+    """The model's placeholder check and (Qwen) M-RoPE index run on prune's host copies without a
+    device read, images and a video in the batch, and give what the model's own device path gives."""
+    window = _Window()
+    monkeypatch.setattr(base.Adapter, "_host_call", window.wrap(base.Adapter._host_call))
+    model, inputs = _case(family)
+    prune.wrap(model, "hiprune", keep=0.3)
+    with torch.no_grad():
+        model(**inputs)  # warm-up
+        window.armed = True
+        logits = model(**inputs).logits
+        tokens = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        window.armed = False
+        monkeypatch.setattr(base.Adapter, "_host_call",
+                            lambda self, original, args, kwargs, shape_only: original(*args, **kwargs))
+        ref_logits = model(**inputs).logits
+        ref_tokens = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(tokens, ref_tokens)

@@ -1,6 +1,6 @@
 """Between the vision encoder and the language model, a wrapped model's prefill reads nothing back
 from the device, the model's own code included: transformers' placeholder check runs on prune's host
-copy of the prompt (``Adapter._placeholder_masks``), and a cut whose rows are all as long as the
+copy of the prompt (``Adapter._host_call``), and a cut whose rows are all as long as the
 longest hands the language model no mask (``cutter.cut_prefill``), so its all-ones check does not run.
 Checked on the CPU with the detector of ``tests/host_reads.py``; on a GPU both were synchronisations
 that made the host wait for the encoder to finish before it queued the rest of the prefill."""
@@ -53,8 +53,8 @@ def test_whole_prefill_reads_nothing_after_the_prompt(monkeypatch, build, method
 
 def test_the_whole_forward_window_sees_the_models_own_check(monkeypatch):
     """Without prune's host version, transformers' placeholder check is a read: the test above can fail."""
-    monkeypatch.setattr(base.Adapter, "_placeholder_masks",
-                        lambda self, original, args, kwargs: original(*args, **kwargs))
+    monkeypatch.setattr(base.Adapter, "_host_call",
+                        lambda self, original, args, kwargs, shape_only: original(*args, **kwargs))
     model, inputs = _llava()
     with watch_forward(monkeypatch, inputs) as mode:
         prune.wrap(model, "random", keep=0.3)
@@ -87,8 +87,8 @@ def test_placeholder_masks_are_the_models_own_computed_on_the_host(monkeypatch):
     ours = model.model.get_placeholder_mask(inputs["input_ids"], inputs_embeds=embeds, image_features=features)
     model.prune_state._call = {}
     assert ours.shape == theirs.shape and torch.equal(ours, theirs)
-    monkeypatch.setattr(base.Adapter, "_placeholder_masks",
-                        lambda self, original, args, kwargs: original(*args, **kwargs))
+    monkeypatch.setattr(base.Adapter, "_host_call",
+                        lambda self, original, args, kwargs, shape_only: original(*args, **kwargs))
     prune.unwrap(model)
     prune.wrap(model, "random", keep=0.3, seed=0)
     with torch.no_grad():
@@ -209,9 +209,70 @@ def test_generate_takes_the_host_placeholder_check(monkeypatch, method):
     with torch.no_grad():
         tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert stand_ins == [True]
-    monkeypatch.setattr(base.Adapter, "_placeholder_masks",
-                        lambda self, original, args, kwargs: original(*args, **kwargs))
+    monkeypatch.setattr(base.Adapter, "_host_call",
+                        lambda self, original, args, kwargs, shape_only: original(*args, **kwargs))
     with torch.no_grad():
         assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), tokens)
     assert stand_ins == [True, False]
 
+
+
+QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen2_5_vl+seconds"]
+
+
+def _qwen(family):
+    """Three prompts, images and a video, left padding; "+seconds": with the video's seconds per
+    temporal grid (a float tensor the index reads)."""
+    from tests.test_select_batch import _family_cases
+
+    model, inputs = _family_cases()[family.split("+")[0]][0]()
+    if family.endswith("+seconds"):
+        inputs["second_per_grid_ts"] = torch.tensor([0.7])
+    return model, inputs
+
+
+@pytest.mark.parametrize("family", QWEN)
+def test_qwen_rotary_index_and_placeholder_check_read_nothing(monkeypatch, family):
+    """Qwen's M-RoPE index (``get_rope_index``: a loop over the prompts that reads ids, token types,
+    grids and mask) and the placeholder check run on host copies: no read inside either. (The model's
+    other reads, of the grids inside its encoder and of the split sizes after it, are its own.)"""
+    model, inputs = _qwen(family)
+    with watch_forward(monkeypatch, inputs) as mode:
+        prune.wrap(model, "hiprune", keep=0.3)
+        with torch.no_grad(), mode.window():
+            model(**inputs, use_cache=True)
+    assert model.prune_state.last.vision_tokens_after < model.prune_state.last.vision_tokens_before
+    helpers = ("in get_rope_index", "in compute_3d_position_ids", "in get_placeholder_mask", "torch_compilable_check")
+    inside = [r for r in mode.reads if any(h in r for h in helpers)]
+    assert mode.reads and inside == [], "\n".join(inside[:3])
+
+
+@pytest.mark.parametrize("family", QWEN)
+def test_qwen_rotary_index_on_the_host_equals_the_models_own(monkeypatch, family):
+    """The host copies give the model's own positions: the prefill's logits, the positions the
+    language model got and the generated tokens (decoding continues from the model's rope deltas)
+    equal those of the model's own device path; the index ran on the host copy of the ids."""
+    model, inputs = _qwen(family)
+    cls = type(model.model)
+    own, seen = cls.get_rope_index, []
+
+    def spy(self, input_ids, *args, **kwargs):
+        seen.append(input_ids)
+        return own(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "get_rope_index", spy)
+    prune.wrap(model, "hiprune", keep=0.3)
+    with torch.no_grad():
+        logits = model(**inputs, use_cache=True).logits
+        positions = model.prune_state.last.position_ids
+        tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert seen and all(ids is not inputs["input_ids"] for ids in seen[:1])
+    monkeypatch.setattr(base.Adapter, "_host_call",
+                        lambda self, original, args, kwargs, shape_only: original(*args, **kwargs))
+    with torch.no_grad():
+        ref_logits = model(**inputs, use_cache=True).logits
+        ref_positions = model.prune_state.last.position_ids
+        ref_tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert seen[-1] is not None and torch.equal(positions, ref_positions)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
+    assert torch.equal(tokens, ref_tokens)

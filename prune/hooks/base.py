@@ -204,7 +204,7 @@ class Adapter:
             h1 = mm.register_forward_pre_hook(self._on_multimodal_call, with_kwargs=True)
             h2 = lm.register_forward_pre_hook(self._on_language_model_call, with_kwargs=True)
             h3 = lm.register_forward_hook(self._after_language_model)
-            state._removers.extend([h1.remove, h2.remove, h3.remove, *self._host_placeholder_check(mm)])
+            state._removers.extend([h1.remove, h2.remove, h3.remove, *self._host_helpers(mm)])
             return
         by_layer: dict[int, list[SignalRequest]] = {}
         for req in requests:
@@ -218,7 +218,7 @@ class Adapter:
         mm = self.multimodal_module()
         for modality, name in self.feature_functions.items():
             state._removers.append(self._wrap_feature_function(mm, modality, name))
-        state._removers.extend(self._host_placeholder_check(mm))
+        state._removers.extend(self._host_helpers(mm))
         if callable(getattr(self.model, "generate", None)):
             state._removers.append(_GenerateTurn(self, self.model).install())
         h1 = mm.register_forward_pre_hook(self._on_multimodal_call, with_kwargs=True)
@@ -239,7 +239,9 @@ class Adapter:
             return original(*args, **kwargs)
         # the layouts read the shape arguments (image_sizes, grid_thw, ...) on the host: copied now,
         # before the encoder is queued, where a read costs no waiting (the model reads them too)
-        shape_arguments = host_shape_arguments(bind_arguments(original, args, kwargs))
+        bound = bind_arguments(original, args, kwargs)
+        shape_arguments = host_shape_arguments(bound)
+        self._keep_host_copies((bound[name], shape_arguments[name]) for name in bound)
         collected: dict[str, list[torch.Tensor]] = {}
         state._collecting = collected
         try:
@@ -253,40 +255,73 @@ class Adapter:
         self._select_early(modality)  # a forward's own encoder call: its prompt is known already
         return out
 
-    def _host_placeholder_check(self, mm: nn.Module) -> list:
-        """Install :meth:`_placeholder_masks` where the multimodal module has ``get_placeholder_mask``;
-        the removers."""
-        if not callable(getattr(mm, "get_placeholder_mask", None)):
-            return []
-        return [_PlaceholderMask(self, mm).install()]
+    #: the multimodal module's helpers that read their tensor arguments' values on the host (run on
+    #: prune's host copies, see :meth:`_host_call`), and whether every argument after the prompt's ids
+    #: is read for its shape only
+    host_helpers: ClassVar[dict[str, bool]] = {"get_placeholder_mask": True}
 
-    def _placeholder_masks(self, original, args, kwargs):
-        """The multimodal module's ``get_placeholder_mask``: transformers' own code and check, run on
-        the host copy of this call's prompt (read before the encoder was queued, see
-        :meth:`_prompt_on_host`), its masks copied to the device from pinned memory. The model's own
-        call counts the placeholders on the device and formats that count into its error message
-        before checking it: two reads that wait for the vision encoder to finish, after which the GPU
-        idles while the host queues the rest of the prefill. Its arguments are read by position (the
-        prompt's ids, then the embeddings whose device and width it uses); the embeddings go in as a
-        stand-in of their shape, the features as they are (the check reads their sizes). Any other
-        call (no host copy, another prompt, inside ``torch.compile``) runs the model's own."""
+    def _host_helpers(self, mm: nn.Module) -> list:
+        """Install :meth:`_host_call` over each of ``host_helpers`` the multimodal module has; the removers."""
+        return [_OnHost(self, mm, name, shape_only).install() for name, shape_only in self.host_helpers.items()
+                if callable(getattr(mm, name, None))]
+
+    def _host_call(self, original, args, kwargs, shape_only: bool):
+        """A model helper that reads the values of its tensor arguments, run on host copies of them
+        made before the encoder was queued (the prompt's ids, mask and other per-token integer
+        tensors in :meth:`_prompt_on_host`; the feature functions' shape arguments), its tensor results
+        copied to the device from pinned memory. transformers' placeholder check (counts the
+        placeholders on the device, formats the count into its error message, checks it) and Qwen's
+        rotary index (a loop over the prompts that reads ids, types and grids) read back on the
+        device: each read waits for the vision encoder to finish, after which the GPU idles while the
+        host queues the rest of the prefill. The first argument must be this call's ids; with
+        ``shape_only`` the others go in as stand-ins of their shape (the placeholder check reads the
+        embeddings' device and width and the features' sizes); otherwise every device tensor argument
+        needs a host copy. Any other call (another prompt, a device argument with no copy, inside
+        ``torch.compile``) runs the model's own."""
         call = self.state._call
-        host_ids = call.get("host:ids") if call else None
         fn = getattr(original, "__func__", None)
-        if host_ids is None or fn is None or torch.compiler.is_compiling():
+        if not call or fn is None or torch.compiler.is_compiling():
             return original(*args, **kwargs)
-        names = _parameter_names(fn)[1:3]  # after self: the ids, the embeddings
+        names = _parameter_names(fn)[1:]  # after self
         bound = bind_arguments(original, args, kwargs)
-        ids, embeds = (bound.get(name) for name in names) if len(names) == 2 else (None, None)
-        if ids is None or ids is not call.get("input_ids") or not isinstance(embeds, torch.Tensor):
+        ids = bound.get(names[0]) if names else None
+        if ids is None or ids is not call.get("input_ids"):
             return original(*args, **kwargs)
         on_host = dict(bound)
-        on_host[names[0]] = host_ids
-        on_host[names[1]] = torch.empty((), dtype=embeds.dtype).expand(embeds.shape)  # shape only
-        masks = original(**on_host)  # raises transformers' own error when the features do not fit
-        if isinstance(masks, torch.Tensor):
-            return _mask_on(masks, embeds.device)
-        return type(masks)(None if m is None else _mask_on(m, embeds.device) for m in masks)
+        for name, value in bound.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            if shape_only and name != names[0]:
+                on_host[name] = torch.zeros((), dtype=value.dtype).expand(value.shape)  # sizes only
+                continue
+            host = self._host_copy(value)
+            if host is None and value.device.type != "cpu":
+                return original(*args, **kwargs)
+            on_host[name] = value if host is None else host
+        out = original(**on_host)  # the model's own errors (features that do not fit) raise here
+        if isinstance(out, torch.Tensor):
+            return _host_result_on(out, ids.device)
+        return type(out)(_host_result_on(t, ids.device) if isinstance(t, torch.Tensor) else t for t in out)
+
+    def _host_copy(self, value: torch.Tensor) -> torch.Tensor | None:
+        """The host copy of a device tensor made before the encoder was queued, if there is one."""
+        call = self.state._call
+        if value is call.get("input_ids"):
+            return call.get("host:ids")
+        if value is call.get("host:mask"):
+            return call.get("host:mask_values")
+        entry = self.state._scratch.get("host_copies", {}).get(id(value))
+        return entry[2] if entry is not None and entry[0] is value and entry[1] == value._version else None
+
+    def _keep_host_copies(self, pairs) -> None:
+        """Note (device tensor, its host copy) pairs for :meth:`_host_copy` (keyed by identity and
+        version: an entry is right for as long as it can be found)."""
+        copies = self.state._scratch.setdefault("host_copies", {})
+        if len(copies) > 64:  # a long stream of calls: start over
+            copies.clear()
+        for value, host in pairs:
+            if isinstance(value, torch.Tensor) and host is not value:
+                copies[id(value)] = (value, value._version, host)
 
     def _select_at_encoder_cut(self, modality: str, shape_arguments: dict[str, Any]) -> None:
         """Encoder-stage pruning: every statistic the selection reads is collected once the cut layer
@@ -374,6 +409,7 @@ class Adapter:
             return None
         self.state._call = {"input_ids": kwargs.get("input_ids"), "inputs_embeds": kwargs.get("inputs_embeds")}
         self.state._call.update(self._prompt_on_host(kwargs))
+        self._keep_host_copies(self.state._call.get("host:extra", ()))
         for modality, output in (kwargs.get("mm_encoder_outputs") or {}).items():
             cached = self.state._encoded.get(modality)
             if modality not in self.state._media and cached is not None and cached[0] is output:
@@ -403,7 +439,7 @@ class Adapter:
         early = self.state._scratch.get("prompt_on_host")
         if early is not None and early[0] == key:
             return early[1]
-        return read_prompt(self, ids, embeds, mask)
+        return read_prompt(self, ids, embeds, mask, kwargs)
 
     def _host_placeholder_mask(self, modality: str, call: dict[str, Any]) -> torch.Tensor:
         """(B, L) bool on the host: the modality's placeholders (read once per call, see
@@ -983,25 +1019,25 @@ class _FeatureFunction(InstanceOverride):
         return self.adapter._run_feature_function(self._original, self.modality, args, kwargs)
 
 
-class _PlaceholderMask(InstanceOverride):
-    """``get_placeholder_mask`` of a wrapped model's multimodal module (see :meth:`Adapter._placeholder_masks`)."""
+class _OnHost(InstanceOverride):
+    """A helper of a wrapped model's multimodal module run on host copies (:meth:`Adapter._host_call`)."""
 
-    def __init__(self, adapter: Adapter, module: nn.Module) -> None:
-        super().__init__(module, "get_placeholder_mask")
-        self.adapter = adapter
+    def __init__(self, adapter: Adapter, module: nn.Module, name: str, shape_only: bool) -> None:
+        super().__init__(module, name)
+        self.adapter, self.shape_only = adapter, shape_only
 
     def __call__(self, *args, **kwargs):
-        return self.adapter._placeholder_masks(self._original, args, kwargs)
+        return self.adapter._host_call(self._original, args, kwargs, self.shape_only)
 
 
-def _mask_on(mask: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host mask on ``device`` without a synchronisation; broadcast dimensions (stride 0, as in a
+def _host_result_on(value: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host result on ``device`` without a synchronisation; broadcast dimensions (stride 0, as in a
     mask expanded over the embedding width) are copied once and expanded again there."""
-    compact = mask
-    for dim, (size, stride) in enumerate(zip(mask.shape, mask.stride())):
+    compact = value
+    for dim, (size, stride) in enumerate(zip(value.shape, value.stride())):
         if stride == 0 and size > 1:
             compact = compact.narrow(dim, 0, 1)
-    return to_device(compact.contiguous(), device).expand(mask.shape)
+    return to_device(compact.contiguous(), device).expand(value.shape)
 
 
 class _GenerateTurn(InstanceOverride):
@@ -1032,7 +1068,7 @@ class _GenerateTurn(InstanceOverride):
             mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
             if isinstance(ids, torch.Tensor) or isinstance(embeds, torch.Tensor):
                 key = _prompt_key(ids if ids is not None else embeds, mask)
-                state._scratch["prompt_on_host"] = (key, read_prompt(self.adapter, ids, embeds, mask))
+                state._scratch["prompt_on_host"] = (key, read_prompt(self.adapter, ids, embeds, mask, kwargs))
         state._scratch["generating"] = True
         try:
             return self._original(*args, **kwargs)
@@ -1099,8 +1135,11 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
                       and a.stride() == b.stride())
 
 
-def read_prompt(adapter: Adapter, ids, embeds, mask) -> dict[str, Any]:
-    """The host copies :meth:`Adapter._prompt_on_host` describes, in one device read."""
+def read_prompt(adapter: Adapter, ids, embeds, mask, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The host copies :meth:`Adapter._prompt_on_host` describes, in one device read; with the call's
+    ``arguments``, also of the other tensors among them that a model helper may read on the host
+    (``host:extra``, (tensor, copy) pairs): every other per-token integer tensor (Qwen's token types)
+    and every small one (grids, Qwen's seconds per video grid), in one more read per other dtype."""
     if ids is None and embeds is None:
         return {}
     call = {"input_ids": ids, "inputs_embeds": embeds}
@@ -1111,8 +1150,23 @@ def read_prompt(adapter: Adapter, ids, embeds, mask) -> dict[str, Any]:
         parts = [adapter._placeholder_mask(m, call).long() for m in modalities]
     if mask is not None:
         parts.append(mask.to(parts[0].device).long())
-    host = torch.stack(parts).to("cpu", copy=True)  # the one read (before the encoder: the queue is short)
+    rows = len(parts)
+    extra = [v for v in (arguments or {}).values() if isinstance(v, torch.Tensor) and v is not ids and v is not mask
+             and v.device == parts[0].device and v.dtype != torch.bool and not v.is_complex()
+             and (v.numel() <= 4096 or (ids is not None and v.shape == ids.shape and not v.is_floating_point()))]
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for v in extra:
+        by_dtype.setdefault(torch.long if not v.is_floating_point() else v.dtype, []).append(v)
+    longs = by_dtype.pop(torch.long, [])
+    # the one read (before the encoder: the queue is short); the ints of the other tensors ride along
+    flat = torch.cat([p.flatten() for p in parts] + [v.flatten().long() for v in longs]).to("cpu", copy=True)
+    host = flat[: rows * parts[0].numel()].view(rows, *parts[0].shape)
     out: dict[str, Any] = {"host:mask": mask}
+    copies = list(zip(longs, _unflatten(flat[host.numel():], longs)))
+    for values in by_dtype.values():  # one read per other dtype
+        copies += zip(values, _unflatten(torch.cat([v.flatten() for v in values]).to("cpu", copy=True), values))
+    if copies:
+        out["host:extra"] = copies
     if ids is not None:
         out["host:ids"] = host[0]
         for m in modalities:
@@ -1123,4 +1177,13 @@ def read_prompt(adapter: Adapter, ids, embeds, mask) -> dict[str, Any]:
     if mask is not None:
         out["host:real"] = (host[-1] != 0).sum(1)
         out["host:mask_values"] = host[-1]
+    return out
+
+
+def _unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``flat`` (the tensors of ``like`` flattened and joined) split back into their shapes and dtypes."""
+    out, start = [], 0
+    for v in like:
+        out.append(flat[start : start + v.numel()].view(v.shape).to(v.dtype))
+        start += v.numel()
     return out

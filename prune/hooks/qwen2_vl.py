@@ -28,6 +28,8 @@ class Qwen2VLAdapter(Adapter):
     feature_functions = {"image": "get_image_features", "video": "get_video_features"}
     position_modes = ("original",)
     segmented_vision = True  # every Qwen ViT packs images / frames (and 2.5's windows) with cu_seqlens
+    # the M-RoPE index (a loop over the prompts reading ids, token types, grids, mask) runs on host copies
+    host_helpers = {**Adapter.host_helpers, "get_rope_index": False}
 
     def multimodal_module(self) -> nn.Module:
         return self.model.model
