@@ -557,6 +557,7 @@ class Adapter:
             return args, map_decode(kwargs, plan, past_len, drop=drop)
         call, media = state._call, state._media
         state._call, state._media = {}, {}
+        state._scratch.pop("host_copies", None)  # their helpers ran before the language model
         early = state._scratch.pop("early_selection", None) or {}
         state.set_plan(cache, None)
         embeds = kwargs["inputs_embeds"]
@@ -633,6 +634,7 @@ class Adapter:
             return None
         call = state._call
         state._call = {}
+        state._scratch.pop("host_copies", None)  # their helpers ran before the language model
         embeds = kwargs["inputs_embeds"]
         batch, length = embeds.shape[:2]
         vision = torch.zeros(batch, length, dtype=torch.bool, device=embeds.device)
