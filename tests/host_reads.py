@@ -59,12 +59,22 @@ class HostReads(TorchFunctionMode):
 
     @contextlib.contextmanager
     def window(self, inside: bool = True):
+        """Inside (or, ``inside=False``, outside) the window for the block's duration."""
         saved = self.inside
         self.inside = saved + 1 if inside else 0
         try:
             yield
         finally:
             self.inside = saved
+
+    def windowed(self, fn, inside: bool = True):
+        """``fn`` run inside (or outside) the window."""
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            with self.window(inside):
+                return fn(*args, **kwargs)
+
+        return inner
 
     # ---- the mode ----------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -122,15 +132,7 @@ def watch(monkeypatch, model_inputs: dict) -> HostReads:
     from prune.methods import base as methods_base
 
     mode = HostReads()
-
-    def windowed(fn, inside=True):
-        @functools.wraps(fn)
-        def inner(*args, **kwargs):
-            with mode.window(inside):
-                return fn(*args, **kwargs)
-
-        return inner
-
+    windowed = mode.windowed
     monkeypatch.setattr(base.Adapter, "_on_language_model_call", windowed(base.Adapter._on_language_model_call))
     monkeypatch.setattr(base.Adapter, "_collect", windowed(base.Adapter._collect))
     # the statistics kernel's CPU reference checks its indices on the host; on a GPU its Triton path
@@ -158,15 +160,7 @@ def watch_forward(monkeypatch, model_inputs: dict) -> HostReads:
     from prune.hooks import base
 
     with watch(monkeypatch, model_inputs) as mode:
-        def outside(fn):
-            @functools.wraps(fn)
-            def inner(*args, **kwargs):
-                with mode.window(False):
-                    return fn(*args, **kwargs)
-
-            return inner
-
-        monkeypatch.setattr(base.Adapter, "_on_multimodal_call", outside(base.Adapter._on_multimodal_call))
-        monkeypatch.setattr(base, "host_shape_arguments", outside(base.host_shape_arguments))
+        for owner, name in ((base.Adapter, "_on_multimodal_call"), (base, "host_shape_arguments")):
+            monkeypatch.setattr(owner, name, mode.windowed(getattr(owner, name), inside=False))
         yield mode
 
