@@ -275,8 +275,9 @@ class Adapter:
         device: each read waits for the vision encoder to finish, after which the GPU idles while the
         host queues the rest of the prefill. The first argument must be this call's ids; with
         ``shape_only`` the others go in as stand-ins of their shape (the placeholder check reads the
-        embeddings' device and width and the features' sizes); otherwise every device tensor argument
-        needs a host copy. Any other call (another prompt, a device argument with no copy, inside
+        embeddings' device and width and the features' sizes; its masks go to the embeddings' device,
+        as the model's own do), otherwise every device tensor argument needs a host copy (the results
+        go to the ids' device). Any other call (another prompt, a device argument with no copy, inside
         ``torch.compile``) runs the model's own."""
         call = self.state._call
         fn = getattr(original, "__func__", None)
@@ -299,9 +300,11 @@ class Adapter:
                 return original(*args, **kwargs)
             on_host[name] = value if host is None else host
         out = original(**on_host)  # the model's own errors (features that do not fit) raise here
+        embeds = bound.get(names[1]) if shape_only and len(names) > 1 else None  # the second parameter
+        device = embeds.device if isinstance(embeds, torch.Tensor) else ids.device
         if isinstance(out, torch.Tensor):
-            return _host_result_on(out, ids.device)
-        return type(out)(_host_result_on(t, ids.device) if isinstance(t, torch.Tensor) else t for t in out)
+            return _host_result_on(out, device)
+        return type(out)(_host_result_on(t, device) if isinstance(t, torch.Tensor) else t for t in out)
 
     def _host_copy(self, value: torch.Tensor) -> torch.Tensor | None:
         """The host copy of a device tensor made before the encoder was queued, if there is one."""
